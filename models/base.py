@@ -1,0 +1,22 @@
+"""Declarative base shared by every table of the schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import MetaData
+from sqlalchemy.orm import DeclarativeBase
+
+# Constraint names are part of the schema's contract: migrations and error handling refer to them,
+# so they must not depend on SQLAlchemy's or PostgreSQL's defaults.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Base class of all models; carries the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)

@@ -1,0 +1,119 @@
+"""Test harness: a scratch PostgreSQL database per test session, migrated once; Redis; rollback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.orm import Session
+
+from worker import db
+from worker.settings import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Where the scratch database is created: the server of TEST_DATABASE_URL (default: the machine's).
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _libpq(url: str) -> str:
+    _scheme, _, rest = url.partition("://")
+    return f"postgresql://{rest}"
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = _libpq(url).rpartition("/")
+    return f"{base}/{name}"
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for the repository's migrations pointed at `url`."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def create_scratch_database(prefix: str = "verifier_test") -> str:
+    """Create an empty database on the test server and return its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return _with_database(ADMIN_URL, name)
+
+
+def drop_scratch_database(url: str) -> None:
+    """Drop a database made by `create_scratch_database`, disconnecting its clients."""
+    name = url.rpartition("/")[2]
+    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated scratch database for this test session, dropped at the end."""
+    url = create_scratch_database()
+    command.upgrade(alembic_config(url), "head")
+    yield url
+    db.dispose_engine()
+    drop_scratch_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database reserved for tests, emptied before and after the session."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    yield TEST_REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment(database_url: str, redis_url: str) -> Iterator[None]:
+    """Point the settings object at the test services."""
+    saved = {key: os.environ.get(key) for key in ("DATABASE_URL", "REDIS_URL")}
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["REDIS_URL"] = redis_url
+    get_settings.cache_clear()
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on the scratch database."""
+    built = create_engine(f"postgresql+psycopg://{database_url.partition('://')[2]}")
+    yield built
+    built.dispose()
+
+
+@pytest.fixture
+def connection(engine: Engine) -> Iterator[Connection]:
+    """A connection inside a transaction that is rolled back after the test."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        yield conn
+        if outer.is_active:
+            outer.rollback()
+
+
+@pytest.fixture
+def session(connection: Connection) -> Iterator[Session]:
+    """A session whose commits become savepoints of the test's rolled-back transaction."""
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as s:
+        yield s

@@ -1,0 +1,52 @@
+"""Factories for rows: each test states only what matters to it."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models import AccountStatus, AwsAccount, Organization
+
+_counter = itertools.count(1)
+
+
+def next_aws_account_id() -> str:
+    """A fresh 12-digit AWS account id."""
+    return f"{100_000_000_000 + next(_counter) * 7919 % 900_000_000_000:012d}"
+
+
+def make_organization(session: Session, **fields: Any) -> Organization:
+    """Insert and return an organization."""
+    organization = Organization(name=fields.pop("name", f"Org {next(_counter)}"), **fields)
+    session.add(organization)
+    session.flush()
+    return organization
+
+
+def make_account(
+    session: Session, *, organization: Organization | None = None, **fields: Any
+) -> AwsAccount:
+    """Insert and return a pending account with a valid role ARN and a unique external ID."""
+    if organization is None and "organization_id" not in fields:
+        organization = make_organization(session)
+    aws_account_id = fields.pop("aws_account_id", next_aws_account_id())
+    status = fields.pop("status", AccountStatus.PENDING)
+    account = AwsAccount(
+        organization_id=fields.pop("organization_id", organization.id if organization else None),
+        alias=fields.pop("alias", "Production"),
+        aws_account_id=aws_account_id,
+        role_arn=fields.pop("role_arn", f"arn:aws:iam::{aws_account_id}:role/VerifierRole"),
+        external_id=fields.pop("external_id", f"ext-{uuid.uuid4()}"),
+        status=status,
+        error_message=fields.pop(
+            "error_message",
+            "Role could not be assumed." if status == AccountStatus.FAILED else None,
+        ),
+        **fields,
+    )
+    session.add(account)
+    session.flush()
+    return account

@@ -1,0 +1,32 @@
+"""Secrets are masked before they can reach output."""
+
+from __future__ import annotations
+
+from worker.redact import mask_external_id, mask_url, scrub_text
+
+
+def test_mask_url_hides_the_password() -> None:
+    """The password is replaced; user, host, port and path stay."""
+    assert mask_url("postgresql://app:s3cret@db:5432/main") == "postgresql://app:***@db:5432/main"
+
+
+def test_mask_url_leaves_urls_without_password_alone() -> None:
+    """Nothing to hide, nothing changed."""
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_mask_url_handles_a_password_only_redis_url() -> None:
+    """`redis://:pw@host` keeps its shape."""
+    assert mask_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+
+
+def test_mask_external_id_keeps_only_a_hint() -> None:
+    """Long ids keep three leading and two trailing characters; short ones vanish."""
+    assert mask_external_id("abc123-def456-ghi789") == "abc***89"
+    assert mask_external_id("short") == "***"
+
+
+def test_scrub_text_masks_urls_and_access_keys() -> None:
+    """Free text loses URL passwords and AWS access key ids."""
+    text = "connect redis://:hunter2@h:6379 with AKIAIOSFODNN7EXAMPLE"
+    assert scrub_text(text) == "connect redis://:***@h:6379 with ***"

@@ -1,0 +1,43 @@
+"""Keeping secrets out of output: URLs with passwords, external IDs, AWS credentials."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with any password replaced by `***` (`redis://:pw@h` -> `redis://:***@h`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _MASK
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:{_MASK}"
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def mask_external_id(external_id: str) -> str:
+    """Show enough of an external ID to tell two apart, never enough to reuse it."""
+    if len(external_id) <= 8:
+        return _MASK
+    return f"{external_id[:3]}{_MASK}{external_id[-2:]}"
+
+
+# Passwords in any URL inside free text: scheme://user:password@host
+_URL_PASSWORD = re.compile(r"(?P<prefix>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)")
+# AWS access key ids (long-term AKIA, temporary ASIA, and the other documented prefixes).
+_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|AIPA)[A-Z0-9]{12,}\b")
+
+
+def scrub_text(text: str) -> str:
+    """Mask URL passwords and AWS access key ids wherever they appear in free text."""
+    text = _URL_PASSWORD.sub(lambda m: m.group("prefix") + _MASK, text)
+    return _ACCESS_KEY_ID.sub(_MASK, text)

@@ -1,0 +1,164 @@
+"""The one settings object, read from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.redact import mask_url
+
+_DAY = 24 * 3600
+
+
+class SettingsError(Exception):
+    """A setting from the environment is missing or invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker. Field names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- services -------------------------------------------------------------------------------
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/verifier"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- logs -----------------------------------------------------------------------------------
+    # "auto": console lines on a terminal, JSON lines otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # --- AWS ------------------------------------------------------------------------------------
+    # botocore reads credentials, AWS_PROFILE and AWS_ENDPOINT_URL_STS itself; the region is read
+    # here so that a missing one has a default rather than a NoRegionError at the first attempt.
+    aws_region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    # Tried once when STS answers RegionDisabledException in aws_region.
+    sts_fallback_region: str = "us-east-1"
+    sts_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    sts_read_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # botocore's own retries ("standard" mode). Kept small: the worker reschedules by itself.
+    sts_max_attempts: int = Field(default=2, ge=1, le=5)
+    # Shown to customers in AccessDenied messages: the principal their role must trust.
+    platform_principal_arn: str | None = None
+    # First part of the RoleSessionName the customer sees in CloudTrail.
+    session_name_prefix: str = Field(default="verifier", pattern=r"^[\w+=,.@-]{1,20}$")
+
+    # --- scheduling (all in seconds) ------------------------------------------------------------
+    dispatch_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    dispatch_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Longer than the verification task's hard time limit, so a live task never loses its lease.
+    lease_seconds: int = Field(default=300, ge=30, le=_DAY)
+    # pending: retried quickly while IAM propagates, failed only once the grace window is over.
+    pending_retry_seconds: int = Field(default=30, ge=1)
+    pending_grace_seconds: int = Field(default=900, ge=0)
+    connected_interval_seconds: int = Field(default=6 * 3600, ge=60)
+    # Fraction of an interval added or removed at random, to spread load.
+    jitter_ratio: float = Field(default=0.1, ge=0, lt=1)
+    confirm_delay_seconds: int = Field(default=30, ge=1)
+    failed_backoff_initial_seconds: int = Field(default=300, ge=1)
+    failed_backoff_max_seconds: int = Field(default=_DAY, ge=1)
+    transient_retry_initial_seconds: int = Field(default=30, ge=1)
+    transient_retry_max_seconds: int = Field(default=900, ge=1)
+    external_id_check_interval_seconds: int = Field(default=_DAY, ge=60)
+    # Circuit breaker for the platform's own credentials.
+    platform_pause_seconds: int = Field(default=60, ge=1)
+    # Wave guard: at most this many connected -> failed with one error code per window.
+    wave_threshold: int = Field(default=20, ge=1)
+    wave_window_seconds: int = Field(default=600, ge=1)
+    # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
+    sts_rate_limit_per_second: float = Field(default=300.0, gt=0, le=600)
+    verify_time_limit_seconds: int = Field(default=60, ge=5)
+
+    @field_validator("database_url")
+    @classmethod
+    def _use_psycopg3(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError("must be a URL such as postgresql://user@host:5432/dbname")
+        if scheme in {"postgres", "postgresql", "postgresql+psycopg"}:
+            return f"postgresql+psycopg://{rest}"
+        raise ValueError(
+            f"scheme {scheme!r} is not supported; use postgres:// or postgresql:// (psycopg 3)"
+        )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.lease_seconds <= self.verify_time_limit_seconds:
+            raise ValueError(
+                "LEASE_SECONDS must be longer than VERIFY_TIME_LIMIT_SECONDS, or a slow but live "
+                "verification could lose its lease to another worker"
+            )
+        if self.failed_backoff_max_seconds < self.failed_backoff_initial_seconds:
+            raise ValueError(
+                "FAILED_BACKOFF_MAX_SECONDS must be at least FAILED_BACKOFF_INITIAL_SECONDS"
+            )
+        if self.transient_retry_max_seconds < self.transient_retry_initial_seconds:
+            raise ValueError(
+                "TRANSIENT_RETRY_MAX_SECONDS must be at least TRANSIENT_RETRY_INITIAL_SECONDS"
+            )
+        return self
+
+    @property
+    def database_url_masked(self) -> str:
+        """The database URL as it may be logged."""
+        return mask_url(self.database_url)
+
+    @property
+    def redis_url_masked(self) -> str:
+        """The Redis URL as it may be logged."""
+        return mask_url(self.redis_url)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = item["loc"]
+        name = str(location[0]).upper() if location else "settings"
+        value = item.get("input")
+        shown = ""
+        if location and isinstance(value, str):
+            shown = f" (got {mask_url(value)!r})"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}: {message}{shown}" if location else message)
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings; raise `SettingsError` naming each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return load_settings()
+
+
+def get_settings_or_exit() -> Settings:
+    """For entry points: print the problem and exit with status 2 instead of a traceback."""
+    try:
+        return get_settings()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201 - before logging exists
+        raise SystemExit(2) from None
