@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -12,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.redact import mask_url
 
 _DAY = 24 * 3600
+
+
+def _default_beat_file() -> str:
+    return str(Path(tempfile.gettempdir()) / f"account-verifier-beat-{os.getuid()}")
 
 
 class SettingsError(Exception):
@@ -50,8 +57,11 @@ class Settings(BaseSettings):
     session_name_prefix: str = Field(default="verifier", pattern=r"^[\w+=,.@-]{1,20}$")
 
     # --- scheduling (all in seconds) ------------------------------------------------------------
-    dispatch_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    dispatch_interval_seconds: float = Field(default=2.0, gt=0, le=3600)
     dispatch_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Claims stop while the verification queue holds this many messages: a backlog waits in the
+    # database, where no lease can expire while it waits.
+    dispatch_max_queued: int = Field(default=2000, ge=1)
     # Longer than the verification task's hard time limit, so a live task never loses its lease.
     lease_seconds: int = Field(default=300, ge=30, le=_DAY)
     # pending: retried quickly while IAM propagates, failed only once the grace window is over.
@@ -74,6 +84,14 @@ class Settings(BaseSettings):
     # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
     sts_rate_limit_per_second: float = Field(default=300.0, gt=0, le=600)
     verify_time_limit_seconds: int = Field(default=60, ge=5)
+
+    # --- worker process -------------------------------------------------------------------------
+    # A verification spends almost all its time waiting on STS, so the default pool is threads:
+    # many concurrent waits in one process, with one shared STS client and connection pool.
+    worker_concurrency: int = Field(default=64, ge=1, le=1000)
+    # A message redelivered more often than this (its worker died each time) is dropped.
+    max_redeliveries: int = Field(default=3, ge=0)
+    beat_schedule_file: str = Field(default_factory=_default_beat_file)
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,118 @@
+"""The Celery app: `celery -A worker worker` and `celery -A worker beat`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import cached_property
+from typing import Any
+
+import celery.apps.beat
+import celery.apps.worker
+from celery import Celery, signals
+
+from worker.logging import bind_context, clear_context, configure_logging, get_logger
+from worker.settings import get_settings_or_exit
+
+
+class VerifierCelery(Celery):  # type: ignore[misc]
+    """Celery whose worker and beat print no banner when the logs are JSON lines.
+
+    The banner is plain text on stdout; in production every stdout line must parse as JSON.
+    """
+
+    @cached_property
+    def Worker(self) -> Any:  # noqa: N802 - Celery's attribute name
+        return self.subclass_with_self("worker.app:QuietWorker")
+
+    @cached_property
+    def Beat(self) -> Any:  # noqa: N802
+        return self.subclass_with_self("worker.app:QuietBeat")
+
+
+def _banner_wanted() -> bool:
+    settings = get_settings_or_exit()
+    return settings.log_format == "console" or (
+        settings.log_format == "auto" and sys.stdout.isatty()
+    )
+
+
+class QuietWorker(celery.apps.worker.Worker):  # type: ignore[misc]
+    """The worker, quiet unless logging to a console."""
+
+    def on_before_init(self, quiet: bool = False, **kwargs: Any) -> None:
+        super().on_before_init(quiet=quiet or not _banner_wanted(), **kwargs)
+
+    def install_platform_tweaks(self, worker: Any) -> None:
+        super().install_platform_tweaks(worker)
+        if not _banner_wanted():
+            # Celery prints its shutdown notices ("worker: Warm shutdown") straight to stdout
+            # from its signal handlers; send them through logging so they are JSON too.
+            celery.apps.worker.safe_say = _say_through_logging
+
+
+def _say_through_logging(message: str, _stream: Any = None) -> None:
+    logging.getLogger("celery.apps.worker").warning(message.strip())
+
+
+class QuietBeat(celery.apps.beat.Beat):  # type: ignore[misc]
+    """Beat, quiet unless logging to a console."""
+
+    def __init__(self, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, quiet=quiet or not _banner_wanted(), **kwargs)
+
+
+app = VerifierCelery("worker", include=["worker.tasks"])
+app.config_from_object("worker.celeryconfig")
+
+log = get_logger("worker.app")
+
+# Not "correlation_id": that name is the AMQP property Celery fills with the task id.
+CORRELATION_HEADER = "x_correlation_id"
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connecting to this signal stops Celery from configuring logging itself.
+    configure_logging(get_settings_or_exit())
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    settings = get_settings_or_exit()
+    log.info(
+        "worker.ready",
+        database_url=settings.database_url_masked,
+        redis_url=settings.redis_url_masked,
+        pool=app.conf.worker_pool,
+        concurrency=app.conf.worker_concurrency,
+        aws_region=settings.aws_region,
+    )
+
+
+@signals.beat_init.connect
+def _beat_init(**_: Any) -> None:
+    settings = get_settings_or_exit()
+    log.info(
+        "beat.started",
+        redis_url=settings.redis_url_masked,
+        dispatch_interval_seconds=settings.dispatch_interval_seconds,
+    )
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    clear_context()
+    request = task.request if task is not None else None
+    bind_context(
+        task_id=task_id,
+        task_name=getattr(task, "name", None),
+        retries=getattr(request, "retries", 0),
+        correlation_id=(request.get(CORRELATION_HEADER) if request is not None else None)
+        or task_id,
+    )
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_: Any) -> None:
+    clear_context()

@@ -1,0 +1,71 @@
+"""Celery's configuration, derived from the settings object. Loaded lazily by `worker.app`."""
+
+from __future__ import annotations
+
+from kombu.entity import Exchange, Queue
+
+from worker.settings import get_settings_or_exit
+
+_settings = get_settings_or_exit()
+
+# Queues, in the order the worker reads them (kombu's "priority" strategy: always the first
+# non-empty one). Dispatch is tiny and must never wait behind a backlog; requested
+# re-verifications jump ahead of scheduled ones.
+DISPATCH_QUEUE = "verifier.dispatch"
+REQUESTED_QUEUE = "verifier.requested"
+SCHEDULED_QUEUE = "verifier.scheduled"
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # keep trying across a Redis restart
+broker_transport_options = {
+    "queue_order_strategy": "priority",
+    # Longer than any lease: a message restored after its worker died finds the lease gone
+    # (expired and re-claimed) and is skipped. The worker uses no countdowns or ETAs.
+    "visibility_timeout": max(3600, 2 * _settings.lease_seconds),
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "retry_on_timeout": True,
+    "health_check_interval": 25,
+}
+broker_heartbeat = 0
+
+# One direct exchange per queue, so a message reaches exactly the queue it is sent to.
+task_queues = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in (DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE)
+)
+task_default_queue = SCHEDULED_QUEUE
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_time_limit = _settings.verify_time_limit_seconds + 30
+task_soft_time_limit = _settings.verify_time_limit_seconds
+task_track_started = False
+task_send_sent_event = False
+worker_send_task_events = False
+
+# Threads: a verification waits on STS for almost all its life, and threads share one STS
+# client, one database pool and one Redis pool. `celery -A worker worker` starts this pool.
+worker_pool = "threads"
+worker_concurrency = _settings.worker_concurrency
+worker_prefetch_multiplier = 1
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False
+worker_cancel_long_running_tasks_on_connection_loss = False
+worker_enable_remote_control = True
+
+beat_schedule_filename = _settings.beat_schedule_file
+beat_schedule = {
+    "dispatch-due-accounts": {
+        "task": "verifier.dispatch_due_accounts",
+        "schedule": _settings.dispatch_interval_seconds,
+        # A dispatch that could not run in time is pointless: the next one is coming.
+        "options": {"queue": DISPATCH_QUEUE, "expires": _settings.dispatch_interval_seconds * 2},
+    },
+}

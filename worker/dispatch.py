@@ -1,0 +1,94 @@
+"""The dispatcher: claim what is due, in batches, and enqueue one verification per account."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.circuit import PlatformCircuit
+from worker.claims import claim_due_accounts
+from worker.logging import get_logger
+from worker.settings import Settings
+from worker.sts import StsVerifier
+
+log = get_logger("worker.dispatch")
+
+# (account id, lease id) -> enqueue a verification
+Sender = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchReport:
+    """What one dispatcher run did."""
+
+    claimed: int
+    sent: int
+    batches: int
+    paused: bool = False
+
+
+def probe_platform(circuit: PlatformCircuit, verifier: StsVerifier) -> bool:
+    """While paused, probe our own credentials when due; True if verification may go on."""
+    if not circuit.is_open():
+        return True
+    if not circuit.probe_due():
+        return False
+    outcome = verifier.probe()
+    if outcome.verified:
+        circuit.close()
+        log.warning("platform.recovered", detail=outcome.message)
+        return True
+    circuit.postpone(outcome.code, outcome.message)
+    log.critical(
+        "platform.fault",
+        error_code=outcome.code,
+        detail=outcome.message,
+        action="verification stays paused; probing again later",
+    )
+    return False
+
+
+def dispatch_due_accounts(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    send: Sender,
+    queued: Callable[[], int],
+    circuit: PlatformCircuit,
+    verifier: StsVerifier,
+) -> DispatchReport:
+    """Claim due accounts batch by batch and enqueue them, each batch after its commit.
+
+    Stops when nothing more is due or the queue already holds `DISPATCH_MAX_QUEUED` messages, so
+    a backlog waits in the database (where leases cannot expire) rather than in the broker.
+    """
+    if not probe_platform(circuit, verifier):
+        log.debug("dispatch.paused", reason="platform_fault")
+        return DispatchReport(claimed=0, sent=0, batches=0, paused=True)
+    room = settings.dispatch_max_queued - queued()
+    claimed = sent = batches = 0
+    while room > 0:
+        limit = min(settings.dispatch_batch_size, room)
+        with sessions.begin() as session:
+            claim = claim_due_accounts(session, limit=limit, lease_seconds=settings.lease_seconds)
+        batches += 1
+        claimed += len(claim.account_ids)
+        lease = str(claim.lease_id)
+        try:
+            for account_id in claim.account_ids:
+                send(str(account_id), lease)
+                sent += 1
+        except Exception:
+            # The rest of the batch keeps its lease and becomes due again when it expires.
+            log.exception("dispatch.send_failed", claimed=claimed, sent=sent)
+            raise
+        room -= len(claim.account_ids)
+        if len(claim.account_ids) < limit:
+            break
+    if claimed:
+        log.info("dispatch.claimed", claimed=claimed, sent=sent, batches=batches)
+    else:
+        log.debug("dispatch.claimed", claimed=0, sent=0, batches=batches)
+    return DispatchReport(claimed=claimed, sent=sent, batches=batches)
