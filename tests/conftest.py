@@ -13,7 +13,7 @@ import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker import db
 from worker.settings import get_settings
@@ -117,3 +117,20 @@ def session(connection: Connection) -> Iterator[Session]:
     """A session whose commits become savepoints of the test's rolled-back transaction."""
     with Session(bind=connection, join_transaction_mode="create_savepoint") as s:
         yield s
+
+
+@pytest.fixture
+def scratch_database() -> Iterator[str]:
+    """A migrated database of its own, for tests whose transactions must really commit."""
+    url = create_scratch_database("verifier_scratch")
+    command.upgrade(alembic_config(url), "head")
+    yield url
+    drop_scratch_database(url)
+
+
+@pytest.fixture
+def scratch_sessions(scratch_database: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the scratch database; what they commit stays committed."""
+    built = create_engine(f"postgresql+psycopg://{scratch_database.partition('://')[2]}")
+    yield sessionmaker(built, expire_on_commit=False)
+    built.dispose()

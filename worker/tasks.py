@@ -40,7 +40,7 @@ def verification_context() -> Verification:
                         get_redis(), pause_seconds=settings.platform_pause_seconds
                     ),
                     settings=settings,
-                    rng=random.Random(),  # noqa: S311 - jitter, not cryptography
+                    rng=random.Random(),
                 )
     return _context
 

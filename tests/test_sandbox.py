@@ -1,0 +1,618 @@
+"""The sandbox STS answers AssumeRole the way AWS does, failure paths included.
+
+Every test talks to one sandbox over HTTP with boto3, as the worker will. moto's state is shared by
+the whole process, so each test makes its own roles under unique names instead of resetting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from sandbox.demo import (
+    DEMO_CONNECTIONS,
+    UNTRUSTED_PRINCIPAL_ARN,
+    DemoBehaviour,
+    demo_connection,
+    seed_demo_roles,
+)
+from sandbox.moto_sts import (
+    ADMIN_ACCESS_KEY_ID,
+    PLATFORM_ACCESS_KEY_ID,
+    PLATFORM_ACCOUNT_ID,
+    PLATFORM_PRINCIPAL_ARN,
+    PLATFORM_SECRET_ACCESS_KEY,
+    Caller,
+    SandboxSts,
+    TrustDecision,
+    create_customer_role,
+    delete_customer_role,
+    evaluate_trust_policy,
+    get_platform_credentials_valid,
+    set_platform_credentials_valid,
+    trust_policy,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_sts import STSClient
+    from mypy_boto3_sts.type_defs import AssumeRoleResponseTypeDef
+
+REGION = "us-east-1"
+CUSTOMER_ACCOUNT = "123456789012"
+OTHER_ACCOUNT = "444455556666"
+EXTERNAL_ID = "abc123-def456-ghi789"
+SESSION = "verify-test"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STS_NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxSts]:
+    """One sandbox for the module, with the machine's AWS configuration kept out of boto3."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_") or name == "MOTO_ACCOUNT_ID":
+                patch.delenv(name)
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        patch.setenv("AWS_DEFAULT_REGION", REGION)
+        with SandboxSts() as running:
+            yield running
+
+
+def sts_client(
+    endpoint_url: str,
+    access_key_id: str = PLATFORM_ACCESS_KEY_ID,
+    secret_access_key: str = PLATFORM_SECRET_ACCESS_KEY,
+    session_token: str | None = None,
+) -> STSClient:
+    """An STS client for the sandbox built from explicit values only, without retries."""
+    session = boto3.session.Session(
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        aws_session_token=session_token,
+        region_name=REGION,
+    )
+    return session.client(
+        "sts", endpoint_url=endpoint_url, config=Config(retries={"total_max_attempts": 1})
+    )
+
+
+def make_role(
+    sandbox: SandboxSts,
+    external_id: str | None = EXTERNAL_ID,
+    *,
+    account_id: str = CUSTOMER_ACCOUNT,
+    trusted: str = PLATFORM_PRINCIPAL_ARN,
+) -> str:
+    """A fresh, uniquely named customer role; returns its ARN."""
+    name = f"CustomerRole-{uuid.uuid4().hex[:12]}"
+    return create_customer_role(sandbox.endpoint_url, account_id, name, trusted, external_id)
+
+
+def assume(
+    sandbox: SandboxSts, role_arn: str, external_id: str | None = EXTERNAL_ID
+) -> AssumeRoleResponseTypeDef:
+    """AssumeRole as the platform, sending the external ID only when there is one."""
+    client = sts_client(sandbox.endpoint_url)
+    if external_id is None:
+        return client.assume_role(RoleArn=role_arn, RoleSessionName=SESSION)
+    return client.assume_role(RoleArn=role_arn, RoleSessionName=SESSION, ExternalId=external_id)
+
+
+def denied_message(role_arn: str) -> str:
+    """AWS's AccessDenied message for the platform principal and `role_arn`."""
+    return (
+        f"User: {PLATFORM_PRINCIPAL_ARN} is not authorized to perform: sts:AssumeRole "
+        f"on resource: {role_arn}"
+    )
+
+
+def assert_access_denied(error: pytest.ExceptionInfo[ClientError], role_arn: str) -> None:
+    """The error is STS's AccessDenied, with AWS's status, type and exact message."""
+    response = error.value.response
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert response["Error"]["Code"] == "AccessDenied"
+    assert response["Error"].get("Type") == "Sender"
+    assert response["Error"]["Message"] == denied_message(role_arn)
+
+
+def raw_sts(
+    endpoint_url: str, body: str, access_key_id: str = PLATFORM_ACCESS_KEY_ID
+) -> tuple[int, bytes]:
+    """POST a Query-protocol STS request by hand (the sandbox does not check signatures)."""
+    request = urllib.request.Request(  # noqa: S310 - the sandbox's own http URL
+        endpoint_url,
+        data=body.encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+            "Authorization": (
+                f"AWS4-HMAC-SHA256 Credential={access_key_id}/20260101/{REGION}/sts/aws4_request, "
+                "SignedHeaders=host, Signature=0"
+            ),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - ditto
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+# --------------------------------------------------------------------------- AssumeRole outcomes
+
+
+def test_trusted_role_with_right_external_id_is_assumed(sandbox: SandboxSts) -> None:
+    """A role trusting the platform is assumed with its external ID, as a session in its account."""
+    role_arn = make_role(sandbox)
+    role_name = role_arn.rpartition("/")[2]
+
+    response = assume(sandbox, role_arn)
+
+    assert response["AssumedRoleUser"]["Arn"] == (
+        f"arn:aws:sts::{CUSTOMER_ACCOUNT}:assumed-role/{role_name}/{SESSION}"
+    )
+    credentials = response["Credentials"]
+    session = sts_client(
+        sandbox.endpoint_url,
+        credentials["AccessKeyId"],
+        credentials["SecretAccessKey"],
+        credentials["SessionToken"],
+    )
+    assert session.get_caller_identity()["Account"] == CUSTOMER_ACCOUNT
+
+
+def test_wrong_external_id_is_denied_with_aws_message(sandbox: SandboxSts) -> None:
+    """A role requiring another external ID answers AccessDenied with AWS's exact message."""
+    role_arn = make_role(sandbox)
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn, external_id="not-the-right-one")
+
+    assert_access_denied(error, role_arn)
+
+
+def test_missing_external_id_is_denied_when_role_requires_one(sandbox: SandboxSts) -> None:
+    """An AssumeRole without ExternalId does not satisfy the role's sts:ExternalId condition."""
+    role_arn = make_role(sandbox)
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn, external_id=None)
+
+    assert_access_denied(error, role_arn)
+
+
+def test_role_without_condition_is_assumed_without_external_id(sandbox: SandboxSts) -> None:
+    """A trust policy without the condition lets the platform in with no external ID at all."""
+    role_arn = make_role(sandbox, external_id=None)
+
+    assert assume(sandbox, role_arn, external_id=None)["Credentials"]["AccessKeyId"]
+    assert assume(sandbox, role_arn, external_id="anything-goes")["Credentials"]["AccessKeyId"]
+
+
+def test_nonexistent_role_is_denied(sandbox: SandboxSts) -> None:
+    """A role that does not exist gets the same AccessDenied as an untrusting one."""
+    role_arn = f"arn:aws:iam::{CUSTOMER_ACCOUNT}:role/NoSuchRole-{uuid.uuid4().hex[:8]}"
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn)
+
+    assert_access_denied(error, role_arn)
+
+
+def test_role_in_an_account_moto_never_saw_is_denied(sandbox: SandboxSts) -> None:
+    """An ARN in an account with no IAM state at all is denied, not an error."""
+    role_arn = "arn:aws:iam::987650000000:role/Anything"
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn)
+
+    assert_access_denied(error, role_arn)
+
+
+def test_role_trusting_another_account_is_denied(sandbox: SandboxSts) -> None:
+    """A role that trusts someone other than the platform denies the platform."""
+    role_arn = make_role(sandbox, trusted=f"arn:aws:iam::{OTHER_ACCOUNT}:root")
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn)
+
+    assert_access_denied(error, role_arn)
+
+
+def test_role_trusting_the_platform_account_is_assumed(sandbox: SandboxSts) -> None:
+    """Trusting the platform's account root (or its bare id) trusts the platform's user."""
+    for trusted in (f"arn:aws:iam::{PLATFORM_ACCOUNT_ID}:root", PLATFORM_ACCOUNT_ID):
+        role_arn = make_role(sandbox, trusted=trusted)
+        assert assume(sandbox, role_arn)["AssumedRoleUser"]["Arn"].endswith(f"/{SESSION}")
+
+
+def test_explicit_deny_wins_over_allow(sandbox: SandboxSts) -> None:
+    """A Deny statement matching the platform refuses it even though an Allow also matches."""
+    name = f"DenyRole-{uuid.uuid4().hex[:12]}"
+    document = trust_policy(PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID)
+    document["Statement"].append(
+        {"Effect": "Deny", "Principal": {"AWS": "*"}, "Action": "sts:*"},
+    )
+    role = sandbox.iam_client_for(CUSTOMER_ACCOUNT).create_role(
+        RoleName=name, AssumeRolePolicyDocument=json.dumps(document)
+    )
+    role_arn = role["Role"]["Arn"]
+
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn)
+
+    assert_access_denied(error, role_arn)
+
+
+def test_role_created_later_starts_working(sandbox: SandboxSts) -> None:
+    """A role is denied until the customer creates it, then assumed, and denied once deleted."""
+    name = f"LateRole-{uuid.uuid4().hex[:12]}"
+    role_arn = f"arn:aws:iam::{CUSTOMER_ACCOUNT}:role/{name}"
+    with pytest.raises(ClientError) as error:
+        assume(sandbox, role_arn)
+    assert_access_denied(error, role_arn)
+
+    time.sleep(0.2)
+    create_customer_role(
+        sandbox.endpoint_url, CUSTOMER_ACCOUNT, name, PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID
+    )
+    assert assume(sandbox, role_arn)["AssumedRoleUser"]["Arn"].endswith(f"/{name}/{SESSION}")
+
+    assert delete_customer_role(sandbox.endpoint_url, CUSTOMER_ACCOUNT, name)
+    assert not delete_customer_role(sandbox.endpoint_url, CUSTOMER_ACCOUNT, name)
+    with pytest.raises(ClientError):
+        assume(sandbox, role_arn)
+
+
+def test_propagation_delay_hides_a_new_role_for_a_while(sandbox: SandboxSts) -> None:
+    """With a propagation delay a new role is denied at first and assumed once the delay passed."""
+    with SandboxSts(propagation_delay=0.5) as slow:
+        role_arn = make_role(slow)
+        with pytest.raises(ClientError) as error:
+            assume(slow, role_arn)
+        assert_access_denied(error, role_arn)
+
+        time.sleep(0.6)
+        assert assume(slow, role_arn)["Credentials"]["AccessKeyId"]
+
+
+def test_re_creating_a_role_replaces_its_trust_policy(sandbox: SandboxSts) -> None:
+    """Creating an existing role again re-points its trust policy (the customer fixed it)."""
+    role_arn = make_role(sandbox, external_id="old-external-id")
+    name = role_arn.rpartition("/")[2]
+    with pytest.raises(ClientError):
+        assume(sandbox, role_arn)
+
+    again = create_customer_role(
+        sandbox.endpoint_url, CUSTOMER_ACCOUNT, name, PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID
+    )
+
+    assert again == role_arn
+    assert assume(sandbox, role_arn)["Credentials"]["AccessKeyId"]
+
+
+# --------------------------------------------------------------------------- who is calling
+
+
+def test_get_caller_identity_names_the_platform_principal(sandbox: SandboxSts) -> None:
+    """GetCallerIdentity with the platform's key answers the platform user, not moto's default."""
+    identity = sts_client(sandbox.endpoint_url).get_caller_identity()
+
+    assert identity["Account"] == PLATFORM_ACCOUNT_ID
+    assert identity["Arn"] == PLATFORM_PRINCIPAL_ARN
+    assert identity["UserId"].startswith("AIDA")
+    assert len(identity["UserId"]) == 21
+
+
+@pytest.mark.parametrize("access_key_id", ["AKIAUNKNOWNKEY000000", ADMIN_ACCESS_KEY_ID])
+def test_other_keys_are_invalid_for_sts(sandbox: SandboxSts, access_key_id: str) -> None:
+    """STS refuses keys that are not the platform's, the admin key included."""
+    role_arn = make_role(sandbox)
+    client = sts_client(sandbox.endpoint_url, access_key_id)
+
+    for call in (
+        client.get_caller_identity,
+        lambda: client.assume_role(RoleArn=role_arn, RoleSessionName=SESSION),
+    ):
+        with pytest.raises(ClientError) as error:
+            call()
+        assert error.value.response["Error"]["Code"] == "InvalidClientTokenId"
+        assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_revoked_platform_credentials_are_refused_until_restored(sandbox: SandboxSts) -> None:
+    """Revoked platform credentials get InvalidClientTokenId; restored ones work again."""
+    role_arn = make_role(sandbox)
+    sandbox.revoke_platform_credentials()
+    try:
+        for call in (
+            lambda: assume(sandbox, role_arn),
+            sts_client(sandbox.endpoint_url).get_caller_identity,
+        ):
+            with pytest.raises(ClientError) as error:
+                call()
+            assert error.value.response["Error"] == {
+                "Type": "Sender",
+                "Code": "InvalidClientTokenId",
+                "Message": "The security token included in the request is invalid.",
+            }
+            assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    finally:
+        sandbox.restore_platform_credentials()
+
+    assert assume(sandbox, role_arn)["Credentials"]["AccessKeyId"]
+
+
+def test_control_endpoint_flips_platform_credentials_over_http(sandbox: SandboxSts) -> None:
+    """Another process can revoke and restore the platform's credentials over HTTP."""
+    url = sandbox.endpoint_url
+    assert get_platform_credentials_valid(url) is True
+    try:
+        set_platform_credentials_valid(url, False)
+        assert get_platform_credentials_valid(url) is False
+        with pytest.raises(ClientError) as error:
+            sts_client(url).get_caller_identity()
+        assert error.value.response["Error"]["Code"] == "InvalidClientTokenId"
+    finally:
+        set_platform_credentials_valid(url, True)
+    assert sts_client(url).get_caller_identity()["Arn"] == PLATFORM_PRINCIPAL_ARN
+
+    bad = urllib.request.Request(  # noqa: S310 - the sandbox's own http URL
+        f"{url}/_sandbox/platform-credentials", data=b'{"valid": "no"}', method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as rejected:
+        urllib.request.urlopen(bad, timeout=10)  # noqa: S310 - ditto
+    assert rejected.value.code == 400
+    assert get_platform_credentials_valid(url) is True
+
+
+def test_errors_use_sts_wire_format(sandbox: SandboxSts) -> None:
+    """The AccessDenied body is STS's ErrorResponse XML, namespace and RequestId included."""
+    role_arn = f"arn:aws:iam::{CUSTOMER_ACCOUNT}:role/NoSuchRole"
+    body = (
+        "Action=AssumeRole&Version=2011-06-15&RoleSessionName=raw-test"
+        f"&RoleArn={urllib.parse.quote(role_arn, safe='')}&ExternalId={EXTERNAL_ID}"
+    )
+
+    status, raw = raw_sts(sandbox.endpoint_url, body)
+
+    assert status == 403
+    root = ET.fromstring(raw)  # noqa: S314 - the sandbox's own response
+    assert root.tag == f"{STS_NS}ErrorResponse"
+    assert root.findtext(f"{STS_NS}Error/{STS_NS}Type") == "Sender"
+    assert root.findtext(f"{STS_NS}Error/{STS_NS}Code") == "AccessDenied"
+    assert root.findtext(f"{STS_NS}Error/{STS_NS}Message") == denied_message(role_arn)
+    assert uuid.UUID(root.findtext(f"{STS_NS}RequestId") or "")
+
+
+# --------------------------------------------------------------------------- trust policy rules
+
+
+PLATFORM = Caller(arn=PLATFORM_PRINCIPAL_ARN, account_id=PLATFORM_ACCOUNT_ID, is_platform=True)
+
+
+def statement(**fields: Any) -> dict[str, Any]:
+    """An Allow statement for the platform's user, with `fields` replacing or adding keys."""
+    base: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"AWS": PLATFORM_PRINCIPAL_ARN},
+        "Action": "sts:AssumeRole",
+    }
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("policy_statement", "external_id", "expected"),
+    [
+        (statement(Principal="*"), None, TrustDecision.ALLOWED),
+        (statement(Principal={"AWS": ["arn:aws:iam::1:root", "*"]}), None, TrustDecision.ALLOWED),
+        (statement(Action=["s3:GetObject", "sts:*"]), None, TrustDecision.ALLOWED),
+        (statement(Action="*"), None, TrustDecision.ALLOWED),
+        (statement(Action="STS:assumerole"), None, TrustDecision.ALLOWED),
+        (statement(Action="sts:AssumeRoleWithSAML"), None, TrustDecision.IMPLICITLY_DENIED),
+        (
+            statement(Principal={"Service": "ec2.amazonaws.com"}),
+            None,
+            TrustDecision.IMPLICITLY_DENIED,
+        ),
+        (
+            statement(Principal={"AWS": f"arn:aws:iam::{PLATFORM_ACCOUNT_ID}:user/someone"}),
+            None,
+            TrustDecision.IMPLICITLY_DENIED,
+        ),
+        (
+            statement(Condition={"StringEquals": {"STS:EXTERNALID": ["a1", "b2"]}}),
+            "b2",
+            TrustDecision.ALLOWED,
+        ),
+        (
+            statement(Condition={"StringEquals": {"sts:ExternalId": "a1"}}),
+            "A1",
+            TrustDecision.IMPLICITLY_DENIED,
+        ),
+        (
+            statement(Condition={"StringLike": {"sts:ExternalId": "tenant-*"}}),
+            "tenant-42",
+            TrustDecision.ALLOWED,
+        ),
+        (
+            statement(Condition={"StringEqualsIfExists": {"sts:ExternalId": "a1"}}),
+            None,
+            TrustDecision.ALLOWED,
+        ),
+        (
+            statement(Condition={"Null": {"sts:ExternalId": "false"}}),
+            None,
+            TrustDecision.IMPLICITLY_DENIED,
+        ),
+        (
+            statement(Condition={"NumericLessThan": {"sts:ExternalId": "1"}}),
+            "0",
+            TrustDecision.IMPLICITLY_DENIED,
+        ),
+        (
+            statement(Effect="Deny", Condition={"StringNotEquals": {"sts:ExternalId": "a1"}}),
+            None,
+            TrustDecision.EXPLICITLY_DENIED,
+        ),
+        (
+            statement(Effect="Deny", Condition={"NumericLessThan": {"aws:Unknown": "1"}}),
+            None,
+            TrustDecision.EXPLICITLY_DENIED,
+        ),
+    ],
+)
+def test_trust_policy_rules(
+    policy_statement: dict[str, Any], external_id: str | None, expected: TrustDecision
+) -> None:
+    """Principal, action and condition forms are evaluated as IAM does; unknowns err to refuse."""
+    # A Deny is shown against an Allow that would otherwise let the platform in.
+    others = [] if policy_statement["Effect"] == "Allow" else [statement()]
+    document = {"Version": "2012-10-17", "Statement": [*others, policy_statement]}
+
+    assert evaluate_trust_policy(document, caller=PLATFORM, external_id=external_id) is expected
+
+
+def test_unparseable_trust_policy_trusts_nobody() -> None:
+    """A trust policy that is not JSON allows nothing rather than raising."""
+    assert (
+        evaluate_trust_policy("{not json", caller=PLATFORM, external_id=EXTERNAL_ID)
+        is TrustDecision.IMPLICITLY_DENIED
+    )
+
+
+def test_assumed_role_session_matches_its_role_arn() -> None:
+    """A policy naming a role trusts that role's sessions, whose ARN is an sts assumed-role one."""
+    role_arn = f"arn:aws:iam::{PLATFORM_ACCOUNT_ID}:role/Verifier"
+    session = Caller(
+        arn=f"arn:aws:sts::{PLATFORM_ACCOUNT_ID}:assumed-role/Verifier/s1",
+        account_id=PLATFORM_ACCOUNT_ID,
+        role_arn=role_arn,
+    )
+    document = trust_policy(role_arn, None)
+
+    assert evaluate_trust_policy(document, caller=session, external_id=None) is (
+        TrustDecision.ALLOWED
+    )
+    assert evaluate_trust_policy(document, caller=PLATFORM, external_id=None) is (
+        TrustDecision.IMPLICITLY_DENIED
+    )
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def test_demo_connections_behave_as_labelled(sandbox: SandboxSts) -> None:
+    """Seeded demo roles give each connection the outcome its behaviour names."""
+    seeded = seed_demo_roles(sandbox.endpoint_url)
+    assert seed_demo_roles(sandbox.endpoint_url) == seeded
+    assert len({c.id for c in DEMO_CONNECTIONS}) == len(DEMO_CONNECTIONS)
+    assert {c.behaviour for c in DEMO_CONNECTIONS} == set(DemoBehaviour)
+    assert demo_connection("missing_role").role_arn not in seeded
+
+    works = demo_connection(DemoBehaviour.WORKS)
+    assert assume(sandbox, works.role_arn, works.external_id)["AssumedRoleUser"]["Arn"] == (
+        f"arn:aws:sts::{works.aws_account_id}:assumed-role/{works.role_name}/{SESSION}"
+    )
+    with pytest.raises(ClientError):
+        assume(sandbox, works.role_arn, external_id=None)
+
+    relaxed = demo_connection(DemoBehaviour.EXTERNAL_ID_NOT_ENFORCED)
+    assert assume(sandbox, relaxed.role_arn, relaxed.external_id)
+    assert assume(sandbox, relaxed.role_arn, external_id=None)
+
+    for behaviour in (
+        DemoBehaviour.DENIES,
+        DemoBehaviour.WRONG_EXTERNAL_ID,
+        DemoBehaviour.MISSING_ROLE,
+    ):
+        connection = demo_connection(behaviour)
+        with pytest.raises(ClientError) as error:
+            assume(sandbox, connection.role_arn, connection.external_id)
+        assert_access_denied(error, connection.role_arn)
+
+    denies = demo_connection(DemoBehaviour.DENIES)
+    trusted = json.dumps(
+        sandbox.iam_client_for(denies.aws_account_id).get_role(RoleName=denies.role_name)["Role"][
+            "AssumeRolePolicyDocument"
+        ]
+    )
+    assert UNTRUSTED_PRINCIPAL_ARN in trusted
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def run_cli(*args: str) -> subprocess.Popen[str]:
+    """Start ``python -m sandbox`` from the repository root."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_cli_serves_until_sigterm(sandbox: SandboxSts) -> None:
+    """`serve` prints its endpoint and key, answers STS, and exits cleanly on SIGTERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = run_cli("serve", "--port", str(port))
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        endpoint = f"http://127.0.0.1:{port}"
+        assert endpoint in line
+        assert PLATFORM_ACCESS_KEY_ID in line
+        assert sts_client(endpoint).get_caller_identity()["Arn"] == PLATFORM_PRINCIPAL_ARN
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+
+
+def test_cli_reports_a_port_in_use(sandbox: SandboxSts) -> None:
+    """`serve` on a port that is taken exits non-zero with a one-line reason."""
+    process = run_cli("serve", "--port", str(sandbox.port))
+    stdout, stderr = process.communicate(timeout=20)
+
+    assert process.returncode == 1
+    assert stdout == ""
+    assert stderr.strip() == (
+        f"error: cannot listen on 127.0.0.1:{sandbox.port}: address already in use"
+    )
+
+
+def test_cli_flips_platform_credentials(sandbox: SandboxSts) -> None:
+    """`platform-credentials revoke/restore` steer a running sandbox from another process."""
+    url = sandbox.endpoint_url
+    try:
+        revoke = run_cli("platform-credentials", "revoke", "--endpoint-url", url)
+        assert revoke.communicate(timeout=20)[0].strip() == "platform credentials: revoked"
+        assert not sandbox.middleware.platform_credentials_valid
+    finally:
+        restore = run_cli("platform-credentials", "restore", "--endpoint-url", url)
+        assert restore.communicate(timeout=20)[0].strip() == "platform credentials: valid"
+    assert sandbox.middleware.platform_credentials_valid
