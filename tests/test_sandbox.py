@@ -310,6 +310,60 @@ def test_re_creating_a_role_replaces_its_trust_policy(sandbox: SandboxSts) -> No
     assert assume(sandbox, role_arn)["Credentials"]["AccessKeyId"]
 
 
+def test_duration_beyond_max_session_duration_is_a_validation_error(sandbox: SandboxSts) -> None:
+    """DurationSeconds above the role's MaxSessionDuration gets AWS's ValidationError (400)."""
+    name = f"LongRole-{uuid.uuid4().hex[:12]}"
+    iam = sandbox.iam_client_for(CUSTOMER_ACCOUNT)
+    role_arn = iam.create_role(
+        RoleName=name,
+        AssumeRolePolicyDocument=json.dumps(trust_policy(PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID)),
+        MaxSessionDuration=7200,
+    )["Role"]["Arn"]
+    client = sts_client(sandbox.endpoint_url)
+
+    def assume_for(seconds: int) -> AssumeRoleResponseTypeDef:
+        return client.assume_role(
+            RoleArn=role_arn,
+            RoleSessionName=SESSION,
+            ExternalId=EXTERNAL_ID,
+            DurationSeconds=seconds,
+        )
+
+    assert assume_for(7200)["Credentials"]["AccessKeyId"]
+    with pytest.raises(ClientError) as error:
+        assume_for(7201)
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert error.value.response["Error"]["Code"] == "ValidationError"
+    assert error.value.response["Error"]["Message"] == (
+        "The requested DurationSeconds exceeds the MaxSessionDuration set for this role."
+    )
+
+
+def test_role_chaining_is_judged_by_the_first_roles_session(sandbox: SandboxSts) -> None:
+    """Credentials from one role may assume a role trusting it, for at most an hour."""
+    first_arn = make_role(sandbox)
+    second_arn = make_role(sandbox, external_id=None, trusted=first_arn)
+    credentials = assume(sandbox, first_arn)["Credentials"]
+    chained = sts_client(
+        sandbox.endpoint_url,
+        credentials["AccessKeyId"],
+        credentials["SecretAccessKey"],
+        credentials["SessionToken"],
+    )
+
+    second = chained.assume_role(RoleArn=second_arn, RoleSessionName="chained")
+    assert second["AssumedRoleUser"]["Arn"].endswith(f"/{second_arn.rpartition('/')[2]}/chained")
+    with pytest.raises(ClientError) as error:
+        chained.assume_role(RoleArn=second_arn, RoleSessionName="chained", DurationSeconds=3601)
+    assert error.value.response["Error"]["Code"] == "ValidationError"
+    with pytest.raises(ClientError) as error:
+        chained.assume_role(RoleArn=first_arn, RoleSessionName="chained", ExternalId=EXTERNAL_ID)
+    assert error.value.response["Error"]["Message"] == (
+        f"User: arn:aws:sts::{CUSTOMER_ACCOUNT}:assumed-role/{first_arn.rpartition('/')[2]}/"
+        f"{SESSION} is not authorized to perform: sts:AssumeRole on resource: {first_arn}"
+    )
+
+
 # --------------------------------------------------------------------------- who is calling
 
 

@@ -104,6 +104,11 @@ _PLATFORM_CODES = frozenset(
 )
 
 
+# Everything botocore raises besides ClientError. ResponseParserError (a body that is not XML)
+# is not a BotoCoreError.
+_OTHER_ERRORS = (botocore.exceptions.BotoCoreError, ResponseParserError)
+
+
 @dataclass(frozen=True, slots=True)
 class RoleDetails:
     """What a verification needs to know about one connection."""
@@ -380,7 +385,7 @@ class StsVerifier:
                 if error.response.get("Error", {}).get("Code") == "RegionDisabledException":
                     continue
                 return _with_calls(classify_error(error, details, principal), calls, region)
-            except botocore.exceptions.BotoCoreError as error:
+            except _OTHER_ERRORS as error:
                 return _with_calls(classify_error(error, details, principal), calls, region)
             # The response holds live credentials; keep only the role's ARN from it.
             assumed_arn = _assumed_role_arn(response)
@@ -443,7 +448,7 @@ class StsVerifier:
             if error.response.get("Error", {}).get("Code") == "AccessDenied":
                 return None  # refused: the external ID is enforced
             return classify_error(error, None, principal)
-        except botocore.exceptions.BotoCoreError as error:
+        except _OTHER_ERRORS as error:
             return classify_error(error, None, principal)
         del response
         return _customer("ExternalIdNotEnforced", _not_enforced_message(details))
@@ -454,7 +459,7 @@ class StsVerifier:
             if self._before_call is not None:
                 self._before_call()
             identity = self.client().get_caller_identity()
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+        except (botocore.exceptions.ClientError, *_OTHER_ERRORS) as error:
             return _with_calls(classify_error(error, None, None), 1, self._settings.aws_region)
         return Outcome(
             OutcomeKind.VERIFIED,

@@ -1,0 +1,98 @@
+"""Client CPU per verification against a zero-latency local STS stand-in.
+
+    .venv/bin/python -m scripts.bench_sts [--count 2000] [--warmup 200]
+
+The stand-in runs as a separate process, so the figures are the worker-side cost alone: our
+checks, botocore's signing, serialization, HTTP and XML parsing. Target: under 3 ms per
+verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+from worker.settings import Settings
+from worker.sts import RoleDetails, StsVerifier
+
+
+def _start_standin() -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.standin", "--median-ms", "0", "--seed", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None  # noqa: S101 - set by PIPE
+    line = process.stdout.readline()
+    url = next((w for w in line.split() if w.startswith("http://")), None)
+    if url is None:
+        process.kill()
+        raise SystemExit(f"the STS stand-in did not start: {line!r}")
+    return process, url
+
+
+def _measure(sts: StsVerifier, details: list[RoleDetails], *, check: bool) -> tuple[float, float]:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for item in details:
+        outcome = sts.verify(item, check_external_id=check)
+        if not outcome.verified:
+            raise SystemExit(f"unexpected outcome: {outcome.code}: {outcome.message}")
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return cpu / len(details) * 1000, wall / len(details) * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print CPU ms per verification, with and without the external-ID check."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench_sts", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--count", type=int, default=2000, help="verifications per figure")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed verifications first")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--count and --rounds must be positive, --warmup not negative")
+    process, url = _start_standin()
+    try:
+        os.environ.update(
+            AWS_ENDPOINT_URL_STS=url,
+            AWS_ACCESS_KEY_ID="AKIABENCHMARKKEY0001",
+            AWS_SECRET_ACCESS_KEY="benchmark-secret",  # noqa: S106 - a fake for the stand-in
+        )
+        sts = StsVerifier(Settings(sts_max_attempts=1))
+        details = [
+            RoleDetails(
+                uuid.uuid4(), "123456789012", "arn:aws:iam::123456789012:role/ok-B", "ext-1"
+            )
+            for _ in range(args.count)
+        ]
+        _measure(sts, details[: args.warmup] or details[:1], check=True)
+        print(f"{'figure':<56}{'median':>10}  rounds")
+        for check, label in (
+            (False, "AssumeRole only (1 STS call)"),
+            (True, "with external-ID check (2 calls)"),
+        ):
+            rounds = [_measure(sts, details, check=check) for _ in range(args.rounds)]
+            cpu = [r[0] for r in rounds]
+            wall = [r[1] for r in rounds]
+            print(
+                f"{'CPU ms/verification, ' + label:<56}{statistics.median(cpu):>10.3f}  "
+                + " ".join(f"{c:.3f}" for c in cpu)
+            )
+            print(
+                f"{'wall ms/verification, ' + label:<56}{statistics.median(wall):>10.3f}  "
+                + " ".join(f"{w:.3f}" for w in wall)
+            )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""One verification attempt against STS, classified, through real botocore responses.
+
+Failure paths go through the STS stand-in (AWS's real XML and HTTP statuses behind
+AWS_ENDPOINT_URL_STS) or botocore's Stubber; never through a mocked function of our own.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from structlog.testing import capture_logs
+
+from models import OutcomeKind
+from sandbox.standin import StsStandIn
+from worker.settings import Settings
+from worker.sts import (
+    DENY_ALL_POLICY,
+    Outcome,
+    RoleDetails,
+    StsVerifier,
+    check_role_details,
+    session_name_for,
+)
+
+ACCOUNT = "123456789012"
+EXTERNAL_ID = "ext-0f1e2d3c4b5a"
+PLATFORM_KEY = "AKIAPLATFORMTESTKEY1"
+PLATFORM_SECRET = "platform-secret-for-tests-only"
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StsStandIn]:
+    """A zero-latency STS stand-in for the whole module."""
+    with StsStandIn(median_ms=0, slow_seconds=3, seed=7) as sts:
+        yield sts
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, standin: StsStandIn) -> None:
+    """The platform's (fake) credentials and the stand-in as the STS endpoint."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def verifier(**overrides: object) -> StsVerifier:
+    """A verifier with short timeouts and one attempt, so failure paths are quick."""
+    settings = Settings(
+        sts_read_timeout_seconds=1,
+        sts_connect_timeout_seconds=1,
+        sts_max_attempts=1,
+        platform_principal_arn="arn:aws:iam::111122223333:root",
+        **overrides,  # type: ignore[arg-type]
+    )
+    return StsVerifier(settings)
+
+
+def role(name: str, *, account: str = ACCOUNT, external_id: str = EXTERNAL_ID) -> RoleDetails:
+    """Role details for a stand-in role whose name picks its behaviour."""
+    return RoleDetails(
+        connection_id=uuid.UUID("550e8400-e29b-41d4-a716-446655440000"),
+        aws_account_id=account,
+        role_arn=f"arn:aws:iam::{account}:role/{name}",
+        external_id=external_id,
+    )
+
+
+def attempt(name: str, *, check: bool = True, **overrides: object) -> Outcome:
+    """One attempt on the stand-in role `name`."""
+    return verifier(**overrides).verify(role(name), check_external_id=check)
+
+
+# --- local checks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("details", "code"),
+    [
+        (RoleDetails(uuid.uuid4(), ACCOUNT, "not-an-arn-at-all-x", EXTERNAL_ID), "InvalidRoleArn"),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:user/Someone", EXTERNAL_ID),
+            "InvalidRoleArn",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws-cn:iam::{ACCOUNT}:role/R", EXTERNAL_ID),
+            "UnsupportedPartition",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, "arn:aws:iam::999999999999:role/R", EXTERNAL_ID),
+            "RoleAccountMismatch",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/R", "has space"),
+            "InvalidExternalId",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/R", "x" * 1225),
+            "InvalidExternalId",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/{'n' * 65}", "ab"),
+            "InvalidRoleArn",
+        ),
+    ],
+)
+def test_bad_rows_are_refused_locally_with_their_own_code(details: RoleDetails, code: str) -> None:
+    """Each local problem is customer-fixable, with its own code and a message naming the fix."""
+    outcome = check_role_details(details)
+    assert outcome is not None
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, code)
+    assert outcome.sts_calls == 0
+
+
+@pytest.mark.parametrize(
+    "arn",
+    [
+        f"arn:aws:iam::{ACCOUNT}:role/path/to/Role",
+        f"arn:aws:iam::{ACCOUNT}:role/{'n' * 64}",
+        f"arn:aws:iam::{ACCOUNT}:role/with+=,.@-chars",
+    ],
+)
+def test_valid_but_unusual_arns_pass_the_local_checks(arn: str) -> None:
+    """A path, a 64-character name and every allowed character are accepted."""
+    assert check_role_details(RoleDetails(uuid.uuid4(), ACCOUNT, arn, "x" * 1224)) is None
+
+
+def test_local_checks_make_no_call(aws_env: None, standin: StsStandIn) -> None:
+    """A bad row never reaches STS."""
+    before = standin.stats(roles=False)["requests"]
+    outcome = verifier().verify(
+        RoleDetails(uuid.uuid4(), ACCOUNT, "arn:aws:iam::999999999999:role/ok", EXTERNAL_ID),
+        check_external_id=True,
+    )
+    assert outcome.code == "RoleAccountMismatch"
+    assert standin.stats(roles=False)["requests"] == before
+
+
+def test_session_name_is_traceable_and_valid() -> None:
+    """The session name carries the connection id and fits STS's pattern."""
+    connection = uuid.uuid4()
+    for purpose in ("", "x"):
+        name = session_name_for(connection, "p" * 20, purpose=purpose)
+        assert re.fullmatch(r"[\w+=,.@-]{2,64}", name)
+        assert connection.hex in name
+
+
+# --- verified ---------------------------------------------------------------------------------
+
+
+def test_a_working_role_is_verified_with_enforcement_checked(aws_env: None) -> None:
+    """AssumeRole succeeds, the identity matches, and the call without external ID is refused."""
+    outcome = attempt("ok-Role")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.VERIFIED, "verified")
+    assert outcome.external_id_enforced is True
+    assert outcome.assumed_role_arn is not None
+    assert outcome.assumed_role_arn.startswith(f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/")
+    assert outcome.sts_calls == 2
+
+
+def test_without_the_enforcement_check_one_call_is_made(aws_env: None) -> None:
+    """When the caller skips the check, one AssumeRole suffices and nothing is claimed about it."""
+    outcome = attempt("ok-Role", check=False)
+    assert outcome.kind is OutcomeKind.VERIFIED
+    assert outcome.external_id_enforced is None
+    assert outcome.sts_calls == 1
+
+
+def test_assume_role_request_is_minimal_and_traceable() -> None:
+    """900 seconds, a deny-all session policy, the external ID and a traceable session name."""
+    details = role("ok-Role")
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_response(
+        "assume_role",
+        {
+            "AssumedRoleUser": {
+                "AssumedRoleId": "AROAEXAMPLE:s",
+                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s",
+            },
+        },
+        expected_params={
+            "RoleArn": details.role_arn,
+            "RoleSessionName": session_name_for(details.connection_id, "verifier"),
+            "ExternalId": EXTERNAL_ID,
+            "DurationSeconds": 900,
+            "Policy": DENY_ALL_POLICY,
+        },
+    )
+    with stubber:
+        outcome = sts.verify(details, check_external_id=False)
+    stubber.assert_no_pending_responses()
+    assert outcome.kind is OutcomeKind.VERIFIED
+    assert '"Effect":"Deny"' in DENY_ALL_POLICY
+
+
+# --- customer must fix ------------------------------------------------------------------------
+
+
+def test_access_denied_tells_the_customer_what_to_check(aws_env: None) -> None:
+    """AccessDenied names the role, the principal to trust and the external-ID condition."""
+    outcome = attempt("deny-Role")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "AccessDenied")
+    assert f"arn:aws:iam::{ACCOUNT}:role/deny-Role" in outcome.message
+    assert "arn:aws:iam::111122223333:root" in outcome.message
+    assert "sts:ExternalId" in outcome.message
+    assert EXTERNAL_ID not in outcome.message
+    assert "RequestId" not in outcome.message
+
+
+def test_role_without_external_id_condition_must_be_fixed(aws_env: None) -> None:
+    """A role that can be assumed without the external ID is refused, telling how to fix it."""
+    outcome = attempt("noext-Role")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "ExternalIdNotEnforced")
+    assert '"StringEquals": {"sts:ExternalId"' in outcome.message
+    assert "noext-Role" in outcome.message
+
+
+def test_identity_mismatch_is_reported(aws_env: None) -> None:
+    """An assumed role naming another account is a customer problem, naming both accounts."""
+    outcome = attempt("otheracct-Role")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "IdentityMismatch")
+    assert ACCOUNT in outcome.message
+
+
+def test_region_disabled_falls_back_to_another_region(aws_env: None) -> None:
+    """RegionDisabledException in the home region is retried in the fallback region."""
+    outcome = attempt(
+        "regiondisabled-Role", aws_region="eu-south-1", sts_fallback_region="us-east-1"
+    )
+    assert outcome.kind is OutcomeKind.VERIFIED
+    assert outcome.region == "us-east-1"
+
+
+def test_region_disabled_everywhere_must_be_fixed(aws_env: None) -> None:
+    """When the fallback region is disabled too, the customer is told to activate STS."""
+    outcome = attempt(
+        "regiondisabled-Role", aws_region="eu-south-1", sts_fallback_region="eu-south-2"
+    )
+    assert (outcome.kind, outcome.code) == (
+        OutcomeKind.CUSTOMER_MUST_FIX,
+        "RegionDisabledException",
+    )
+    assert "eu-south-1 or eu-south-2" in outcome.message
+
+
+def test_service_control_policy_denial_says_so() -> None:
+    """An explicit SCP deny gets a message about the organization's policy."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_client_error(
+        "assume_role",
+        service_error_code="AccessDenied",
+        service_message="User: arn:aws:iam::111122223333:user/v is not authorized to perform: "
+        "sts:AssumeRole on resource: x with an explicit deny in a service control policy",
+        http_status_code=403,
+    )
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    assert outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX
+    assert "service control policy" in outcome.message
+
+
+# --- transient --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("throttle-Role", "Throttling"),
+        ("error500-Role", "InternalFailure"),
+        ("error503-Role", "ServiceUnavailable"),
+        ("slow-Role", "ReadTimeoutError"),
+        ("reset-Role", "ConnectionClosedError"),
+        ("garbage-Role", "ResponseParserError"),
+    ],
+)
+def test_nobodys_fault_is_transient(aws_env: None, name: str, code: str) -> None:
+    """Throttling, 5xx, timeouts, resets and unparseable answers are transient."""
+    outcome = attempt(name)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, code)
+
+
+def test_connection_refused_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listening at the endpoint is a transient connection error."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET)
+    outcome = attempt("ok-Role")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, "EndpointConnectionError")
+
+
+def test_an_unknown_error_code_is_transient() -> None:
+    """A code nobody has seen before changes no status: transient, with the code kept."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_client_error(
+        "assume_role", service_error_code="BrandNewError", http_status_code=400
+    )
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, "BrandNewError")
+
+
+def test_a_transient_error_in_the_enforcement_check_is_transient(
+    aws_env: None, standin: StsStandIn
+) -> None:
+    """If the call without external ID is throttled, nothing is concluded about enforcement."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_response(
+        "assume_role",
+        {
+            "AssumedRoleUser": {
+                "AssumedRoleId": "A:s",
+                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/r/s",
+            }
+        },
+    )
+    stubber.add_client_error("assume_role", service_error_code="Throttling", http_status_code=400)
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=True)
+    assert (outcome.kind, outcome.code, outcome.sts_calls) == (
+        OutcomeKind.TRANSIENT,
+        "Throttling",
+        2,
+    )
+
+
+# --- platform faults --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("expiredtoken-Role", "ExpiredToken"),
+        ("invalidtoken-Role", "InvalidClientTokenId"),
+        ("badsignature-Role", "SignatureDoesNotMatch"),
+    ],
+)
+def test_our_own_credentials_failing_is_a_platform_fault(
+    aws_env: None, name: str, code: str
+) -> None:
+    """Invalid, expired or mis-signed platform credentials blame no customer."""
+    outcome = attempt(name)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, code)
+
+
+def test_revoked_platform_credentials_fail_every_role_as_a_platform_fault(
+    aws_env: None, standin: StsStandIn
+) -> None:
+    """With the stand-in refusing our key, even a working role is a platform fault."""
+    standin.configure(platform_credentials_valid=False)
+    try:
+        outcome = attempt("ok-Role")
+        probe = verifier().probe()
+    finally:
+        standin.configure(platform_credentials_valid=True)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, "InvalidClientTokenId")
+    assert probe.kind is OutcomeKind.PLATFORM_FAULT
+    assert verifier().probe().kind is OutcomeKind.VERIFIED
+
+
+def test_missing_credentials_is_a_platform_fault(
+    monkeypatch: pytest.MonkeyPatch, standin: StsStandIn, tmp_path: object
+) -> None:
+    """No credentials anywhere is the platform's configuration problem."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
+    sts = StsVerifier(Settings(sts_max_attempts=1), session=boto3.session.Session())
+    outcome = sts.verify(role("ok-Role"), check_external_id=True)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, "NoCredentialsError")
+
+
+def test_root_credentials_are_a_platform_fault() -> None:
+    """'Roles may not be assumed by root accounts' is our misconfiguration, not the customer's."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_client_error(
+        "assume_role",
+        service_error_code="AccessDenied",
+        service_message="Roles may not be assumed by root accounts",
+        http_status_code=403,
+    )
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    assert outcome.kind is OutcomeKind.PLATFORM_FAULT
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+ALL_BEHAVIOURS = [
+    "ok-Role",
+    "noext-Role",
+    "deny-Role",
+    "otheracct-Role",
+    "throttle-Role",
+    "error500-Role",
+    "garbage-Role",
+    "expiredtoken-Role",
+    "invalidtoken-Role",
+]
+
+
+def test_no_credential_value_appears_in_outcomes_or_logs(aws_env: None) -> None:
+    """Neither the platform's keys nor the temporary credentials appear in any outcome or log."""
+    sts = verifier()
+    with capture_logs() as logs:
+        outcomes = [sts.verify(role(name), check_external_id=True) for name in ALL_BEHAVIOURS]
+    text = repr(outcomes) + repr(logs)
+    assert PLATFORM_KEY not in text
+    assert PLATFORM_SECRET not in text
+    # The stand-in's temporary credentials: ASIAFAKE... keys, FAKEstandin... secrets and tokens.
+    assert "ASIA" not in text
+    assert "FAKEstandin" not in text
+    assert EXTERNAL_ID not in text
