@@ -1,0 +1,331 @@
+"""One account from lease to audit event, against PostgreSQL, Redis and the STS stand-in.
+
+No Celery here: `verify_account` is the plain function the task wraps.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
+
+from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount, OutcomeKind
+from sandbox.standin import StsStandIn
+from tests.factories import make_account, make_organization
+from worker.circuit import PlatformCircuit
+from worker.claims import claim_due_accounts
+from worker.dispatch import dispatch_due_accounts
+from worker.settings import Settings
+from worker.sts import StsVerifier
+from worker.verify import Result, Verification, verify_account
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StsStandIn]:
+    """A zero-latency STS stand-in."""
+    with StsStandIn(median_ms=0, seed=3) as sts:
+        yield sts
+
+
+@pytest.fixture
+def circuit(redis_url: str) -> Iterator[PlatformCircuit]:
+    """A closed circuit breaker on the test Redis, with no local caching."""
+    client = redis.Redis.from_url(redis_url)
+    breaker = PlatformCircuit(client, pause_seconds=60, cache_seconds=0)
+    breaker.close()
+    yield breaker
+    breaker.close()
+    client.close()
+
+
+@pytest.fixture
+def make_ctx(
+    scratch_sessions: sessionmaker[Session],
+    circuit: PlatformCircuit,
+    standin: StsStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Verification]:
+    """Build a verification context; keyword arguments override settings."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLATFORMTESTKEY1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+
+    def build(before_call: Callable[[], None] | None = None, **overrides: object) -> Verification:
+        settings = Settings(sts_max_attempts=1, jitter_ratio=0, **overrides)  # type: ignore[arg-type]
+        return Verification(
+            sessions=scratch_sessions,
+            verifier=StsVerifier(settings, before_call=before_call),
+            circuit=circuit,
+            settings=settings,
+            rng=random.Random(0),
+        )
+
+    return build
+
+
+def _account(
+    sessions: sessionmaker[Session], role_name: str, **fields: object
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Insert an account for a stand-in role and lease it; returns (account id, lease id)."""
+    with sessions.begin() as session:
+        organization = make_organization(session)
+        account = make_account(
+            session,
+            organization=organization,
+            aws_account_id="123456789012",
+            role_arn=f"arn:aws:iam::123456789012:role/{role_name}",
+            **fields,
+        )
+        session.execute(
+            update(AwsAccount)
+            .where(AwsAccount.id != account.id)
+            .values(next_due_at=func.now() + timedelta(days=1))
+        )
+        claim = claim_due_accounts(session, limit=1, lease_seconds=60)
+        assert claim.account_ids == [account.id]
+        return account.id, claim.lease_id
+
+
+def _read(sessions: sessionmaker[Session], account_id: uuid.UUID) -> AwsAccount:
+    with sessions() as session:
+        return session.scalars(select(AwsAccount).where(AwsAccount.id == account_id)).one()
+
+
+def _events(sessions: sessionmaker[Session], account_id: uuid.UUID) -> list[AuditEvent]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.account_id == account_id)
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def test_a_working_role_connects_with_one_audit_event(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """pending -> connected, lease released, enforcement recorded, one status_changed event."""
+    account_id, lease_id = _account(scratch_sessions, "ok-Works")
+    result = verify_account(make_ctx(), account_id, lease_id, correlation_id="corr-1")
+    account = _read(scratch_sessions, account_id)
+    assert result is Result.APPLIED
+    assert (account.status, account.error_message, account.lease_id) == (
+        AccountStatus.CONNECTED,
+        None,
+        None,
+    )
+    assert account.external_id_checked_at is not None
+    assert account.last_verified_at is not None
+    assert account.next_due_at > account.last_verified_at + timedelta(hours=5)
+    [event] = _events(scratch_sessions, account_id)
+    assert (event.event_type, event.from_status, event.to_status, event.reason) == (
+        AuditEventType.STATUS_CHANGED,
+        AccountStatus.PENDING,
+        AccountStatus.CONNECTED,
+        "verified",
+    )
+    assert (event.actor, event.correlation_id) == ("worker", "corr-1")
+
+
+def test_a_role_without_the_condition_fails_with_two_events(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Not enforced: failed with the fix in the message, plus an external_id_not_enforced event."""
+    account_id, lease_id = _account(scratch_sessions, "noext-Open")
+    verify_account(make_ctx(pending_grace_seconds=0), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert account.status is AccountStatus.FAILED
+    assert account.error_message is not None
+    assert "sts:ExternalId" in account.error_message
+    assert [e.event_type for e in _events(scratch_sessions, account_id)] == [
+        AuditEventType.STATUS_CHANGED,
+        AuditEventType.EXTERNAL_ID_NOT_ENFORCED,
+    ]
+
+
+def test_a_denied_role_in_its_grace_window_stays_pending_without_events(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """A just-created role that is refused stays pending, retried soon, and writes no event."""
+    account_id, lease_id = _account(scratch_sessions, "deny-New")
+    verify_account(make_ctx(pending_grace_seconds=600), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert (account.status, account.last_error_code, account.lease_id) == (
+        AccountStatus.PENDING,
+        "AccessDenied",
+        None,
+    )
+    assert account.last_attempted_at is not None
+    assert account.next_due_at <= account.last_attempted_at + timedelta(seconds=31)
+    assert _events(scratch_sessions, account_id) == []
+
+
+def test_an_edit_during_verification_discards_the_result(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """The role ARN changes while STS answers: nothing is applied and the account is due now."""
+    account_id, lease_id = _account(scratch_sessions, "ok-Before")
+
+    def edit_meanwhile() -> None:
+        with scratch_sessions.begin() as session:
+            session.execute(
+                update(AwsAccount)
+                .where(AwsAccount.id == account_id)
+                .values(role_arn="arn:aws:iam::123456789012:role/deny-After")
+            )
+
+    result = verify_account(make_ctx(before_call=edit_meanwhile), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert result is Result.DISCARDED
+    assert account.status is AccountStatus.PENDING
+    assert account.lease_id is None
+    with scratch_sessions() as session:
+        assert session.scalar(
+            select(AwsAccount.next_due_at <= func.now()).where(AwsAccount.id == account_id)
+        )
+    assert _events(scratch_sessions, account_id) == []
+
+
+def test_a_lost_lease_means_no_write(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """A task whose lease was taken over does nothing (running it twice is harmless)."""
+    account_id, _lease = _account(scratch_sessions, "ok-Twice")
+    assert verify_account(make_ctx(), account_id, uuid.uuid4()) is Result.SKIPPED
+    assert _read(scratch_sessions, account_id).status is AccountStatus.PENDING
+
+
+def test_platform_fault_changes_nothing_and_opens_the_circuit(
+    make_ctx: Callable[..., Verification],
+    scratch_sessions: sessionmaker[Session],
+    standin: StsStandIn,
+    circuit: PlatformCircuit,
+) -> None:
+    """Our credentials rejected: status untouched, no event, a critical line, circuit open."""
+    account_id, lease_id = _account(scratch_sessions, "ok-Fine", status=AccountStatus.CONNECTED)
+    standin.configure(platform_credentials_valid=False)
+    try:
+        with capture_logs() as logs:
+            verify_account(make_ctx(), account_id, lease_id)
+    finally:
+        standin.configure(platform_credentials_valid=True)
+    account = _read(scratch_sessions, account_id)
+    assert account.status is AccountStatus.CONNECTED
+    assert account.last_outcome is OutcomeKind.PLATFORM_FAULT
+    assert _events(scratch_sessions, account_id) == []
+    assert circuit.is_open()
+    assert any(e["event"] == "platform.fault" and e["log_level"] == "critical" for e in logs)
+
+
+def test_an_open_circuit_pauses_verification_until_a_probe_succeeds(
+    make_ctx: Callable[..., Verification],
+    scratch_sessions: sessionmaker[Session],
+    circuit: PlatformCircuit,
+) -> None:
+    """While open, tasks skip and dispatch pauses; a successful probe closes it."""
+    account_id, lease_id = _account(scratch_sessions, "ok-Paused")
+    ctx = make_ctx(platform_pause_seconds=1)
+    circuit.trip("InvalidClientTokenId", "test")
+    assert verify_account(ctx, account_id, lease_id) is Result.SKIPPED
+    assert _read(scratch_sessions, account_id).status is AccountStatus.PENDING
+    probe_now = PlatformCircuit(circuit._redis, pause_seconds=0, cache_seconds=0)
+    probe_now.postpone("InvalidClientTokenId", "still")  # probe due at once
+    sent: list[str] = []
+    with capture_logs() as logs:
+        report = dispatch_due_accounts(
+            sessions=scratch_sessions,
+            settings=ctx.settings,
+            send=lambda account, lease: sent.append(account),
+            queued=lambda: 0,
+            circuit=circuit,
+            verifier=ctx.verifier,
+        )
+    assert not report.paused
+    assert not circuit.is_open()
+    assert any(e["event"] == "platform.recovered" for e in logs)
+
+
+def test_connected_is_confirmed_before_it_fails(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """A connected role that now denies stays connected once, then fails on the re-attempt."""
+    account_id, lease_id = _account(
+        scratch_sessions, "deny-Revoked", status=AccountStatus.CONNECTED
+    )
+    ctx = make_ctx()
+    verify_account(ctx, account_id, lease_id)
+    assert _read(scratch_sessions, account_id).status is AccountStatus.CONNECTED
+    with scratch_sessions.begin() as session:
+        session.execute(
+            update(AwsAccount).where(AwsAccount.id == account_id).values(next_due_at=func.now())
+        )
+        second = claim_due_accounts(session, limit=1, lease_seconds=60)
+    verify_account(ctx, account_id, second.lease_id)
+    assert _read(scratch_sessions, account_id).status is AccountStatus.FAILED
+    [event] = _events(scratch_sessions, account_id)
+    assert (event.from_status, event.to_status, event.reason) == (
+        AccountStatus.CONNECTED,
+        AccountStatus.FAILED,
+        "AccessDenied",
+    )
+
+
+def test_a_wave_of_identical_failures_is_held(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Past the threshold, connected -> failed with the same code is held and logged loudly."""
+    ctx = make_ctx(wave_threshold=2, wave_window_seconds=600)
+    statuses = []
+    with capture_logs() as logs:
+        for n in range(3):
+            account_id, lease_id = _account(
+                scratch_sessions,
+                f"deny-Wave{n}",
+                status=AccountStatus.CONNECTED,
+                last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
+            )
+            verify_account(ctx, account_id, lease_id)
+            statuses.append(_read(scratch_sessions, account_id).status)
+    assert statuses == [AccountStatus.FAILED, AccountStatus.FAILED, AccountStatus.CONNECTED]
+    assert [e["event"] for e in logs].count("platform.suspected_fault") == 1
+
+
+def test_repeated_identical_failures_are_quiet(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """A failed account failing the same way again logs at debug, not warning."""
+    account_id, lease_id = _account(
+        scratch_sessions,
+        "deny-Broken",
+        status=AccountStatus.FAILED,
+        last_error_code="AccessDenied",
+        last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
+    )
+    with capture_logs() as logs:
+        verify_account(make_ctx(), account_id, lease_id)
+    [completed] = [e for e in logs if e["event"] == "verification.completed"]
+    assert completed["log_level"] == "debug"
+    assert not [e for e in logs if e["event"] == "account.status_changed"]
+
+
+def test_a_status_change_stands_out(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Moving to failed logs account.status_changed at warning with from and to."""
+    account_id, lease_id = _account(scratch_sessions, "deny-Gone")
+    with capture_logs() as logs:
+        verify_account(make_ctx(pending_grace_seconds=0), account_id, lease_id)
+    [changed] = [e for e in logs if e["event"] == "account.status_changed"]
+    assert (changed["log_level"], changed["from_status"], changed["to_status"]) == (
+        "warning",
+        "pending",
+        "failed",
+    )
