@@ -77,6 +77,13 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(get_settings_or_exit())
 
 
+@signals.celeryd_init.connect
+def _early_logging(**_: Any) -> None:
+    # The worker warns about its privileges before `setup_logging`; configure now so that
+    # warning is a JSON line too.
+    configure_logging(get_settings_or_exit())
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings_or_exit()

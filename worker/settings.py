@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # database, where no lease can expire while it waits.
     dispatch_max_queued: int = Field(default=2000, ge=1)
     # Longer than the verification task's hard time limit, so a live task never loses its lease.
-    lease_seconds: int = Field(default=300, ge=30, le=_DAY)
+    lease_seconds: int = Field(default=300, ge=5, le=_DAY)
     # pending: retried quickly while IAM propagates, failed only once the grace window is over.
     pending_retry_seconds: int = Field(default=30, ge=1)
     pending_grace_seconds: int = Field(default=900, ge=0)
@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     wave_window_seconds: int = Field(default=600, ge=1)
     # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
     sts_rate_limit_per_second: float = Field(default=300.0, gt=0, le=600)
-    verify_time_limit_seconds: int = Field(default=60, ge=5)
+    verify_time_limit_seconds: int = Field(default=60, ge=2)
 
     # --- worker process -------------------------------------------------------------------------
     # A verification spends almost all its time waiting on STS, so the default pool is threads:

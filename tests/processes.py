@@ -1,0 +1,137 @@
+"""Real processes for end-to-end tests: celery worker and beat, with their stdout kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CELERY = str(Path(sys.executable).parent / "celery")
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll until `predicate()` is truthy and return its value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str) -> dict[str, str]:
+    """Environment for worker and beat: the test services and fast cadences."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AWS_", "PYTEST", "DATABASE_URL", "REDIS_URL"))
+    }
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        AWS_ENDPOINT_URL_STS=sts_url,
+        AWS_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="AKIASANDBOXPLATFORM0",
+        AWS_SECRET_ACCESS_KEY="sandbox-platform-secret",
+        AWS_EC2_METADATA_DISABLED="true",
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+        DISPATCH_INTERVAL_SECONDS="0.5",
+        PENDING_RETRY_SECONDS="1",
+        CONFIRM_DELAY_SECONDS="1",
+        TRANSIENT_RETRY_INITIAL_SECONDS="1",
+        PLATFORM_PAUSE_SECONDS="1",
+        STS_MAX_ATTEMPTS="1",
+        WORKER_CONCURRENCY="8",
+    )
+    env.update(extra)
+    return env
+
+
+class Service:
+    """One child process whose stdout goes to a file that tests read as JSON lines."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path):
+        self.name = name
+        stamp = time.monotonic_ns()
+        self.log_path = log_dir / f"{name}-{stamp}.log"
+        self.stderr_path = log_dir / f"{name}-{stamp}.stderr"
+        self._log = self.log_path.open("w")
+        self._stderr = self.stderr_path.open("w")
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=dict(env),
+            stdout=self._log,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        """Everything the process wrote to stdout so far."""
+        return self.log_path.read_text()
+
+    def errors(self) -> str:
+        """Everything the process wrote to stderr so far."""
+        return self.stderr_path.read_text()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every line parsed as JSON (raises on a line that is not JSON)."""
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON lines whose `event` is `name`."""
+        return [r for r in self.records() if r.get("event") == name]
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost machine would."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM (warm shutdown), then SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+        self._stderr.close()
+        return self.process.returncode
+
+
+def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker") -> Service:
+    """`celery -A worker worker`, as operators run it."""
+    return Service(
+        name, [CELERY, "-A", "worker", "worker", "--hostname", f"{name}@%h"], env, log_dir
+    )
+
+
+def start_beat(env: Mapping[str, str], log_dir: Path, name: str = "beat") -> Service:
+    """`celery -A worker beat`, with its schedule file in the test's directory."""
+    beat_env = {**env, "BEAT_SCHEDULE_FILE": str(log_dir / f"{name}-schedule")}
+    return Service(name, [CELERY, "-A", "worker", "beat"], beat_env, log_dir)
+
+
+@contextmanager
+def running(*services: Service) -> Iterator[tuple[Service, ...]]:
+    """Stop every service at the end, whatever happened."""
+    try:
+        yield services
+    finally:
+        for service in services:
+            service.stop()

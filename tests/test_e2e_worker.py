@@ -1,0 +1,281 @@
+"""End to end: real `celery worker` and `celery beat` processes, PostgreSQL, Redis, sandbox STS."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
+from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts, create_customer_role
+from tests.factories import make_account, make_organization
+from tests.processes import running, service_env, start_beat, start_worker, wait_until
+
+pytestmark = pytest.mark.e2e
+
+LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxSts]:
+    """The moto-based sandbox STS, enforcing trust policies and external IDs."""
+    with SandboxSts() as sts:
+        yield sts
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    """An empty test Redis database: no queued messages, closed circuit breaker."""
+    redis.Redis.from_url(redis_url).flushdb()
+    return redis_url
+
+
+def _unique_account_id() -> str:
+    return f"{uuid.uuid4().int % 10**12:012d}"
+
+
+def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    with sessions() as session:
+        rows = session.execute(
+            select(AwsAccount.id, AwsAccount.status).where(AwsAccount.id.in_(ids))
+        ).all()
+    return {row.id: row.status.value for row in rows}
+
+
+def _status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def test_accounts_reach_the_status_their_roles_imply(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+    tmp_path: Path,
+) -> None:
+    """Working, denying, unenforced and late-created roles each end where they should."""
+    endpoint = sandbox.endpoint_url
+    accounts: dict[str, tuple[str, str, str]] = {}
+    for label in ("works", "denies", "unenforced", "delayed"):
+        aws_id = _unique_account_id()
+        accounts[label] = (aws_id, f"Verifier-{label}", f"ext-{uuid.uuid4().hex}")
+    create_customer_role(
+        endpoint, *accounts["works"][:2], PLATFORM_PRINCIPAL_ARN, accounts["works"][2]
+    )
+    create_customer_role(
+        endpoint, *accounts["denies"][:2], "arn:aws:iam::999988887777:root", accounts["denies"][2]
+    )
+    create_customer_role(endpoint, *accounts["unenforced"][:2], PLATFORM_PRINCIPAL_ARN, None)
+    ids: dict[str, uuid.UUID] = {}
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        for label, (aws_id, role_name, external_id) in accounts.items():
+            ids[label] = make_account(
+                session,
+                organization=organization,
+                aws_account_id=aws_id,
+                role_arn=f"arn:aws:iam::{aws_id}:role/{role_name}",
+                external_id=external_id,
+                # Old roles are past the IAM propagation grace window; the delayed one is new.
+                role_changed_at=datetime.now(UTC) if label == "delayed" else LONG_AGO,
+            ).id
+    env = service_env(
+        database_url=scratch_database,
+        redis_url=clean_redis,
+        sts_url=endpoint,
+        PENDING_GRACE_SECONDS="60",
+    )
+    with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
+        # The delayed role appears a few seconds after its account was inserted.
+        timer = threading.Timer(
+            3.0,
+            create_customer_role,
+            args=(
+                endpoint,
+                *accounts["delayed"][:2],
+                PLATFORM_PRINCIPAL_ARN,
+                accounts["delayed"][2],
+            ),
+        )
+        timer.start()
+        expected = {
+            ids["works"]: "connected",
+            ids["denies"]: "failed",
+            ids["unenforced"]: "failed",
+            ids["delayed"]: "connected",
+        }
+        wait_until(
+            lambda: _statuses(scratch_sessions, list(ids.values())) == expected,
+            timeout=60,
+            what="every account to reach its status",
+        )
+        timer.join()
+        assert worker.process.poll() is None
+    with scratch_sessions() as session:
+        by_id = {a.id: a for a in session.scalars(select(AwsAccount))}
+        events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+    assert "sts:ExternalId" in (by_id[ids["unenforced"]].error_message or "")
+    assert "access denied" in (by_id[ids["denies"]].error_message or "")
+    transitions = {(e.account_id, e.event_type, e.from_status, e.to_status) for e in events}
+    assert transitions == {
+        (
+            ids["works"],
+            AuditEventType.STATUS_CHANGED,
+            AccountStatus.PENDING,
+            AccountStatus.CONNECTED,
+        ),
+        (ids["denies"], AuditEventType.STATUS_CHANGED, AccountStatus.PENDING, AccountStatus.FAILED),
+        (
+            ids["unenforced"],
+            AuditEventType.STATUS_CHANGED,
+            AccountStatus.PENDING,
+            AccountStatus.FAILED,
+        ),
+        (ids["unenforced"], AuditEventType.EXTERNAL_ID_NOT_ENFORCED, None, None),
+        (
+            ids["delayed"],
+            AuditEventType.STATUS_CHANGED,
+            AccountStatus.PENDING,
+            AccountStatus.CONNECTED,
+        ),
+    }
+    assert len(events) == len(transitions)
+    # The delayed account was refused first (inside its grace window) and never failed.
+    assert by_id[ids["delayed"]].consecutive_failures == 0
+    assert by_id[ids["delayed"]].last_verified_at is not None
+
+
+def test_a_killed_worker_loses_nothing(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL while holding leases: after they expire every account is verified exactly once."""
+    endpoint = sandbox.endpoint_url
+    ids = []
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        for n in range(30):
+            aws_id = _unique_account_id()
+            external_id = f"ext-{uuid.uuid4().hex}"
+            create_customer_role(endpoint, aws_id, f"Kill{n}", PLATFORM_PRINCIPAL_ARN, external_id)
+            ids.append(
+                make_account(
+                    session,
+                    organization=organization,
+                    aws_account_id=aws_id,
+                    role_arn=f"arn:aws:iam::{aws_id}:role/Kill{n}",
+                    external_id=external_id,
+                ).id
+            )
+    env = service_env(
+        database_url=scratch_database,
+        redis_url=clean_redis,
+        sts_url=endpoint,
+        LEASE_SECONDS="6",
+        VERIFY_TIME_LIMIT_SECONDS="4",
+        WORKER_CONCURRENCY="2",
+        DISPATCH_BATCH_SIZE="10",
+    )
+    beat = start_beat(env, tmp_path)
+    first = start_worker(env, tmp_path, name="first")
+    with running(beat, first):
+        wait_until(
+            lambda: 0 < list(_statuses(scratch_sessions, ids).values()).count("connected") < 30,
+            timeout=60,
+            interval=0.05,
+            what="some but not all accounts verified",
+        )
+        first.kill()
+        with scratch_sessions() as session:
+            leased = session.scalar(
+                select(func.count()).where(AwsAccount.id.in_(ids), AwsAccount.lease_id.is_not(None))
+            )
+        assert leased, "the killed worker held leases"
+        second = start_worker(env, tmp_path, name="second")
+        with running(second):
+            wait_until(
+                lambda: set(_statuses(scratch_sessions, ids).values()) == {"connected"},
+                timeout=90,
+                what="every account connected after the leases expired",
+            )
+    events = _status_events(scratch_sessions)
+    assert sorted(e.account_id for e in events) == sorted(ids)
+    assert {(e.from_status, e.to_status) for e in events} == {
+        (AccountStatus.PENDING, AccountStatus.CONNECTED)
+    }
+
+
+def test_rejected_platform_credentials_pause_verification_until_they_work(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+    tmp_path: Path,
+) -> None:
+    """With our credentials refused nothing changes status and a critical line is logged."""
+    endpoint = sandbox.endpoint_url
+    ids = []
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        for n, status in enumerate((AccountStatus.CONNECTED, AccountStatus.PENDING)):
+            aws_id = _unique_account_id()
+            external_id = f"ext-{uuid.uuid4().hex}"
+            create_customer_role(
+                endpoint, aws_id, f"Platform{n}", PLATFORM_PRINCIPAL_ARN, external_id
+            )
+            ids.append(
+                make_account(
+                    session,
+                    organization=organization,
+                    aws_account_id=aws_id,
+                    role_arn=f"arn:aws:iam::{aws_id}:role/Platform{n}",
+                    external_id=external_id,
+                    status=status,
+                    role_changed_at=LONG_AGO,
+                ).id
+            )
+    env = service_env(database_url=scratch_database, redis_url=clean_redis, sts_url=endpoint)
+    sandbox.revoke_platform_credentials()
+    try:
+        with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
+            wait_until(
+                lambda: worker.events("platform.fault"), timeout=30, what="a platform.fault line"
+            )
+            [first_fault, *_] = worker.events("platform.fault")
+            assert first_fault["level"] == "critical"
+            time.sleep(3)  # several dispatch ticks and probes while the credentials stay bad
+            assert _statuses(scratch_sessions, ids) == {
+                ids[0]: "connected",
+                ids[1]: "pending",
+            }
+            assert _status_events(scratch_sessions) == []
+            sandbox.restore_platform_credentials()
+            wait_until(lambda: worker.events("platform.recovered"), timeout=30, what="recovery")
+            wait_until(
+                lambda: set(_statuses(scratch_sessions, ids).values()) == {"connected"},
+                timeout=30,
+                what="verification to resume",
+            )
+    finally:
+        sandbox.restore_platform_credentials()
+    events = _status_events(scratch_sessions)
+    assert [(e.account_id, e.to_status) for e in events] == [(ids[1], AccountStatus.CONNECTED)]
+    assert datetime.now(UTC) - events[0].occurred_at < timedelta(minutes=5)
