@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Where the scratch database is created: the server of TEST_DATABASE_URL (default: the machine's).
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Celery's configuration is read once, when a test module first imports it: the broker must be
+# the test Redis from the start, not whatever REDIS_URL the shell had.
+os.environ["REDIS_URL"] = TEST_REDIS_URL
 
 
 def _libpq(url: str) -> str:

@@ -109,6 +109,14 @@ _PLATFORM_CODES = frozenset(
 _OTHER_ERRORS = (botocore.exceptions.BotoCoreError, ResponseParserError)
 
 
+# (step, detail): told each step of an attempt as it happens.
+Observer = Callable[[str, str], None]
+
+
+def _silent(_step: str, _detail: str) -> None:
+    """The default observer."""
+
+
 @dataclass(frozen=True, slots=True)
 class RoleDetails:
     """What a verification needs to know about one connection."""
@@ -329,7 +337,8 @@ class StsVerifier:
         self._config = Config(
             connect_timeout=settings.sts_connect_timeout_seconds,
             read_timeout=settings.sts_read_timeout_seconds,
-            retries={"mode": "standard", "max_attempts": settings.sts_max_attempts},
+            # total_max_attempts counts the first call too (botocore's max_attempts counts retries).
+            retries={"mode": "standard", "total_max_attempts": settings.sts_max_attempts},
             # One connection per worker thread, so threads never queue for a socket.
             max_pool_connections=max(10, settings.worker_concurrency),
             user_agent_extra="account-verifier",
@@ -355,22 +364,32 @@ class StsVerifier:
         response: dict[str, Any] = dict(self.client(region).assume_role(**params))
         return response
 
-    def verify(self, details: RoleDetails, *, check_external_id: bool) -> Outcome:
-        """One attempt: local checks, AssumeRole, identity, and (if asked) enforcement."""
+    def verify(
+        self,
+        details: RoleDetails,
+        *,
+        check_external_id: bool,
+        observe: Observer | None = None,
+    ) -> Outcome:
+        """One attempt: local checks, AssumeRole, identity, and (if asked) enforcement.
+
+        `observe(step, detail)` is told each step's result as it happens (`reverify --inline`).
+        """
+        say = observe or _silent
         problem = check_role_details(details)
         if problem is not None:
+            say("input check", f"FAILED {problem.code}: {problem.message}")
             return problem
+        say("input check", "ok")
         prefix = self._settings.session_name_prefix
         principal = self._settings.platform_principal_arn
+        regions = list(
+            dict.fromkeys([self._settings.aws_region, self._settings.sts_fallback_region])
+        )
         calls = 0
-        tried: list[str] = []
-        regions = [self._settings.aws_region]
-        if self._settings.sts_fallback_region != self._settings.aws_region:
-            regions.append(self._settings.sts_fallback_region)
-        assumed_arn: str | None = None
+        response: dict[str, Any] | None = None
         region = regions[0]
         for region in regions:
-            tried.append(region)
             calls += 1
             try:
                 response = self._call(
@@ -381,25 +400,31 @@ class StsVerifier:
                     DurationSeconds=SESSION_DURATION_SECONDS,
                     Policy=DENY_ALL_POLICY,
                 )
+                break
             except botocore.exceptions.ClientError as error:
-                if error.response.get("Error", {}).get("Code") == "RegionDisabledException":
+                code = error.response.get("Error", {}).get("Code")
+                if code == "RegionDisabledException":
+                    say("AssumeRole", f"STS is not activated in {region} for this account")
                     continue
-                return _with_calls(classify_error(error, details, principal), calls, region)
+                outcome = _with_calls(classify_error(error, details, principal), calls, region)
             except _OTHER_ERRORS as error:
-                return _with_calls(classify_error(error, details, principal), calls, region)
-            # The response holds live credentials; keep only the role's ARN from it.
-            assumed_arn = _assumed_role_arn(response)
-            del response
-            break
-        if assumed_arn is None:
+                outcome = _with_calls(classify_error(error, details, principal), calls, region)
+            say("AssumeRole", f"FAILED {outcome.code} ({outcome.kind.value}): {outcome.message}")
+            return outcome
+        if response is None:
+            say("AssumeRole", "FAILED: STS is not activated in any region tried")
             return _customer(
                 "RegionDisabledException",
-                _region_disabled_message(details, tried),
+                _region_disabled_message(details, regions),
                 sts_calls=calls,
                 region=region,
             )
-        assumed = _ASSUMED_ROLE_ARN.match(assumed_arn)
-        if assumed is None:
+        # The response holds live credentials; keep only the role's ARN from it.
+        assumed_arn = _assumed_role_arn(response)
+        del response
+        assumed = _ASSUMED_ROLE_ARN.match(assumed_arn or "")
+        if assumed_arn is None or assumed is None:
+            say("AssumeRole", "FAILED: the answer has no usable AssumedRoleUser.Arn")
             return Outcome(
                 OutcomeKind.TRANSIENT,
                 "UnparseableResponse",
@@ -407,7 +432,9 @@ class StsVerifier:
                 sts_calls=calls,
                 region=region,
             )
+        say("AssumeRole", f"ok in {region}: {assumed_arn}")
         if assumed["account"] != details.aws_account_id:
+            say("identity", f"FAILED: the role is in account {assumed['account']}")
             return _customer(
                 "IdentityMismatch",
                 _identity_mismatch_message(details, assumed["account"]),
@@ -415,13 +442,18 @@ class StsVerifier:
                 sts_calls=calls,
                 region=region,
             )
+        say("identity", f"ok: account {details.aws_account_id}")
         enforced: bool | None = None
         if check_external_id:
             calls += 1
             enforcement = self._check_enforcement(details, region, prefix, principal)
-            if enforcement is not None and enforcement.kind is not OutcomeKind.VERIFIED:
+            if enforcement is not None:
+                say("external-ID check", f"FAILED {enforcement.code}: {enforcement.message}")
                 return _with_calls(enforcement, calls, region)
+            say("external-ID check", "ok: refused without the external ID")
             enforced = True
+        else:
+            say("external-ID check", "skipped: checked recently")
         return Outcome(
             OutcomeKind.VERIFIED,
             "verified",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import uuid
@@ -36,13 +37,17 @@ def verification_context() -> Verification:
                 _context = Verification(
                     sessions=session_factory(),
                     verifier=get_verifier(),
-                    circuit=PlatformCircuit(
-                        get_redis(), pause_seconds=settings.platform_pause_seconds
-                    ),
+                    circuit=platform_circuit(),
                     settings=settings,
                     rng=random.Random(),
                 )
     return _context
+
+
+@functools.cache
+def platform_circuit() -> PlatformCircuit:
+    """The worker process's view of the shared circuit breaker."""
+    return PlatformCircuit(get_redis(), pause_seconds=get_settings().platform_pause_seconds)
 
 
 def _redelivered_too_often(task: Task) -> bool:
@@ -92,7 +97,7 @@ def dispatch_due_accounts_task() -> dict[str, Any]:
         settings=ctx.settings,
         send=send_verification,
         queued=_queued_verifications,
-        circuit=ctx.circuit,
+        circuit=platform_circuit(),
         verifier=ctx.verifier,
     )
     return {"claimed": report.claimed, "sent": report.sent, "paused": report.paused}

@@ -31,7 +31,7 @@ from worker.rules import (
     needs_external_id_check,
 )
 from worker.settings import Settings
-from worker.sts import Outcome, RoleDetails, StsVerifier
+from worker.sts import Observer, Outcome, RoleDetails, StsVerifier
 
 log = get_logger("worker.verify")
 
@@ -199,7 +199,8 @@ class Verification:
 
     sessions: sessionmaker[Session]
     verifier: StsVerifier
-    circuit: PlatformCircuit
+    # None: no circuit breaker (`reverify --inline`, which runs without the worker's Redis).
+    circuit: PlatformCircuit | None
     settings: Settings
     rng: random.Random
 
@@ -225,8 +226,14 @@ def verify_account(
     *,
     actor: str = WORKER_ACTOR,
     correlation_id: str | None = None,
+    check_external_id: bool | None = None,
+    observe: Observer | None = None,
 ) -> Result:
-    """Verify one leased account and apply the outcome. Safe to run twice for the same lease."""
+    """Verify one leased account and apply the outcome. Safe to run twice for the same lease.
+
+    `check_external_id` forces the enforcement check on or off (None: the rules decide);
+    `observe` is told every step of the STS attempt.
+    """
     started = time.perf_counter()
     with ctx.sessions.begin() as session:
         attempt = start_attempt(session, account_id, lease_id)
@@ -238,7 +245,7 @@ def verify_account(
         organization_id=str(attempt.organization_id),
         aws_account_id=attempt.details.aws_account_id,
     )
-    if ctx.circuit.is_open():
+    if ctx.circuit is not None and ctx.circuit.is_open():
         with ctx.sessions.begin() as session:
             release_lease(
                 session, account_id, lease_id, due_in_seconds=ctx.settings.platform_pause_seconds
@@ -246,10 +253,14 @@ def verify_account(
         log.info("verification.skipped", reason="platform_paused")
         return Result.SKIPPED
 
-    check = needs_external_id_check(attempt.state, attempt.now, ctx.settings)
-    outcome = ctx.verifier.verify(attempt.details, check_external_id=check)
-    if outcome.kind is OutcomeKind.PLATFORM_FAULT and ctx.circuit.trip(
-        outcome.code, outcome.message
+    check = check_external_id
+    if check is None:
+        check = needs_external_id_check(attempt.state, attempt.now, ctx.settings)
+    outcome = ctx.verifier.verify(attempt.details, check_external_id=check, observe=observe)
+    if (
+        outcome.kind is OutcomeKind.PLATFORM_FAULT
+        and ctx.circuit is not None
+        and ctx.circuit.trip(outcome.code, outcome.message)
     ):
         log.critical(
             "platform.fault",
