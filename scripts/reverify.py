@@ -236,7 +236,7 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
                 select(AwsAccount.id, AwsAccount.lease_id).where(
                     AwsAccount.id.in_([r.id for r in rows])
                 )
-            ).tuples()
+            )
         }
     for row in rows:
         row.lease_id = leases.get(row.id)
