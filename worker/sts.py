@@ -326,7 +326,7 @@ class StsVerifier:
         self,
         settings: Settings,
         *,
-        before_call: Callable[[], None] | None = None,
+        before_call: Callable[[], object] | None = None,
         session: boto3.session.Session | None = None,
     ) -> None:
         self._settings = settings
@@ -518,7 +518,7 @@ _verifier: StsVerifier | None = None
 _verifier_lock = threading.Lock()
 
 
-def get_verifier(before_call: Callable[[], None] | None = None) -> StsVerifier:
+def get_verifier(before_call: Callable[[], object] | None = None) -> StsVerifier:
     """The process's verifier, built on first use (never at import)."""
     global _verifier  # noqa: PLW0603 - one client set per process is the point
     if _verifier is None:

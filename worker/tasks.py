@@ -16,6 +16,7 @@ from worker.circuit import PlatformCircuit
 from worker.db import session_factory
 from worker.dispatch import dispatch_due_accounts
 from worker.logging import current_context, get_logger
+from worker.ratelimit import StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
 from worker.sts import get_verifier
@@ -36,12 +37,18 @@ def verification_context() -> Verification:
                 settings = get_settings()
                 _context = Verification(
                     sessions=session_factory(),
-                    verifier=get_verifier(),
+                    verifier=get_verifier(before_call=sts_rate_limiter().acquire),
                     circuit=platform_circuit(),
                     settings=settings,
                     rng=random.Random(),
                 )
     return _context
+
+
+@functools.cache
+def sts_rate_limiter() -> StsRateLimiter:
+    """The worker process's handle on the global STS budget."""
+    return StsRateLimiter(get_redis(), rate_per_second=get_settings().sts_rate_limit_per_second)
 
 
 @functools.cache
