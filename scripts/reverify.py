@@ -150,7 +150,10 @@ def _load(session: Session, args: argparse.Namespace) -> list[Row]:
     missing = sorted(set(ids) - {a.id for a in accounts}, key=str)
     if missing:
         raise UsageError("unknown account id(s): " + ", ".join(str(m) for m in missing))
-    return [Row(a.id, a.alias, a.aws_account_id, a.status.value) for a in accounts]
+    return [
+        Row(a.id, a.alias, a.aws_account_id, a.status.value, error_message=a.error_message)
+        for a in accounts
+    ]
 
 
 def _confirm(rows: list[Row], args: argparse.Namespace) -> None:
@@ -290,14 +293,20 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
         row.done = True
 
 
-def _table(rows: Sequence[Row]) -> None:
+def _status_cell(row: Row, *, dry_run: bool) -> str:
+    if dry_run:
+        return row.old_status
+    return f"{row.old_status} -> {row.new_status or '?'}" + ("" if row.done else " (not finished)")
+
+
+def _table(rows: Sequence[Row], *, dry_run: bool) -> None:
     headers = ("ACCOUNT", "ALIAS", "AWS ACCOUNT", "STATUS", "ERROR")
     lines = [
         (
             str(r.id),
             r.alias[:24],
             r.aws_account_id,
-            f"{r.old_status} -> {r.new_status or '?'}" + ("" if r.done else " (not finished)"),
+            _status_cell(r, dry_run=dry_run),
             (r.error_message or "")[:100],
         )
         for r in rows
@@ -366,7 +375,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.dry_run or args.wait or args.inline:
         if args.dry_run:
             print(f"would re-verify {len(rows)} account(s):")
-        _table(rows)
+        _table(rows, dry_run=args.dry_run)
     if args.dry_run or not (args.wait or args.inline):
         return EXIT_OK
     if all(r.done and r.new_status == AccountStatus.CONNECTED.value for r in rows):
