@@ -24,7 +24,12 @@ def build_engine(settings: Settings, *, pool_size: int = 10) -> Engine:
         pool_pre_ping=True,
         pool_recycle=1800,
         # Identify the process in pg_stat_activity.
-        connect_args={"application_name": "account-verifier", "connect_timeout": 5},
+        # Every wait is bounded: connecting, any statement, any lock.
+        connect_args={
+            "application_name": "account-verifier",
+            "connect_timeout": 5,
+            "options": "-c statement_timeout=30000 -c lock_timeout=10000",
+        },
     )
 
 
