@@ -306,6 +306,7 @@ def test_an_unknown_error_code_is_transient() -> None:
     with stubber:
         outcome = sts.verify(role("ok-Role"), check_external_id=False)
     assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, "BrandNewError")
+    assert outcome.unclassified
 
 
 def test_a_transient_error_in_the_enforcement_check_is_transient(

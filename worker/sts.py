@@ -145,6 +145,8 @@ class Outcome:
     assumed_role_arn: str | None = None
     region: str | None = None
     sts_calls: int = 0
+    # An error code this module does not know (classified transient to be safe): worth a look.
+    unclassified: bool = False
 
     @property
     def verified(self) -> bool:
@@ -282,7 +284,9 @@ def classify_error(
         # platform_fault would pause verification for every customer over one odd answer.
         # Transient changes no status, retries with backoff, and logs the code so it can be
         # classified properly.
-        return Outcome(OutcomeKind.TRANSIENT, code, f"unclassified error {operator_detail}")
+        return Outcome(
+            OutcomeKind.TRANSIENT, code, f"unclassified error {operator_detail}", unclassified=True
+        )
     if isinstance(
         error,
         botocore.exceptions.NoCredentialsError

@@ -210,7 +210,7 @@ def _outcome_level(attempt: Attempt, outcome: Outcome, changed: bool) -> str:
         return "info"
     if outcome.kind is OutcomeKind.PLATFORM_FAULT:
         return "error"
-    if changed:
+    if changed or outcome.unclassified:
         return "warning"
     # A permanently broken account says the same thing on every attempt: only the first time
     # (or a new error) is worth a warning; repeats go to debug.

@@ -229,6 +229,13 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_audit_events_organization_id"), "audit_events", ["organization_id"], unique=False
     )
+    op.create_index(
+        "ix_audit_events_recent_failures",
+        "audit_events",
+        ["reason", "occurred_at"],
+        unique=False,
+        postgresql_where=sa.text("event_type = 'status_changed' AND to_status = 'failed'"),
+    )
     op.execute(TRACK_ACCOUNT_CHANGES)
     op.execute(APPEND_ONLY)
 
@@ -239,6 +246,7 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION audit_events_append_only()")
     op.execute("DROP TRIGGER aws_accounts_track_changes ON aws_accounts")
     op.execute("DROP FUNCTION aws_accounts_track_changes()")
+    op.drop_index("ix_audit_events_recent_failures", table_name="audit_events")
     op.drop_index(op.f("ix_audit_events_organization_id"), table_name="audit_events")
     op.drop_index("ix_audit_events_account_id_occurred_at", table_name="audit_events")
     op.drop_table("audit_events")
