@@ -96,13 +96,13 @@ def test_every_line_is_json_correlated_and_free_of_secrets(
             DISPATCH_INTERVAL_SECONDS="3600",
         )
         with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, beat):
-            wait_until(lambda: worker.events("worker.ready"), timeout=30, what="worker ready")
+            wait_until(lambda: worker.events("worker.ready"), timeout=90, what="worker ready")
             request = subprocess.run(
-                [str(ROOT / "scripts" / "reverify"), *map(str, ids), "--wait", "--timeout", "60"],
+                [str(ROOT / "scripts" / "reverify"), *map(str, ids), "--wait", "--timeout", "90"],
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=90,
+                timeout=150,
                 check=False,
             )
             assert request.returncode == 1, request.stderr  # two of three are not connected
@@ -111,7 +111,7 @@ def test_every_line_is_json_correlated_and_free_of_secrets(
             correlation_id = match.group(1)
             wait_until(
                 lambda: len(worker.events("verification.completed")) >= 3,
-                timeout=30,
+                timeout=90,
                 what="three verifications logged",
             )
             time.sleep(0.5)

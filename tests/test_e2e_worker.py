@@ -121,7 +121,7 @@ def test_accounts_reach_the_status_their_roles_imply(
         }
         wait_until(
             lambda: _statuses(scratch_sessions, list(ids.values())) == expected,
-            timeout=60,
+            timeout=120,
             what="every account to reach its status",
         )
         timer.join()
@@ -199,7 +199,7 @@ def test_a_killed_worker_loses_nothing(
     with running(beat, first):
         wait_until(
             lambda: 0 < list(_statuses(scratch_sessions, ids).values()).count("connected") < 30,
-            timeout=60,
+            timeout=120,
             interval=0.05,
             what="some but not all accounts verified",
         )
@@ -257,7 +257,7 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
     try:
         with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
             wait_until(
-                lambda: worker.events("platform.fault"), timeout=30, what="a platform.fault line"
+                lambda: worker.events("platform.fault"), timeout=90, what="a platform.fault line"
             )
             [first_fault, *_] = worker.events("platform.fault")
             assert first_fault["level"] == "critical"
@@ -268,10 +268,10 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
             }
             assert _status_events(scratch_sessions) == []
             sandbox.restore_platform_credentials()
-            wait_until(lambda: worker.events("platform.recovered"), timeout=30, what="recovery")
+            wait_until(lambda: worker.events("platform.recovered"), timeout=90, what="recovery")
             wait_until(
                 lambda: set(_statuses(scratch_sessions, ids).values()) == {"connected"},
-                timeout=30,
+                timeout=90,
                 what="verification to resume",
             )
     finally:

@@ -169,7 +169,7 @@ def test_a_committed_request_is_verified_by_a_real_worker(
                         select(AwsAccount.status).where(AwsAccount.id == account_id)
                     )
 
-            wait_until(lambda: status() is AccountStatus.CONNECTED, timeout=30, what="connected")
+            wait_until(lambda: status() is AccountStatus.CONNECTED, timeout=90, what="connected")
     with api_sessions() as session:
         change = session.scalars(
             select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
