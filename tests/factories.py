@@ -50,3 +50,46 @@ def make_account(
     session.add(account)
     session.flush()
     return account
+
+
+def unique_aws_account_id() -> str:
+    """A random 12-digit AWS account id, unique enough to keep sandbox roles apart."""
+    return f"{uuid.uuid4().int % 10**12:012d}"
+
+
+def make_sandbox_account(
+    session: Session,
+    endpoint_url: str,
+    *,
+    organization: Organization,
+    trusted: str | None = None,
+    enforce_external_id: bool = True,
+    **fields: Any,
+) -> AwsAccount:
+    """An account whose role exists in the sandbox STS at `endpoint_url`.
+
+    The role trusts `trusted` (default: the platform) and requires the account's external ID
+    unless `enforce_external_id` is False. `trusted=""` creates no role at all.
+    """
+    from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, create_customer_role  # noqa: PLC0415
+
+    aws_id = fields.pop("aws_account_id", unique_aws_account_id())
+    external_id = fields.pop("external_id", f"ext-{uuid.uuid4().hex}")
+    role_name = fields.pop("role_name", f"Role{uuid.uuid4().hex[:8]}")
+    principal = PLATFORM_PRINCIPAL_ARN if trusted is None else trusted
+    if principal:
+        create_customer_role(
+            endpoint_url,
+            aws_id,
+            role_name,
+            principal,
+            external_id if enforce_external_id else None,
+        )
+    return make_account(
+        session,
+        organization=organization,
+        aws_account_id=aws_id,
+        role_arn=f"arn:aws:iam::{aws_id}:role/{role_name}",
+        external_id=external_id,
+        **fields,
+    )

@@ -16,7 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
 from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts, create_customer_role
-from tests.factories import make_account, make_organization
+from tests.factories import (
+    make_account,
+    make_organization,
+    make_sandbox_account,
+    unique_aws_account_id,
+)
 from tests.processes import running, service_env, start_beat, start_worker, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -36,10 +41,6 @@ def clean_redis(redis_url: str) -> str:
     """An empty test Redis database: no queued messages, closed circuit breaker."""
     redis.Redis.from_url(redis_url).flushdb()
     return redis_url
-
-
-def _unique_account_id() -> str:
-    return f"{uuid.uuid4().int % 10**12:012d}"
 
 
 def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
@@ -72,7 +73,7 @@ def test_accounts_reach_the_status_their_roles_imply(
     endpoint = sandbox.endpoint_url
     accounts: dict[str, tuple[str, str, str]] = {}
     for label in ("works", "denies", "unenforced", "delayed"):
-        aws_id = _unique_account_id()
+        aws_id = unique_aws_account_id()
         accounts[label] = (aws_id, f"Verifier-{label}", f"ext-{uuid.uuid4().hex}")
     create_customer_role(
         endpoint, *accounts["works"][:2], PLATFORM_PRINCIPAL_ARN, accounts["works"][2]
@@ -169,22 +170,11 @@ def test_a_killed_worker_loses_nothing(
 ) -> None:
     """SIGKILL while holding leases: after they expire every account is verified exactly once."""
     endpoint = sandbox.endpoint_url
-    ids = []
     with scratch_sessions.begin() as session:
         organization = make_organization(session)
-        for n in range(30):
-            aws_id = _unique_account_id()
-            external_id = f"ext-{uuid.uuid4().hex}"
-            create_customer_role(endpoint, aws_id, f"Kill{n}", PLATFORM_PRINCIPAL_ARN, external_id)
-            ids.append(
-                make_account(
-                    session,
-                    organization=organization,
-                    aws_account_id=aws_id,
-                    role_arn=f"arn:aws:iam::{aws_id}:role/Kill{n}",
-                    external_id=external_id,
-                ).id
-            )
+        ids = [
+            make_sandbox_account(session, endpoint, organization=organization).id for _ in range(30)
+        ]
     env = service_env(
         database_url=scratch_database,
         redis_url=clean_redis,
@@ -232,26 +222,18 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
 ) -> None:
     """With our credentials refused nothing changes status and a critical line is logged."""
     endpoint = sandbox.endpoint_url
-    ids = []
     with scratch_sessions.begin() as session:
         organization = make_organization(session)
-        for n, status in enumerate((AccountStatus.CONNECTED, AccountStatus.PENDING)):
-            aws_id = _unique_account_id()
-            external_id = f"ext-{uuid.uuid4().hex}"
-            create_customer_role(
-                endpoint, aws_id, f"Platform{n}", PLATFORM_PRINCIPAL_ARN, external_id
-            )
-            ids.append(
-                make_account(
-                    session,
-                    organization=organization,
-                    aws_account_id=aws_id,
-                    role_arn=f"arn:aws:iam::{aws_id}:role/Platform{n}",
-                    external_id=external_id,
-                    status=status,
-                    role_changed_at=LONG_AGO,
-                ).id
-            )
+        ids = [
+            make_sandbox_account(
+                session,
+                endpoint,
+                organization=organization,
+                status=status,
+                role_changed_at=LONG_AGO,
+            ).id
+            for status in (AccountStatus.CONNECTED, AccountStatus.PENDING)
+        ]
     env = service_env(database_url=scratch_database, redis_url=clean_redis, sts_url=endpoint)
     sandbox.revoke_platform_credentials()
     try:

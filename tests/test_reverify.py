@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType
-from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts, create_customer_role
-from tests.factories import make_account, make_organization
+from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts
+from tests.factories import make_organization, make_sandbox_account
 from tests.processes import ROOT, Service, running, service_env, start_worker
 
 pytestmark = pytest.mark.e2e
@@ -71,22 +71,16 @@ def _account(
     sessions: sessionmaker[Session],
     sandbox: SandboxSts,
     *,
-    trusted: str | None = PLATFORM_PRINCIPAL_ARN,
+    trusted: str | None = None,
     status: AccountStatus = AccountStatus.PENDING,
     alias: str = "Production",
 ) -> uuid.UUID:
-    aws_id = f"{uuid.uuid4().int % 10**12:012d}"
-    external_id = f"ext-{uuid.uuid4().hex}"
-    role = f"Role{uuid.uuid4().hex[:8]}"
-    if trusted:
-        create_customer_role(sandbox.endpoint_url, aws_id, role, trusted, external_id)
     with sessions.begin() as session:
-        return make_account(
+        return make_sandbox_account(
             session,
+            sandbox.endpoint_url,
             organization=make_organization(session),
-            aws_account_id=aws_id,
-            role_arn=f"arn:aws:iam::{aws_id}:role/{role}",
-            external_id=external_id,
+            trusted=trusted,
             status=status,
             alias=alias,
             role_changed_at=LONG_AGO,
@@ -124,7 +118,7 @@ def test_status_failed_selects_only_failed_accounts(
 ) -> None:
     """`--status failed --wait --json` re-verifies the failed ones; a fixed role reconnects."""
     fixed = _account(scratch_sessions, sandbox, status=AccountStatus.FAILED)
-    broken = _account(scratch_sessions, sandbox, trusted=None, status=AccountStatus.FAILED)
+    broken = _account(scratch_sessions, sandbox, trusted="", status=AccountStatus.FAILED)
     untouched = _account(scratch_sessions, sandbox, status=AccountStatus.PENDING)
     result = reverify(env, "--status", "failed", "--wait", "--json", "--yes")
     assert result.returncode == 1, result.stderr  # one is still not connected
@@ -208,7 +202,7 @@ def test_many_accounts_need_confirmation(
 ) -> None:
     """Past the threshold, a non-interactive run without --yes is refused with exit 2."""
     for _ in range(3):
-        _account(scratch_sessions, sandbox, trusted=None)
+        _account(scratch_sessions, sandbox, trusted="")
     result = reverify(env, "--all", "--confirm-over", "2")
     assert result.returncode == 2
     assert "--yes" in result.stderr
