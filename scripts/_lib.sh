@@ -1,25 +1,55 @@
-# Shared by scripts/test and scripts/run. Sourced, not executed.
+# Shared by scripts/test and scripts/run. Sourced, not executed, from the repository root.
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-# Create .venv with the project and its dev extra, or refresh it when pyproject.toml changed.
+_python_ok() {  # interpreter -> success when it is a Python the project supports (3.11 to 3.13)
+  "$1" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' >/dev/null 2>&1
+}
+
+# Print the interpreter to build .venv with: $PYTHON, else the first of python3.12, python3.11,
+# python3 that is a supported version. 3.12 and 3.11 come first: the embedded PostgreSQL and Redis
+# (the `embedded` extra) have no wheels for 3.13 yet.
+find_python() {
+  local candidate found=() candidates=(python3.12 python3.11 python3)
+  if [ -n "${PYTHON:-}" ]; then candidates=("$PYTHON"); fi
+  for candidate in "${candidates[@]}"; do
+    if ! command -v "$candidate" >/dev/null 2>&1; then
+      found+=("$candidate: not found")
+      continue
+    fi
+    if _python_ok "$candidate"; then echo "$candidate"; return 0; fi
+    found+=("$candidate: $("$candidate" --version 2>&1 | head -1)")
+  done
+  {
+    echo "error: Python 3.11 or 3.12 is required${found:+ (found ${found[*]})}."
+    echo "Install one (e.g. apt-get install python3.11, or pyenv), or set PYTHON=/path/to/python3.12."
+  } >&2
+  return 2
+}
+
+# Create .venv with the project and its dev and embedded extras (plus $EXTRA_EXTRAS, e.g.
+# ",bench"), or refresh it when pyproject.toml or the extras changed.
 ensure_venv() {
-  local python="${PYTHON:-}"
-  if [ -z "$python" ]; then
-    for candidate in python3.12 python3.11 python3; do
-      if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
-    done
+  local python extras="dev,embedded${EXTRA_EXTRAS:-}"
+  if [ -x .venv/bin/python ] && ! _python_ok .venv/bin/python; then
+    echo "error: .venv was made with $(.venv/bin/python --version 2>&1); delete it (rm -rf .venv) to rebuild with Python 3.11 or 3.12" >&2
+    exit 2
   fi
-  [ -n "$python" ] || { echo "error: Python 3.11 or 3.12 is required" >&2; exit 2; }
   if [ ! -x .venv/bin/python ]; then
-    step "creating .venv with $($python --version)"
-    "$python" -m venv .venv
+    python="$(find_python)" || exit 2
+    step "creating .venv with $("$python" --version 2>&1)"
+    if ! "$python" -m venv .venv; then
+      rm -rf .venv
+      echo "error: could not create .venv with $python (on Debian or Ubuntu: apt-get install python3-venv)" >&2
+      exit 2
+    fi
   fi
-  local stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+  # The stamp names what was installed: a change of pyproject.toml or of the extras reinstalls.
+  local stamp=".venv/.installed-$({ cat pyproject.toml; echo "$extras"; } | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
-    step "installing the project into .venv"
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[dev${EXTRA_EXTRAS:-}]"
+    step "installing the project into .venv (.[$extras])"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
     rm -f .venv/.installed-*
     touch "$stamp"
   fi
@@ -45,24 +75,52 @@ _wait_port() {  # host port seconds
   return 1
 }
 
-ensure_postgres() {
+# try_postgres URL: succeed when PostgreSQL answers at URL's host and port, starting the machine's
+# own cluster first when the URL is local and one is installed but stopped.
+try_postgres() {
   local host port
   read -r host port < <(_host_port "$1" 5432)
   if _wait_port "$host" "$port" 1; then return 0; fi
-  if _is_local "$host" && command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+  if _is_local "$host" && command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ] \
+    && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; then
     step "starting the machine's PostgreSQL"
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    # A failure here (e.g. "already running", on another port) means: not this URL's server.
+    if pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start; then
+      _wait_port "$host" "$port" 30
+      return
+    fi
   fi
-  _wait_port "$host" "$port" 30 || { echo "error: PostgreSQL is not reachable at $host:$port" >&2; exit 3; }
+  return 1
+}
+
+# try_redis URL: the same for Redis, with the machine's redis-server (never the one the embedded
+# extra puts in .venv/bin: that one belongs to scripts/run).
+try_redis() {
+  local host port server
+  read -r host port < <(_host_port "$1" 6379)
+  if _wait_port "$host" "$port" 1; then return 0; fi
+  server="$(type -ap redis-server | grep -v "^$PWD/.venv/bin/" | head -1 || true)"
+  if _is_local "$host" && [ -n "$server" ]; then
+    step "starting the machine's Redis"
+    "$server" --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no
+    _wait_port "$host" "$port" 30
+    return
+  fi
+  return 1
+}
+
+ensure_postgres() {
+  local host port
+  try_postgres "$1" && return 0
+  read -r host port < <(_host_port "$1" 5432)
+  echo "error: PostgreSQL is not reachable at $host:$port" >&2
+  exit 3
 }
 
 ensure_redis() {
   local host port
+  try_redis "$1" && return 0
   read -r host port < <(_host_port "$1" 6379)
-  if _wait_port "$host" "$port" 1; then return 0; fi
-  if _is_local "$host" && command -v redis-server >/dev/null 2>&1; then
-    step "starting the machine's Redis"
-    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no
-  fi
-  _wait_port "$host" "$port" 30 || { echo "error: Redis is not reachable at $host:$port" >&2; exit 3; }
+  echo "error: Redis is not reachable at $host:$port" >&2
+  exit 3
 }

