@@ -1,0 +1,194 @@
+"""Smoke tests of the benchmarks: they run at tiny sizes, print their table, write their JSON.
+
+No figure is asserted: timings depend on the machine, and these runs are far too small to mean
+anything. What is checked is that the commands work, report every documented figure, and clean
+up after themselves (scratch database dropped, broker database emptied).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import ADMIN_URL, TEST_REDIS_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+# The benchmark flushes its Redis database: never the one the other tests use.
+BENCH_REDIS_URL = urllib.parse.urlunsplit(
+    urllib.parse.urlsplit(TEST_REDIS_URL)._replace(path="/14")
+)
+
+RESULT_KEYS = {
+    "schema",
+    "started_at",
+    "finished_at",
+    "completed",
+    "host",
+    "config",
+    "worker",
+    "sts",
+    "ceiling",
+    "sequential",
+    "database",
+    "broker",
+    "machine",
+    "targets",
+}
+WORKER_KEYS = {
+    "verified",
+    "verifications_per_second",
+    "ratio_to_sequential",
+    "lag_seconds",
+    "cpu_ms_per_verification",
+    "peak_rss_mb",
+}
+
+
+def _run(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if completed.returncode != 0:
+        pytest.fail(
+            f"{' '.join(args)} exited {completed.returncode}\n"
+            f"--- stdout ---\n{completed.stdout}\n--- stderr ---\n{completed.stderr}"
+        )
+    return completed
+
+
+def _database_exists(name: str) -> bool:
+    base = f"postgresql://{ADMIN_URL.partition('://')[2]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
+        return bool(row.fetchone() == (1,))
+
+
+def test_help_documents_both_benchmarks() -> None:
+    """`--help` of both commands works without any service and names the key options."""
+    bench = _run(["-m", "scripts.bench", "--help"], timeout=30).stdout
+    for option in (
+        "--accounts",
+        "--sample",
+        "--median-ms",
+        "--rate-limit",
+        "--concurrency",
+        "--timeout",
+        "--keep",
+        "--json-out",
+        "scripts/bench claims",
+    ):
+        assert option in bench
+    claims = _run(["-m", "scripts.bench_claims", "--help"], timeout=30).stdout
+    for option in ("--sizes", "--due-shares", "--repeat", "--limit"):
+        assert option in claims
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    """A tiny run completes, prints the table and writes the JSON with every documented key."""
+    out = tmp_path / "bench.json"
+    options = [
+        ("--accounts", "100"),
+        ("--sample", "10"),
+        ("--median-ms", "5"),
+        ("--trace", "5"),
+        ("--timeout", "60"),
+        ("--progress-interval", "2"),
+        ("--database-url", ADMIN_URL),
+        ("--redis-url", BENCH_REDIS_URL),
+        ("--json-out", str(out)),
+        # A smoke test on a shared machine: an account that meets a hiccup (a transient
+        # outcome, a failed task) is retried within seconds, not after the defaults' 30 s retry
+        # or 300 s lease.
+        ("--worker-env", "TRANSIENT_RETRY_INITIAL_SECONDS=1"),
+        ("--worker-env", "PENDING_RETRY_SECONDS=1"),
+        ("--worker-env", "VERIFY_TIME_LIMIT_SECONDS=10"),
+        ("--worker-env", "LEASE_SECONDS=15"),
+        ("--worker-env", "DISPATCH_INTERVAL_SECONDS=0.5"),
+    ]
+    completed = _run(
+        ["-m", "scripts.bench", *(part for pair in options for part in pair)], timeout=110
+    )
+    for label in (
+        "verifications/s, worker",
+        "verifications/s, sequential boto3 loop",
+        "ratio to the sequential loop",
+        "throughput / ceiling",
+        "worker CPU per verification (ms)",
+        "DB commits per verification",
+        "broker messages per verification",
+        "lag due -> verified, p50 / p99 (s)",
+        "worker peak RSS (MB)",
+        "STS calls throttled",
+    ):
+        assert label in completed.stdout
+    results: dict[str, Any] = json.loads(out.read_text())
+    assert results.keys() >= RESULT_KEYS
+    assert results["worker"].keys() >= WORKER_KEYS
+    assert results["completed"] is True
+    assert results["worker"]["verified"] == 100
+    assert results["sequential"]["verified"] == 10
+    assert results["config"]["concurrency_is_default"] is True
+    assert results["config"]["worker_env"]["LEASE_SECONDS"] == "15"
+    assert results["sts"]["throttled"] == 0
+    assert results["database"]["trace"]["verifications"] == 5
+    assert {t["name"] for t in results["targets"]} == {
+        "ratio to the sequential loop",
+        "fraction of the ceiling",
+        "database commits per verification",
+        "broker messages per verification",
+        "worker peak RSS (MB)",
+    }
+    assert not _database_exists(results["config"]["database"])
+    assert redis.Redis.from_url(BENCH_REDIS_URL).dbsize() == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_claims_bench_runs_and_explains(tmp_path: Path) -> None:
+    """The claim benchmark at 1,000 accounts prints its table and plans and writes its JSON."""
+    out = tmp_path / "claims.json"
+    completed = _run(
+        [
+            "-m",
+            "scripts.bench_claims",
+            "--sizes",
+            "1000",
+            "--due-shares",
+            "0.01,1",
+            "--repeat",
+            "3",
+            "--database-url",
+            ADMIN_URL,
+            "--json-out",
+            str(out),
+        ],
+        timeout=110,
+    )
+    assert "due-accounts claim" in completed.stdout
+    assert "EXPLAIN (ANALYZE, BUFFERS)" in completed.stdout
+    results: dict[str, Any] = json.loads(out.read_text())
+    assert {"schema", "limit", "target_ms", "scenarios"} <= results.keys()
+    first, everything = results["scenarios"]
+    assert (first["accounts"], first["due_share"]) == (1000, 0.01)
+    assert everything["due_rows"] == 1000
+    assert everything["claimed"] == 500  # the batch size: the claim takes no more
+    assert first["claimed"] == first["due_rows"]  # fewer due than the batch: all of them
+    for scenario in (first, everything):
+        assert scenario["repeat"] == 3
+        assert scenario["explain"]
+        assert all("Execution Time" in plan for plan in scenario["explain"])
