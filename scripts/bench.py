@@ -14,7 +14,7 @@ One run, in this order:
 3. `celery -A worker worker` in its default configuration (environment only: no -P/-c) and
    `celery -A worker beat`; once the worker consumes, N `ok-...` accounts are seeded, all due at
    once, and the database is polled until every one has `last_verified_at` set;
-4. a short in-process trace of the same task code (`verify_account_task` run eagerly, and the
+4. a short in-process trace of the same task code (`verify_account` run in-process, and the
    dispatcher's claim) that counts SQL statements per verification;
 5. one table on stdout, every figure as JSON (--json-out, default bench-results/<stamp>.json).
 
@@ -122,35 +122,70 @@ class ProcSample:
     hwm_mb: float
     user_seconds: float = 0.0
     system_seconds: float = 0.0
-    # The main thread alone: in a threads-pool worker, Celery's consumer loop (the tasks run in
-    # the pool's threads).
+    # The main thread of the main process alone: Celery's consumer loop (the tasks run in the
+    # pool's processes and their threads).
     main_thread_seconds: float = 0.0
 
 
-def read_proc(pid: int) -> ProcSample | None:
-    """utime+stime+cutime+cstime and VmRSS/VmHWM of `pid`; None once it is gone."""
+def _read_one(pid: int) -> tuple[list[int], dict[str, float], int, list[int]] | None:
+    """(utime stime cutime cstime ticks, memory, ppid, main-thread ticks) of one process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         status = Path(f"/proc/{pid}/status").read_text()
         main = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
     except OSError:
         return None
-    main_fields = main[main.rindex(")") + 2 :].split()
     # The command name is in parentheses and may contain spaces: split after the last ")".
     fields = stat[stat.rindex(")") + 2 :].split()
-    ticks = [int(value) for value in fields[11:15]]  # utime stime cutime cstime
+    main_fields = main[main.rindex(")") + 2 :].split()
     memory = {}
     for line in status.splitlines():
         key, _, value = line.partition(":")
         if key in {"VmRSS", "VmHWM"}:
             memory[key] = int(value.split()[0]) / 1024
+    ticks = [int(value) for value in fields[11:15]]
+    return ticks, memory, int(fields[1]), [int(main_fields[11]), int(main_fields[12])]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != pid:
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    """CPU and memory of `pid` and its live children (a prefork worker's pool processes).
+
+    CPU is utime+stime+cutime+cstime summed over the process and its children; memory is the
+    sum of their VmRSS and VmHWM (the sum of peaks: an upper bound of the peak total). None once
+    the process is gone.
+    """
+    own = _read_one(pid)
+    if own is None:
+        return None
+    ticks, memory, _, main_ticks = own
+    rss, hwm = memory.get("VmRSS", 0.0), memory.get("VmHWM", 0.0)
+    for child in _children(pid):
+        sample = _read_one(child)
+        if sample is None:
+            continue
+        ticks = [a + b for a, b in zip(ticks, sample[0], strict=True)]
+        rss += sample[1].get("VmRSS", 0.0)
+        hwm += sample[1].get("VmHWM", 0.0)
     return ProcSample(
         cpu_seconds=sum(ticks) / CLK_TCK,
-        rss_mb=memory.get("VmRSS", 0.0),
-        hwm_mb=memory.get("VmHWM", 0.0),
+        rss_mb=rss,
+        hwm_mb=hwm,
         user_seconds=(ticks[0] + ticks[2]) / CLK_TCK,
         system_seconds=(ticks[1] + ticks[3]) / CLK_TCK,
-        main_thread_seconds=(int(main_fields[11]) + int(main_fields[12])) / CLK_TCK,
+        main_thread_seconds=sum(main_ticks) / CLK_TCK,
     )
 
 
@@ -606,7 +641,7 @@ def sequential_loop(accounts: Sequence[Account]) -> SequentialResult:
 
 @dataclass
 class TraceResult:
-    """What `count` eager task runs sent to PostgreSQL."""
+    """What `count` in-process verifications sent to PostgreSQL."""
 
     verifications: int
     applied: int
@@ -640,13 +675,14 @@ def wait_no_backends(admin: psycopg.Connection[Any], name: str, *, except_pid: i
 def trace_verifications(
     admin: psycopg.Connection[Any], url: str, accounts: Sequence[Account], *, lease_seconds: int
 ) -> TraceResult:
-    """Seed `accounts`, claim them as the dispatcher does and run the task on each, eagerly.
+    """Seed `accounts`, claim them as the dispatcher does and verify each, in this process.
 
-    The same code as the worker (`claim_due_accounts`, then `worker.tasks.verify_account_task`
-    called in-process), single-threaded, with SQLAlchemy's events counting statements,
-    transactions and pool checkouts (each checkout is a `SELECT 1` pre-ping when the engine
-    pings), and pg_stat_database counting what the server saw committed. The environment
-    (DATABASE_URL, REDIS_URL, AWS_*) must point at the run's services already.
+    The same code as the worker (`claim_due_accounts`, then what `verify_accounts_task` runs for
+    each account: `verify_account` with the worker's context), single-threaded, with
+    SQLAlchemy's events counting statements, transactions and pool checkouts (each checkout
+    is a `SELECT 1` pre-ping when the engine pings), and pg_stat_database counting what the
+    server saw committed. The environment (DATABASE_URL, REDIS_URL, AWS_*) must point at the
+    run's services already.
     """
     from sqlalchemy import Engine, event  # noqa: PLC0415
     from sqlalchemy.pool import Pool  # noqa: PLC0415
@@ -658,7 +694,8 @@ def trace_verifications(
 
     get_settings.cache_clear()
     configure_logging(get_settings(), stream=sys.stderr)
-    from worker.tasks import verify_account_task  # noqa: PLC0415 - reads the settings at import
+    from worker.tasks import verification_context  # noqa: PLC0415 - reads the settings at import
+    from worker.verify import verify_account  # noqa: PLC0415
 
     counts: dict[str, int] = {"statements": 0, "commits": 0, "checkouts": 0}
     kinds: dict[str, int] = {}
@@ -694,7 +731,8 @@ def trace_verifications(
         results, cpu = [], 0.0
         for i, account_id in enumerate(claim.account_ids):
             started = time.process_time()
-            results.append(verify_account_task(str(account_id), str(claim.lease_id)))
+            result = verify_account(verification_context(), account_id, claim.lease_id)
+            results.append(result.value)
             if i >= warmup:
                 cpu += time.process_time() - started
         measured = len(claim.account_ids) - warmup
@@ -1110,8 +1148,9 @@ class Bench:
         )
         settings = settings_from(env)  # what the worker reads from the same environment
         print(
-            f"starting {opts.workers} celery worker process(es) (concurrency "
-            f"{settings.worker_concurrency}"
+            f"starting {opts.workers} `celery worker`(s) "
+            f"({settings.worker_processes or os.cpu_count()} processes x "
+            f"{settings.worker_concurrency} threads"
             f"{'' if opts.concurrency is not None else ', the default'}) and beat ...",
             file=sys.stderr,
         )
@@ -1378,7 +1417,9 @@ def summarize(
     throttled = int(sts_stats.get("throttled", 0))
     requests = int(sts_stats.get("requests", 0))
     mean_latency = sequential.mean_call_seconds
-    concurrency = int(settings.worker_concurrency) * opts.workers
+    # Verifications in flight: threads per process x prefork processes x `celery worker`s.
+    processes = int(settings.worker_processes) or (os.cpu_count() or 1)
+    concurrency = int(settings.worker_concurrency) * processes * opts.workers
     bounds: dict[str, float] = {
         "concurrency": concurrency / (calls_per * mean_latency) if calls_per else math.nan,
         "cpu": opts.cores / cpu_per if cpu_per > 0 else math.nan,

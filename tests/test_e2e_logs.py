@@ -132,10 +132,10 @@ def test_every_line_is_json_correlated_and_free_of_secrets(
     loggers = {str(r["logger"]) for r in worker_records}
     assert any(name.startswith("celery.") for name in loggers), loggers
 
-    task_lines = [r for r in worker_records if r.get("task_name") == "verifier.verify_account"]
+    task_lines = [r for r in worker_records if r.get("task_name") == "verifier.verify_accounts"]
     correlated = [r for r in task_lines if r.get("correlation_id") == correlation_id]
     assert {r["event"] for r in correlated} >= {"verification.completed", "account.status_changed"}
-    assert any(str(r["event"]).startswith("Task verifier.verify_account[") for r in correlated)
+    assert any(str(r["event"]).startswith("Task verifier.verify_accounts[") for r in correlated)
     assert {r.get("account_id") for r in correlated if r["event"] == "verification.completed"} == {
         str(i) for i in ids
     }

@@ -144,7 +144,7 @@ def test_routine_dispatch_lines_are_debug(json_stream: io.StringIO) -> None:
     """Celery's every-few-seconds dispatch lines are DEBUG; other task lines stay INFO."""
     trace = logging.getLogger("celery.app.trace")
     trace.info("Task verifier.dispatch_due_accounts[abc] succeeded in 0.01s: {}")
-    trace.info("Task verifier.verify_account[def] succeeded in 0.2s: 'applied'")
+    trace.info("Task verifier.verify_accounts[def] succeeded in 0.2s: 'applied'")
     dispatch, verify = _lines(json_stream)
     assert dispatch["level"] == "debug"
     assert verify["level"] == "info"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 
 import pytest
@@ -239,11 +239,16 @@ def test_an_open_circuit_pauses_verification_until_a_probe_succeeds(
     probe_now = PlatformCircuit(circuit._redis, pause_seconds=0, cache_seconds=0)
     probe_now.postpone("InvalidClientTokenId", "still")  # probe due at once
     sent: list[str] = []
+
+    def send(accounts: Sequence[str], lease: str) -> int:
+        sent.extend(accounts)
+        return 1
+
     with capture_logs() as logs:
         report = dispatch_due_accounts(
             sessions=scratch_sessions,
             settings=ctx.settings,
-            send=lambda account, lease: sent.append(account),
+            send=send,
             queued=lambda: 0,
             circuit=circuit,
             verifier=ctx.verifier,

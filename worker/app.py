@@ -92,7 +92,9 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         database_url=settings.database_url_masked,
         redis_url=settings.redis_url_masked,
         pool=app.conf.worker_pool,
-        concurrency=app.conf.worker_concurrency,
+        processes=app.conf.worker_concurrency,
+        threads_per_process=settings.worker_concurrency,
+        chunk_size=settings.dispatch_chunk_size,
         aws_region=settings.aws_region,
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from kombu.entity import Exchange, Queue
 
 from worker.settings import get_settings_or_exit
@@ -44,16 +46,20 @@ task_ignore_result = True
 result_backend = None
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_time_limit = _settings.verify_time_limit_seconds + 30
 task_soft_time_limit = _settings.verify_time_limit_seconds
+# The hard limit kills a stuck child well before its leases expire, so its accounts come back.
+task_time_limit = (_settings.verify_time_limit_seconds + _settings.lease_seconds) // 2
 task_track_started = False
 task_send_sent_event = False
 worker_send_task_events = False
 
-# Threads: a verification waits on STS for almost all its life, and threads share one STS
-# client, one database pool and one Redis pool. `celery -A worker worker` starts this pool.
-worker_pool = "threads"
-worker_concurrency = _settings.worker_concurrency
+# One process per core (prefork), each verifying a message's chunk of accounts on a thread pool:
+# a verification waits on STS for almost all its life, and one interpreter's lock would cap a
+# single process at one core. `celery -A worker worker` starts exactly this.
+worker_pool = "prefork"
+worker_concurrency = _settings.worker_processes or os.cpu_count() or 1
+# One message waiting per process: a requested re-verification is never stuck behind a
+# reserved backlog.
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

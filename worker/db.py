@@ -15,13 +15,18 @@ _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 
 
-def build_engine(settings: Settings, *, pool_size: int = 10) -> Engine:
-    """An engine for `settings.database_url` with pre-ping, so a restarted server is survived."""
+def build_engine(settings: Settings) -> Engine:
+    """An engine for `settings.database_url`, one pooled connection per verification thread.
+
+    No pre-ping: it would cost a round trip (and a commit) per checkout. A connection that died
+    with a restarted server fails its statement instead, which invalidates the whole pool; the
+    task retries, and the lease covers anything that still does not get through.
+    """
     return create_engine(
         settings.database_url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_size=settings.worker_concurrency,
+        max_overflow=2,
+        pool_pre_ping=False,
         pool_recycle=1800,
         # Identify the process in pg_stat_activity.
         # Every wait is bounded: connecting, any statement, any lock.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,8 +15,8 @@ from worker.sts import StsVerifier
 
 log = get_logger("worker.dispatch")
 
-# (account id, lease id) -> enqueue a verification
-Sender = Callable[[str, str], None]
+# (account ids, lease id) -> enqueue their verification; returns the messages sent
+Sender = Callable[[Sequence[str], str], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,7 @@ class DispatchReport:
     """What one dispatcher run did."""
 
     claimed: int
-    sent: int
+    sent: int  # messages
     batches: int
     paused: bool = False
 
@@ -75,20 +75,17 @@ def dispatch_due_accounts(
             claim = claim_due_accounts(session, limit=limit, lease_seconds=settings.lease_seconds)
         batches += 1
         claimed += len(claim.account_ids)
-        lease = str(claim.lease_id)
         try:
-            for account_id in claim.account_ids:
-                send(str(account_id), lease)
-                sent += 1
+            sent += send([str(i) for i in claim.account_ids], str(claim.lease_id))
         except Exception:
-            # The rest of the batch keeps its lease and becomes due again when it expires.
-            log.exception("dispatch.send_failed", claimed=claimed, sent=sent)
+            # The batch keeps its lease and becomes due again when it expires.
+            log.exception("dispatch.send_failed", claimed=claimed, messages=sent)
             raise
         room -= len(claim.account_ids)
         if len(claim.account_ids) < limit:
             break
     if claimed:
-        log.info("dispatch.claimed", claimed=claimed, sent=sent, batches=batches)
+        log.info("dispatch.claimed", claimed=claimed, messages=sent, batches=batches)
     else:
-        log.debug("dispatch.claimed", claimed=0, sent=0, batches=batches)
+        log.debug("dispatch.claimed", claimed=0, messages=0, batches=batches)
     return DispatchReport(claimed=claimed, sent=sent, batches=batches)

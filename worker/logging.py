@@ -158,6 +158,14 @@ def bind_context(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+ACCOUNT_KEYS = ("account_id", "organization_id", "aws_account_id")
+
+
+def unbind_account_context() -> None:
+    """Forget the account fields (the task's own context stays)."""
+    structlog.contextvars.unbind_contextvars(*ACCOUNT_KEYS)
+
+
 def clear_context() -> None:
     """Forget what `bind_context` bound (at the end of a task)."""
     structlog.contextvars.clear_contextvars()

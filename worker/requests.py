@@ -95,16 +95,15 @@ def _request(
 
     def send_after_commit(_: Session) -> None:
         from worker.celeryconfig import REQUESTED_QUEUE  # noqa: PLC0415 - loads Celery config
-        from worker.tasks import send_verification  # noqa: PLC0415 - the API imports us cheaply
+        from worker.tasks import send_verifications  # noqa: PLC0415 - the API imports us cheaply
 
-        for account_id in result.sent:
-            send_verification(
-                str(account_id),
-                lease,
-                queue=REQUESTED_QUEUE,
-                actor=requested_by,
-                correlation_id=correlation_id,
-            )
+        send_verifications(
+            [str(account_id) for account_id in result.sent],
+            lease,
+            queue=REQUESTED_QUEUE,
+            actor=requested_by,
+            correlation_id=correlation_id,
+        )
         log.info(
             "verification.requested",
             requested_by=requested_by,

@@ -82,13 +82,18 @@ class Settings(BaseSettings):
     wave_threshold: int = Field(default=20, ge=1)
     wave_window_seconds: int = Field(default=600, ge=1)
     # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
-    sts_rate_limit_per_second: float = Field(default=300.0, gt=0, le=600)
+    # 500 leaves a sixth of the quota to anything else using the platform's account and region.
+    sts_rate_limit_per_second: float = Field(default=500.0, gt=0, le=600)
     verify_time_limit_seconds: int = Field(default=60, ge=2)
 
     # --- worker process -------------------------------------------------------------------------
-    # A verification spends almost all its time waiting on STS, so the default pool is threads:
-    # many concurrent waits in one process, with one shared STS client and connection pool.
-    worker_concurrency: int = Field(default=64, ge=1, le=1000)
+    # A verification spends almost all its time waiting on STS. Each worker process (one per core
+    # by default: 0) verifies a chunk of accounts at a time on WORKER_CONCURRENCY threads that
+    # share one STS client and one connection pool; processes get past one interpreter's lock.
+    worker_processes: int = Field(default=0, ge=0, le=64)
+    worker_concurrency: int = Field(default=32, ge=1, le=500)
+    # Accounts per verification message: fewer broker messages and task overheads per account.
+    dispatch_chunk_size: int = Field(default=25, ge=1, le=500)
     # A message redelivered more often than this (its worker died each time) is dropped.
     max_redeliveries: int = Field(default=3, ge=0)
     beat_schedule_file: str = Field(default_factory=_default_beat_file)

@@ -344,7 +344,7 @@ class StsVerifier:
             # total_max_attempts counts the first call too (botocore's max_attempts counts retries).
             retries={"mode": "standard", "total_max_attempts": settings.sts_max_attempts},
             # One connection per worker thread, so threads never queue for a socket.
-            max_pool_connections=max(10, settings.worker_concurrency),
+            max_pool_connections=max(10, settings.worker_concurrency),  # threads per process
             user_agent_extra="account-verifier",
         )
 
