@@ -120,6 +120,8 @@ class ProcSample:
     cpu_seconds: float
     rss_mb: float
     hwm_mb: float
+    # Proportional set size: shared pages (a prefork parent's imports) counted once in total.
+    pss_mb: float = 0.0
     user_seconds: float = 0.0
     system_seconds: float = 0.0
     # The main thread of the main process alone: Celery's consumer loop (the tasks run in the
@@ -147,6 +149,17 @@ def _read_one(pid: int) -> tuple[list[int], dict[str, float], int, list[int]] | 
     return ticks, memory, int(fields[1]), [int(main_fields[11]), int(main_fields[12])]
 
 
+def _pss_mb(pid: int) -> float:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -172,6 +185,7 @@ def read_proc(pid: int) -> ProcSample | None:
         return None
     ticks, memory, _, main_ticks = own
     rss, hwm = memory.get("VmRSS", 0.0), memory.get("VmHWM", 0.0)
+    pss = _pss_mb(pid)
     for child in _children(pid):
         sample = _read_one(child)
         if sample is None:
@@ -179,10 +193,12 @@ def read_proc(pid: int) -> ProcSample | None:
         ticks = [a + b for a, b in zip(ticks, sample[0], strict=True)]
         rss += sample[1].get("VmRSS", 0.0)
         hwm += sample[1].get("VmHWM", 0.0)
+        pss += _pss_mb(child)
     return ProcSample(
         cpu_seconds=sum(ticks) / CLK_TCK,
         rss_mb=rss,
         hwm_mb=hwm,
+        pss_mb=pss,
         user_seconds=(ticks[0] + ticks[2]) / CLK_TCK,
         system_seconds=(ticks[1] + ticks[3]) / CLK_TCK,
         main_thread_seconds=sum(main_ticks) / CLK_TCK,
@@ -921,6 +937,7 @@ def take_sample(
             cpu_seconds=sum(x.cpu_seconds for x in worker_samples),
             rss_mb=sum(x.rss_mb for x in worker_samples),
             hwm_mb=max(x.hwm_mb for x in worker_samples),
+            pss_mb=sum(x.pss_mb for x in worker_samples),
             user_seconds=sum(x.user_seconds for x in worker_samples),
             system_seconds=sum(x.system_seconds for x in worker_samples),
             main_thread_seconds=sum(x.main_thread_seconds for x in worker_samples),
@@ -1512,6 +1529,7 @@ def summarize(
             "beat_cpu_seconds": rounded(after.beat.cpu_seconds - before.beat.cpu_seconds),
             "peak_rss_mb": rounded(after.worker.hwm_mb, 1),
             "rss_mb_at_end": rounded(after.worker.rss_mb, 1),
+            "pss_mb_at_end": rounded(after.worker.pss_mb, 1),
             "beat_peak_rss_mb": rounded(after.beat.hwm_mb, 1),
         },
         "sts": {
@@ -1745,6 +1763,7 @@ def render_table(r: dict[str, Any]) -> str:
             f"{_fmt(lag['p50'], '.1f')} / {_fmt(lag['p99'], '.1f')}",
         ),
         row("worker peak RSS (MB)", _fmt(w["peak_rss_mb"]), "worker peak RSS (MB)"),
+        row("  PSS at the end, shared pages once (MB)", _fmt(w["pss_mb_at_end"])),
         row("STS calls throttled", _fmt(sts["throttled_share"], ".2f", "%", 100)),
         row(
             "machine CPU busy during the run", _fmt(r["machine"]["cpu_busy_share"], ".0f", "%", 100)
