@@ -9,6 +9,7 @@ import pytest
 
 from models import AccountStatus, OutcomeKind
 from worker.rules import (
+    MAX_CONSECUTIVE_FAILURES,
     AccountState,
     Decision,
     Hold,
@@ -199,3 +200,9 @@ def test_jitter_stays_within_its_ratio() -> None:
 def test_backoff_doubles_and_caps() -> None:
     """1, 2, 4, 8, then the cap."""
     assert [backoff(1, 10, n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+def test_the_failure_count_is_capped() -> None:
+    """An account failing for years never overflows its counter."""
+    decision = run(state(AccountStatus.FAILED, failures=MAX_CONSECUTIVE_FAILURES), DENIED)
+    assert decision.consecutive_failures == MAX_CONSECUTIVE_FAILURES

@@ -108,6 +108,23 @@ def attempt(name: str, *, check: bool = True, **overrides: object) -> Outcome:
             RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/{'n' * 65}", "ab"),
             "InvalidRoleArn",
         ),
+        # STS's patterns are ASCII, and a trailing newline is not "the end".
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/ok-rôle", "ab"),
+            "InvalidRoleArn",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/R\n", "ab"),
+            "InvalidRoleArn",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/R", "extérieur-ñandú"),
+            "InvalidExternalId",
+        ),
+        (
+            RoleDetails(uuid.uuid4(), ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/R", "ext-1\n"),
+            "InvalidExternalId",
+        ),
     ],
 )
 def test_bad_rows_are_refused_locally_with_their_own_code(details: RoleDetails, code: str) -> None:
@@ -248,6 +265,24 @@ def test_region_disabled_everywhere_must_be_fixed(aws_env: None) -> None:
         "RegionDisabledException",
     )
     assert "eu-south-1 or eu-south-2" in outcome.message
+
+
+def test_validation_error_does_not_echo_the_external_id() -> None:
+    """AWS's ValidationError quotes the bad value; the customer message names only the field."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_client_error(
+        "assume_role",
+        service_error_code="ValidationError",
+        service_message=f"1 validation error detected: Value '{EXTERNAL_ID}' at 'externalId' "
+        "failed to satisfy constraint: Member must satisfy regular expression pattern",
+        http_status_code=400,
+    )
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "ValidationError")
+    assert EXTERNAL_ID not in outcome.message
+    assert "externalId" in outcome.message
 
 
 def test_service_control_policy_denial_says_so() -> None:

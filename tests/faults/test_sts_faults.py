@@ -1,0 +1,161 @@
+"""STS misbehaving: throttling most calls for a while, 5xx, answers slower than the worker
+waits, connection resets, bodies that are not XML, and the platform's own credentials going bad.
+
+The stand-in answers in STS's real wire format (XML error envelopes, HTTP statuses, a TCP RST, a
+text/plain body), steered per role name and through its control endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from models import AccountStatus, AuditEvent, OutcomeKind
+from tests.faults.fleet import Fleet
+from tests.faults.harness import RedisServer, StandInProcess, fault_env, log_events, running
+from tests.faults.invariants import check_invariants, wait_for
+from tests.processes import Service, start_beat, start_worker, wait_until
+
+pytestmark = pytest.mark.faults
+
+
+def _wait_ready(worker: Service) -> None:
+    wait_until(lambda: log_events(worker, "worker.ready"), timeout=30, what="worker.ready")
+
+
+def _database_now(fleet: Fleet) -> datetime:
+    with fleet.sessions() as session:
+        now: datetime = session.execute(select(func.now())).scalar_one()
+    return now
+
+
+def _audit_events(fleet: Fleet) -> list[AuditEvent]:
+    with fleet.sessions() as session:
+        return list(session.scalars(select(AuditEvent)))
+
+
+@pytest.mark.timeout(150)
+def test_sts_throttling_most_calls_for_a_while(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """80 % of all calls answered `Throttling` for 8 s: nobody is failed for it, retries back
+    off, and once STS calms down every account ends where its role puts it."""
+    fleet.add_mix(copies=2)
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        _wait_ready(worker)
+        standin.configure(force_error="Throttling", force_ratio=0.8, force_seconds=8)
+        time.sleep(8)
+        throttled = int(standin.stats()["throttled"])
+        assert throttled >= 10, f"only {throttled} calls were throttled"
+        wait_for(fleet, timeout=60)
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+# What botocore makes of each fault; all are transient (STS-ERRORS.md, "no answer").
+TRANSIENT_CODES = {
+    "error500": {"InternalFailure"},
+    "error503": {"ServiceUnavailable"},
+    "reset": {"ConnectionClosedError", "EndpointConnectionError"},
+    "garbage": {"ResponseParserError"},
+    "slow": {"ReadTimeoutError"},
+}
+
+
+@pytest.mark.timeout(150)
+def test_sts_5xx_timeouts_resets_and_garbage(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """Roles that only ever get a 500, a 503, an answer after the worker gave up waiting, a
+    reset connection or a body that is not XML keep their status in every starting status;
+    working and refusing roles get through 3 s windows of each fault at 70 %."""
+    # `slow` answers after 3 s; the worker waits 1 s (STS_READ_TIMEOUT_SECONDS).
+    standin.configure(slow_seconds=3.0)
+    faulty = {
+        fleet.add(
+            f"{kind}-{status.value}", initial=status, expected=status, transient=True
+        ).id: kind
+        for kind in TRANSIENT_CODES
+        for status in AccountStatus
+    }
+    fleet.add_mix(copies=1)
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        _wait_ready(worker)
+        for fault in ("InternalFailure", "ServiceUnavailable", "reset", "garbage", "slow"):
+            standin.configure(force_error=fault, force_ratio=0.7, force_seconds=3)
+            time.sleep(3)
+        standin.configure(force_error=None)
+        calm_since = _database_now(fleet)
+        wait_for(fleet, timeout=60)
+
+        def attempted_since_calm() -> bool:
+            rows = fleet.rows()
+            return all(
+                (at := rows[account_id].last_attempted_at) is not None and at > calm_since
+                for account_id in faulty
+            )
+
+        wait_until(attempted_since_calm, timeout=30, what="an attempt of each role after the storm")
+        rows = fleet.rows()
+        wrong = {
+            fleet.accounts[account_id].label: rows[account_id].last_error_code
+            for account_id, kind in faulty.items()
+            if rows[account_id].last_error_code not in TRANSIENT_CODES[kind]
+            or rows[account_id].last_outcome is not OutcomeKind.TRANSIENT
+        }
+        assert not wrong, f"faults not classified as transient with botocore's code: {wrong}"
+        outcomes = standin.stats()["by_outcome"]
+        for seen in ("InternalFailure", "ServiceUnavailable", "reset", "garbage"):
+            assert outcomes.get(seen), f"the stand-in never answered {seen}: {outcomes}"
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(150)
+def test_platform_credentials_invalid_then_valid(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """With the platform's own credentials refused, no customer status changes at all (and no
+    failure counts), a critical line is logged and verification pauses; once they work again
+    verification resumes by itself."""
+    fleet.add_mix(copies=2)
+    standin.configure(platform_credentials_valid=False)
+    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_until(lambda: log_events(worker, "platform.fault"), timeout=30, what="platform.fault")
+        assert {r["level"] for r in log_events(worker, "platform.fault")} == {"critical"}
+        time.sleep(4)  # several dispatch ticks and probes while the credentials stay bad
+        rows = fleet.rows()
+        for planned in fleet.live():
+            row = rows[planned.id]
+            assert row.status is planned.initial, f"{planned.label}: {row.status}"
+            assert row.consecutive_failures == 0, f"{planned.label} counted a platform fault"
+            assert row.last_outcome in {None, OutcomeKind.PLATFORM_FAULT}, planned.label
+        assert _audit_events(fleet) == []
+        probes = int(standin.stats()["by_action"].get("GetCallerIdentity", 0))
+        assert probes >= 2, f"{probes} probes of the platform's credentials in 4 s"
+        standin.configure(platform_credentials_valid=True)
+        wait_until(
+            lambda: log_events(worker, "platform.recovered"), timeout=30, what="platform.recovered"
+        )
+        wait_for(fleet, timeout=60)
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
