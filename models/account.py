@@ -66,6 +66,9 @@ class AwsAccount(Base):
         UniqueConstraint("external_id"),
         # Serves the dispatcher's "due now, oldest first" claim as an index range scan.
         Index("ix_aws_accounts_next_due_at", "next_due_at"),
+        # Free room per page so a claim (lease columns only) updates rows in place (migration
+        # 0002).
+        {"postgresql_with": {"fillfactor": 90}},
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)

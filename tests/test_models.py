@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
 from tests.factories import make_account, make_organization
+from worker.claims import CLAIM_DUE
 
 
 def _refused(session: Session, constraint: str) -> None:
@@ -151,21 +153,21 @@ def test_timestamps_are_timezone_aware(connection: Connection) -> None:
     assert {row.data_type for row in kinds} == {"timestamp with time zone"}
 
 
-def test_due_accounts_query_uses_the_index(session: Session, connection: Connection) -> None:
-    """The dispatcher's "due now" scan is an index scan, not a sequential scan of the table."""
+def test_the_dispatcher_claim_uses_the_index(session: Session, connection: Connection) -> None:
+    """The claim is an index range scan on next_due_at, then a TID scan: no table scan."""
     for _ in range(50):
         make_account(session)
     connection.execute(text("ANALYZE aws_accounts"))
     connection.execute(text("SET LOCAL enable_seqscan = off"))
     plan = "\n".join(
         connection.execute(
-            text(
-                "EXPLAIN SELECT id FROM aws_accounts WHERE next_due_at <= now()"
-                " ORDER BY next_due_at LIMIT 100 FOR UPDATE SKIP LOCKED"
-            )
+            text("EXPLAIN " + CLAIM_DUE.text),
+            {"lease_id": uuid.uuid4(), "lease_seconds": 60, "limit": 100},
         ).scalars()
     )
     assert "ix_aws_accounts_next_due_at" in plan
+    assert "Tid Scan" in plan
+    assert "Seq Scan" not in plan
 
 
 def test_updated_at_moves_when_a_visible_field_changes(session: Session) -> None:
