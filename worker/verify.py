@@ -13,9 +13,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount, OutcomeKind
@@ -58,36 +58,53 @@ class Result(enum.StrEnum):
     SKIPPED = "skipped"  # nothing to do: gone, not ours, or verification paused
 
 
+_ACCOUNTS = cast(Table, AwsAccount.__table__)
+
+# Statements built once: building one costs more CPU than running it. Parameters are bound at
+# execution; SQLAlchemy compiles each of these once per process.
+_READ_ATTEMPT = select(
+    _ACCOUNTS.c.organization_id,
+    _ACCOUNTS.c.aws_account_id,
+    _ACCOUNTS.c.role_arn,
+    _ACCOUNTS.c.external_id,
+    _ACCOUNTS.c.status,
+    _ACCOUNTS.c.error_message,
+    _ACCOUNTS.c.role_changed_at,
+    _ACCOUNTS.c.last_outcome,
+    _ACCOUNTS.c.last_error_code,
+    _ACCOUNTS.c.consecutive_failures,
+    _ACCOUNTS.c.external_id_checked_at,
+    func.now().label("now"),
+).where(_ACCOUNTS.c.id == bindparam("account_id"), _ACCOUNTS.c.lease_id == bindparam("lease_id"))
+
+
 def start_attempt(session: Session, account_id: uuid.UUID, lease_id: uuid.UUID) -> Attempt | None:
     """Re-read the account; None if it is gone or no longer leased to this attempt."""
     row = session.execute(
-        select(AwsAccount, func.now()).where(
-            AwsAccount.id == account_id, AwsAccount.lease_id == lease_id
-        )
+        _READ_ATTEMPT, {"account_id": account_id, "lease_id": lease_id}
     ).one_or_none()
     if row is None:
         return None
-    account, now = row
     return Attempt(
-        account_id=account.id,
-        organization_id=account.organization_id,
+        account_id=account_id,
+        organization_id=row.organization_id,
         lease_id=lease_id,
         details=RoleDetails(
-            connection_id=account.id,
-            aws_account_id=account.aws_account_id,
-            role_arn=account.role_arn,
-            external_id=account.external_id,
+            connection_id=account_id,
+            aws_account_id=row.aws_account_id,
+            role_arn=row.role_arn,
+            external_id=row.external_id,
         ),
         state=AccountState(
-            status=account.status,
-            error_message=account.error_message,
-            role_changed_at=account.role_changed_at,
-            last_outcome=account.last_outcome,
-            last_error_code=account.last_error_code,
-            consecutive_failures=account.consecutive_failures,
-            external_id_checked_at=account.external_id_checked_at,
+            status=row.status,
+            error_message=row.error_message,
+            role_changed_at=row.role_changed_at,
+            last_outcome=row.last_outcome,
+            last_error_code=row.last_error_code,
+            consecutive_failures=row.consecutive_failures,
+            external_id_checked_at=row.external_id_checked_at,
         ),
-        now=now,
+        now=row.now,
     )
 
 
@@ -114,7 +131,7 @@ def audit_events_for(
     *,
     actor: str,
     correlation_id: str | None,
-) -> list[AuditEvent]:
+) -> list[dict[str, Any]]:
     """The events an applied decision records; none when the status did not change."""
     if decision.status == attempt.state.status:
         return []
@@ -124,72 +141,94 @@ def audit_events_for(
         "actor": actor,
         "correlation_id": correlation_id,
     }
-    events = [
-        AuditEvent(
-            event_type=AuditEventType.STATUS_CHANGED,
-            from_status=attempt.state.status,
-            to_status=decision.status,
-            reason=outcome.code,
-            details={"error_message": decision.error_message, "outcome": outcome.kind.value},
+    events: list[dict[str, Any]] = [
+        {
             **common,
-        )
+            "event_type": AuditEventType.STATUS_CHANGED,
+            "from_status": attempt.state.status,
+            "to_status": decision.status,
+            "reason": outcome.code,
+            "details": {"error_message": decision.error_message, "outcome": outcome.kind.value},
+        }
     ]
     if outcome.code == "ExternalIdNotEnforced":
         events.append(
-            AuditEvent(
-                event_type=AuditEventType.EXTERNAL_ID_NOT_ENFORCED,
-                reason=outcome.code,
-                details={"role_arn": attempt.details.role_arn},
+            {
                 **common,
-            )
+                "event_type": AuditEventType.EXTERNAL_ID_NOT_ENFORCED,
+                "from_status": None,
+                "to_status": None,
+                "reason": outcome.code,
+                "details": {"role_arn": attempt.details.role_arn},
+            }
         )
     return events
+
+
+# The compare-and-set: the role details (an edit means the result is about a role that no longer
+# exists), the status (someone else moved it) and the lease (someone else holds it). NULL
+# timestamps leave the stored ones as they are.
+_APPLY = (
+    update(_ACCOUNTS)
+    .where(
+        _ACCOUNTS.c.id == bindparam("b_id"),
+        _ACCOUNTS.c.lease_id == bindparam("b_lease_id"),
+        _ACCOUNTS.c.status == bindparam("b_status"),
+        _ACCOUNTS.c.role_arn == bindparam("b_role_arn"),
+        _ACCOUNTS.c.external_id == bindparam("b_external_id"),
+        _ACCOUNTS.c.aws_account_id == bindparam("b_aws_account_id"),
+    )
+    .values(
+        status=bindparam("new_status"),
+        error_message=bindparam("new_error_message"),
+        next_due_at=bindparam("new_next_due_at"),
+        consecutive_failures=bindparam("new_consecutive_failures"),
+        last_outcome=bindparam("new_last_outcome"),
+        last_error_code=bindparam("new_last_error_code"),
+        last_attempted_at=bindparam("attempted_at"),
+        last_verified_at=func.coalesce(bindparam("verified_at"), _ACCOUNTS.c.last_verified_at),
+        external_id_checked_at=func.coalesce(
+            bindparam("checked_at"), _ACCOUNTS.c.external_id_checked_at
+        ),
+        lease_id=None,
+        lease_expires_at=None,
+    )
+)
+_INSERT_EVENTS = insert(cast(Table, AuditEvent.__table__))
 
 
 def apply_decision(
     session: Session,
     attempt: Attempt,
     decision: Decision,
-    events: list[AuditEvent],
+    events: list[dict[str, Any]],
 ) -> bool:
-    """Write the decision and its audit events, if the account is as the attempt found it.
-
-    The compare-and-set covers the role details (an edit means the result is about a role that
-    no longer exists), the status (someone else moved it) and the lease (someone else holds it).
-    """
+    """Write the decision and its audit events, if the account is as the attempt found it."""
     details = attempt.details
-    values: dict[str, Any] = {
-        "status": decision.status,
-        "error_message": decision.error_message,
-        "next_due_at": decision.next_due_at,
-        "consecutive_failures": decision.consecutive_failures,
-        "last_outcome": decision.last_outcome,
-        "last_error_code": decision.last_error_code,
-        "last_attempted_at": attempt.now,
-        "lease_id": None,
-        "lease_expires_at": None,
-    }
-    if decision.verified:
-        values["last_verified_at"] = attempt.now
-    if decision.external_id_checked:
-        values["external_id_checked_at"] = attempt.now
     updated = session.execute(
-        update(AwsAccount)
-        .where(
-            AwsAccount.id == attempt.account_id,
-            AwsAccount.lease_id == attempt.lease_id,
-            AwsAccount.status == attempt.state.status,
-            AwsAccount.role_arn == details.role_arn,
-            AwsAccount.external_id == details.external_id,
-            AwsAccount.aws_account_id == details.aws_account_id,
-        )
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        _APPLY,
+        {
+            "b_id": attempt.account_id,
+            "b_lease_id": attempt.lease_id,
+            "b_status": attempt.state.status,
+            "b_role_arn": details.role_arn,
+            "b_external_id": details.external_id,
+            "b_aws_account_id": details.aws_account_id,
+            "new_status": decision.status,
+            "new_error_message": decision.error_message,
+            "new_next_due_at": decision.next_due_at,
+            "new_consecutive_failures": decision.consecutive_failures,
+            "new_last_outcome": decision.last_outcome,
+            "new_last_error_code": decision.last_error_code,
+            "attempted_at": attempt.now,
+            "verified_at": attempt.now if decision.verified else None,
+            "checked_at": attempt.now if decision.external_id_checked else None,
+        },
     )
     if not updated.rowcount:  # type: ignore[attr-defined]
         return False
-    session.add_all(events)
-    session.flush()
+    if events:
+        session.execute(_INSERT_EVENTS, events)
     return True
 
 
