@@ -16,7 +16,7 @@ _sessionmaker: sessionmaker[Session] | None = None
 
 
 def build_engine(settings: Settings) -> Engine:
-    """An engine for `settings.database_url`, one pooled connection per verification thread.
+    """An engine for `settings.database_url`, its pool shared by the verification threads.
 
     No pre-ping: it would cost a round trip (and a commit) per checkout. A connection that died
     with a restarted server fails its statement instead, which invalidates the whole pool; the
@@ -24,8 +24,8 @@ def build_engine(settings: Settings) -> Engine:
     """
     return create_engine(
         settings.database_url,
-        pool_size=settings.worker_concurrency,
-        max_overflow=2,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size // 2,
         pool_pre_ping=False,
         pool_recycle=1800,
         # Identify the process in pg_stat_activity.

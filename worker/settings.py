@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # share one STS client and one connection pool; processes get past one interpreter's lock.
     worker_processes: int = Field(default=0, ge=0, le=64)
     worker_concurrency: int = Field(default=32, ge=1, le=500)
+    # Connections per worker process. A verification holds one for two short transactions
+    # (milliseconds) against a hundred milliseconds of waiting on STS, so a few serve many
+    # threads; it keeps processes x connections under PostgreSQL's max_connections.
+    database_pool_size: int = Field(default=8, ge=1, le=200)
     # Accounts per verification message: fewer broker messages and task overheads per account.
     dispatch_chunk_size: int = Field(default=25, ge=1, le=500)
     # A message redelivered more often than this (its worker died each time) is dropped.
