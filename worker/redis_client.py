@@ -26,12 +26,3 @@ def get_redis() -> redis.Redis:
                     retry_on_timeout=True,
                 )
     return _client
-
-
-def reset_redis() -> None:
-    """Forget the client (tests; after fork the pool reconnects by itself)."""
-    global _client  # noqa: PLW0603
-    with _lock:
-        if _client is not None:
-            _client.close()
-        _client = None

@@ -538,10 +538,3 @@ def get_verifier(before_call: Callable[[], object] | None = None) -> StsVerifier
             if _verifier is None:
                 _verifier = StsVerifier(get_settings(), before_call=before_call)
     return _verifier
-
-
-def reset_verifier() -> None:
-    """Forget the process's verifier (tests that change AWS settings)."""
-    global _verifier  # noqa: PLW0603
-    with _verifier_lock:
-        _verifier = None
