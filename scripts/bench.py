@@ -14,7 +14,7 @@ One run, in this order:
 3. `celery -A worker worker` in its default configuration (environment only: no -P/-c) and
    `celery -A worker beat`; once the worker consumes, N `ok-...` accounts are seeded, all due at
    once, and the database is polled until every one has `last_verified_at` set;
-4. a short in-process trace of the same task code (`verify_account` run in-process, and the
+4. a short in-process trace of the same task code (the chunk steps run in-process, and the
    dispatcher's claim) that counts SQL statements per verification;
 5. one table on stdout, every figure as JSON (--json-out, default bench-results/<stamp>.json).
 
@@ -688,13 +688,49 @@ def wait_no_backends(admin: psycopg.Connection[Any], name: str, *, except_pid: i
         wait_for(gone, timeout=15, what=f"the connections to {name} to close")
 
 
+def _verify_in_chunks(
+    account_ids: Sequence[uuid.UUID], lease_id: uuid.UUID
+) -> tuple[list[str], float, int]:
+    """Verify leased accounts chunk by chunk as the worker's task does, on one thread.
+
+    Returns each result, the CPU seconds spent and how many verifications that CPU covers (the
+    first chunk builds clients and caches; the CPU figure leaves it out).
+    """
+    from worker.tasks import verification_context  # noqa: PLC0415 - reads the settings at import
+    from worker.verify import (  # noqa: PLC0415
+        apply_checked,
+        check_account,
+        read_attempts,
+        report_applied,
+    )
+
+    ctx = verification_context()
+    size = ctx.settings.dispatch_chunk_size
+    chunks = [account_ids[i : i + size] for i in range(0, len(account_ids), size)]
+    warmup = len(chunks[0]) if len(chunks) > 1 else 0
+    results: list[str] = []
+    cpu = 0.0
+    for i, chunk in enumerate(chunks):
+        started = time.process_time()
+        with ctx.sessions.begin() as session:
+            attempts = read_attempts(session, chunk, lease_id)
+        checked = [check_account(ctx, attempt) for attempt in attempts]
+        with ctx.sessions.begin() as session:
+            applied = apply_checked(ctx, session, checked, actor="bench", correlation_id=None)
+        results.extend(report_applied(result).value for result in applied)
+        if i > 0 or not warmup:
+            cpu += time.process_time() - started
+    return results, cpu, len(account_ids) - warmup
+
+
 def trace_verifications(
     admin: psycopg.Connection[Any], url: str, accounts: Sequence[Account], *, lease_seconds: int
 ) -> TraceResult:
     """Seed `accounts`, claim them as the dispatcher does and verify each, in this process.
 
     The same code as the worker (`claim_due_accounts`, then what `verify_accounts_task` runs for
-    each account: `verify_account` with the worker's context), single-threaded, with
+    each chunk: `read_attempts`, `check_account` for each account, `apply_checked`, with the
+    worker's context and chunk size), single-threaded, with
     SQLAlchemy's events counting statements, transactions and pool checkouts (each checkout
     is a `SELECT 1` pre-ping when the engine pings), and pg_stat_database counting what the
     server saw committed. The environment (DATABASE_URL, REDIS_URL, AWS_*) must point at the
@@ -710,9 +746,6 @@ def trace_verifications(
 
     get_settings.cache_clear()
     configure_logging(get_settings(), stream=sys.stderr)
-    from worker.tasks import verification_context  # noqa: PLC0415 - reads the settings at import
-    from worker.verify import verify_account  # noqa: PLC0415
-
     counts: dict[str, int] = {"statements": 0, "commits": 0, "checkouts": 0}
     kinds: dict[str, int] = {}
 
@@ -742,16 +775,7 @@ def trace_verifications(
         for key in counts:
             counts[key] = 0
         kinds.clear()
-        # The first few build clients and caches; the CPU figure leaves them out.
-        warmup = min(5, len(claim.account_ids) // 4)
-        results, cpu = [], 0.0
-        for i, account_id in enumerate(claim.account_ids):
-            started = time.process_time()
-            result = verify_account(verification_context(), account_id, claim.lease_id)
-            results.append(result.value)
-            if i >= warmup:
-                cpu += time.process_time() - started
-        measured = len(claim.account_ids) - warmup
+        results, cpu, measured = _verify_in_chunks(claim.account_ids, claim.lease_id)
     finally:
         for target, name_, listener in listeners:
             event.remove(target, name_, listener)
@@ -1894,8 +1918,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--trace",
         type=_non_negative_int,
-        default=20,
-        help="verifications traced in-process to count SQL statements (20; 0: none)",
+        default=75,
+        help="verifications traced in-process to count SQL statements, in the worker's chunks "
+        "(75: three chunks, the first one warming up; 0: none)",
     )
     add("--keep", action="store_true", help="keep the scratch database (its URL is printed)")
     add(

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import AwsAccount
 from tests.factories import make_account, make_organization
-from worker.claims import claim_accounts, claim_due_accounts, release_lease
+from worker.claims import claim_accounts, claim_due_accounts, release_leases
 
 
 def _seed(sessions: sessionmaker[Session], count: int) -> list[uuid.UUID]:
@@ -100,8 +100,8 @@ def test_release_lease_makes_the_account_due_again_only_for_its_holder(session: 
     account = make_account(session)
     claim = claim_due_accounts(session, limit=10, lease_seconds=60)
     assert account.id in claim.account_ids
-    assert not release_lease(session, account.id, uuid.uuid4(), due_in_seconds=0)
-    assert release_lease(session, account.id, claim.lease_id, due_in_seconds=0)
+    assert release_leases(session, [account.id], uuid.uuid4(), due_in_seconds=0) == 0
+    assert release_leases(session, [account.id], claim.lease_id, due_in_seconds=0) == 1
     row = session.execute(
         select(AwsAccount.lease_id, AwsAccount.next_due_at <= func.now()).where(
             AwsAccount.id == account.id

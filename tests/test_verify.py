@@ -1,10 +1,11 @@
-"""One account from lease to audit event, against PostgreSQL, Redis and the STS stand-in.
+"""Accounts from lease to audit event, against PostgreSQL, Redis and the STS stand-in.
 
-No Celery here: `verify_account` is the plain function the task wraps.
+No Celery here: `verify_account` and the chunk steps are the plain functions the task wraps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
@@ -24,7 +25,16 @@ from worker.claims import claim_due_accounts
 from worker.dispatch import dispatch_due_accounts
 from worker.settings import Settings
 from worker.sts import StsVerifier
-from worker.verify import Result, Verification, verify_account
+from worker.tasks import ChunkInFlight
+from worker.verify import (
+    WORKER_ACTOR,
+    Result,
+    Verification,
+    apply_checked,
+    check_account,
+    read_attempts,
+    verify_account,
+)
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +344,139 @@ def test_a_status_change_stands_out(
         "pending",
         "failed",
     )
+
+
+def _chunk(
+    sessions: sessionmaker[Session], role_names: Sequence[str], **fields: object
+) -> tuple[list[uuid.UUID], uuid.UUID]:
+    """Insert one account per stand-in role and lease them together; returns (ids, lease id)."""
+    with sessions.begin() as session:
+        organization = make_organization(session)
+        ids = [
+            make_account(
+                session,
+                organization=organization,
+                role_arn=f"arn:aws:iam::{n + 100000000000}:role/{role_name}",
+                aws_account_id=str(n + 100000000000),
+                **fields,
+            ).id
+            for n, role_name in enumerate(role_names)
+        ]
+        session.execute(
+            update(AwsAccount)
+            .where(AwsAccount.id.not_in(ids))
+            .values(next_due_at=func.now() + timedelta(days=1))
+        )
+        claim = claim_due_accounts(session, limit=len(ids), lease_seconds=60)
+        assert sorted(claim.account_ids) == sorted(ids)
+        return ids, claim.lease_id
+
+
+@contextlib.contextmanager
+def _statements(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
+    """Record the first word of every SQL statement the scratch engine runs."""
+    engine = sessions.kw["bind"]
+    seen: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_chunk_is_read_with_one_query_in_the_order_given(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """read_attempts returns the accounts still leased to the attempt, one SELECT for all."""
+    ids, lease_id = _chunk(scratch_sessions, ["ok-A", "ok-B", "ok-C"])
+    with scratch_sessions.begin() as session:
+        session.execute(
+            update(AwsAccount).where(AwsAccount.id == ids[1]).values(lease_id=uuid.uuid4())
+        )
+    with _statements(scratch_sessions) as seen, scratch_sessions.begin() as session:
+        attempts = read_attempts(session, [ids[2], ids[1], ids[0]], lease_id)
+    assert [a.account_id for a in attempts] == [ids[2], ids[0]]
+    assert seen == ["SELECT"]
+
+
+def test_a_chunk_is_applied_in_one_transaction_and_an_edit_discards_only_its_account(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Three results, one account edited meanwhile: two applied with events, one due again."""
+    ids, lease_id = _chunk(scratch_sessions, ["ok-One", "deny-Two", "ok-Three"])
+    ctx = make_ctx(pending_grace_seconds=0)
+    with scratch_sessions.begin() as session:
+        attempts = read_attempts(session, ids, lease_id)
+    checked = [check_account(ctx, attempt) for attempt in attempts]
+    with scratch_sessions.begin() as session:
+        session.execute(
+            update(AwsAccount)
+            .where(AwsAccount.id == ids[2])
+            .values(role_arn=f"arn:aws:iam::{attempts[2].details.aws_account_id}:role/ok-New")
+        )
+    with _statements(scratch_sessions) as seen, scratch_sessions.begin() as session:
+        results = apply_checked(ctx, session, checked, actor="worker", correlation_id="corr-9")
+    assert [r.applied for r in results] == [True, True, False]
+    assert [_read(scratch_sessions, i).status for i in ids] == [
+        AccountStatus.CONNECTED,
+        AccountStatus.FAILED,
+        AccountStatus.PENDING,
+    ]
+    assert [_read(scratch_sessions, i).lease_id for i in ids] == [None, None, None]
+    assert [[e.to_status for e in _events(scratch_sessions, i)] for i in ids] == [
+        [AccountStatus.CONNECTED],
+        [AccountStatus.FAILED],
+        [],
+    ]
+    # The compare-and-set for all three, the events of both, the discarded one's release.
+    assert seen == ["UPDATE", "INSERT", "UPDATE"]
+    with scratch_sessions() as session:
+        assert session.scalar(
+            select(AwsAccount.next_due_at <= func.now()).where(AwsAccount.id == ids[2])
+        )
+
+
+def test_the_wave_guard_counts_failures_earlier_in_the_same_chunk(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Threshold 2: of three connected accounts failing the same way together, the third holds."""
+    ids, lease_id = _chunk(
+        scratch_sessions,
+        ["deny-W1", "deny-W2", "deny-W3"],
+        status=AccountStatus.CONNECTED,
+        last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
+    )
+    ctx = make_ctx(wave_threshold=2, wave_window_seconds=600)
+    with scratch_sessions.begin() as session:
+        checked = [check_account(ctx, a) for a in read_attempts(session, ids, lease_id)]
+    with capture_logs() as logs, scratch_sessions.begin() as session:
+        apply_checked(ctx, session, checked, actor="worker", correlation_id=None)
+    assert [_read(scratch_sessions, i).status for i in ids] == [
+        AccountStatus.FAILED,
+        AccountStatus.FAILED,
+        AccountStatus.CONNECTED,
+    ]
+    [held] = [e for e in logs if e["event"] == "platform.suspected_fault"]
+    assert held["account_id"] == str(ids[2])
+
+
+def test_a_chunk_is_written_by_its_last_account_even_when_one_check_failed(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """An account whose check raised is left to its lease; the others are written together."""
+    ids, lease_id = _chunk(scratch_sessions, ["ok-X", "ok-Y"])
+    ctx = make_ctx()
+    with scratch_sessions.begin() as session:
+        first, second = read_attempts(session, ids, lease_id)
+    chunk = ChunkInFlight(ctx, 2, WORKER_ACTOR, None)
+    chunk.done(check_account(ctx, first))
+    assert _read(scratch_sessions, ids[0]).status is AccountStatus.PENDING  # not yet written
+    chunk.done(None)
+    assert _read(scratch_sessions, ids[0]).status is AccountStatus.CONNECTED
+    untouched = _read(scratch_sessions, ids[1])
+    assert (untouched.status, untouched.lease_id) == (AccountStatus.PENDING, lease_id)
+    assert second.account_id == ids[1]

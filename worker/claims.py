@@ -97,13 +97,20 @@ def claim_accounts(
     return Claim(lease_id=lease_id, account_ids=list(claimed))
 
 
-def release_lease(
-    session: Session, account_id: uuid.UUID, lease_id: uuid.UUID, *, due_in_seconds: float
-) -> bool:
-    """Give a lease back without a result; the account is due again after `due_in_seconds`."""
+def release_leases(
+    session: Session,
+    account_ids: Sequence[uuid.UUID],
+    lease_id: uuid.UUID,
+    *,
+    due_in_seconds: float,
+) -> int:
+    """Give leases back without a result; the accounts are due again after `due_in_seconds`.
+
+    Only accounts still leased to `lease_id` are touched; returns how many were.
+    """
     released = session.execute(
         update(AwsAccount)
-        .where(and_(AwsAccount.id == account_id, AwsAccount.lease_id == lease_id))
+        .where(and_(AwsAccount.id.in_(list(account_ids)), AwsAccount.lease_id == lease_id))
         .values(
             lease_id=None,
             lease_expires_at=None,
@@ -111,4 +118,4 @@ def release_lease(
         )
         .execution_options(synchronize_session=False)
     )
-    return bool(released.rowcount)  # type: ignore[attr-defined]
+    return int(released.rowcount)  # type: ignore[attr-defined]

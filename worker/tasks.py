@@ -11,20 +11,31 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from sqlalchemy.exc import DBAPIError
 
 from worker.app import CORRELATION_HEADER, app
 from worker.celeryconfig import DISPATCH_QUEUE, SCHEDULED_QUEUE
 from worker.circuit import PlatformCircuit
+from worker.claims import release_leases
 from worker.db import session_factory
 from worker.dispatch import dispatch_due_accounts
-from worker.logging import current_context, get_logger, unbind_account_context
+from worker.logging import bind_context, current_context, get_logger, unbind_account_context
 from worker.ratelimit import StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
 from worker.sts import get_verifier
-from worker.verify import WORKER_ACTOR, Verification, verify_account
+from worker.verify import (
+    WORKER_ACTOR,
+    Attempt,
+    Checked,
+    Verification,
+    account_fields,
+    apply_checked,
+    check_account,
+    read_attempts,
+    report_applied,
+)
 
 log = get_logger("worker.tasks")
 
@@ -119,59 +130,174 @@ def dispatch_due_accounts_task() -> dict[str, Any]:
     return {"claimed": report.claimed, "sent": report.sent, "paused": report.paused}
 
 
-@functools.cache
-def _executor() -> ThreadPoolExecutor:
-    # Built on first use, so inside the prefork child that runs tasks, never in the parent.
-    return ThreadPoolExecutor(
-        max_workers=get_settings().worker_concurrency, thread_name_prefix="verify"
-    )
+class _Window:
+    """The worker process's verifications in flight: a thread pool and a bound on what it holds.
+
+    A task hands its accounts over and returns once all are in flight, so a process takes its
+    next message while the slowest STS answers of the previous one are still coming; with each
+    task waiting for its whole chunk instead, a process idled on its chunk's latency tail.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.slots = threading.BoundedSemaphore(size)
+        # A few threads more than slots: the thread finishing a chunk writes it after giving its
+        # slot back, and the next account should not queue behind that write.
+        self.executor = ThreadPoolExecutor(max_workers=size + 4, thread_name_prefix="verify")
+
+    def drain(self) -> None:
+        """Wait for everything in flight to be checked and written (a process exiting cleanly)."""
+        self.executor.shutdown(wait=True)
 
 
-def _verify_one(account_id: str, lease_id: str, actor: str, correlation_id: str | None) -> str:
-    """One account of a chunk; an error is logged and left to the lease, never raised."""
+_window: _Window | None = None
+
+
+def verification_window() -> _Window:
+    """Built on first use, so inside the prefork child that runs tasks, never in the parent."""
+    global _window  # noqa: PLW0603 - one per process
+    if _window is None:
+        with _lock:
+            if _window is None:
+                _window = _Window(get_settings().worker_concurrency)
+    return _window
+
+
+@signals.worker_process_shutdown.connect
+def _drain_on_exit(**_: object) -> None:
+    # A child leaving on a warm shutdown finishes what it accepted; a killed one leaves its
+    # accounts to their leases, which expire and make them due again.
+    if _window is not None:
+        log.info("worker.draining")
+        _window.drain()
+
+
+class ChunkInFlight:
+    """One message's accounts in flight; the last to be checked writes them all in one commit."""
+
+    def __init__(self, ctx: Verification, size: int, actor: str, correlation_id: str | None):
+        self._ctx = ctx
+        self._actor = actor
+        self._correlation_id = correlation_id
+        self._lock = threading.Lock()
+        self._remaining = size
+        self._checked: list[Checked] = []
+
+    def done(self, checked: Checked | None) -> None:
+        """Record one account's result (None: it failed and is left to its lease)."""
+        with self._lock:
+            if checked is not None:
+                self._checked.append(checked)
+            self._remaining -= 1
+            if self._remaining:
+                return
+        self._write()
+
+    def _write(self) -> None:
+        if not self._checked:
+            return
+        try:
+            for attempt in (1, 2):
+                try:
+                    with self._ctx.sessions.begin() as session:
+                        results = apply_checked(
+                            self._ctx,
+                            session,
+                            self._checked,
+                            actor=self._actor,
+                            correlation_id=self._correlation_id,
+                        )
+                    break
+                except DBAPIError as error:
+                    # A connection that died with a restarted server invalidates the pool; the
+                    # write is safe to repeat (lease and compare-and-set) on a fresh connection.
+                    if not error.connection_invalidated or attempt == 2:
+                        raise
+                    log.warning("database.reconnecting", accounts=len(self._checked))
+        except Exception:
+            # Their leases expire and the accounts are due again: nothing is lost.
+            log.exception("verification.error", accounts=len(self._checked), stage="write")
+            return
+        for result in results:
+            report_applied(result)
+
+
+def _check_one(attempt: Attempt, chunk: ChunkInFlight, window: _Window) -> None:
+    """Ask STS about one account of a chunk; an error is logged and left to the lease."""
+    checked: Checked | None = None
     try:
-        for attempt in (1, 2):
-            try:
-                return verify_account(
-                    verification_context(),
-                    uuid.UUID(account_id),
-                    uuid.UUID(lease_id),
-                    actor=actor,
-                    correlation_id=correlation_id,
-                ).value
-            except DBAPIError as error:
-                # A connection that died with a restarted server invalidates the pool; the
-                # attempt is safe to repeat (lease and compare-and-set) on a fresh connection.
-                if not error.connection_invalidated or attempt == 2:
-                    raise
-                log.warning("database.reconnecting", account_id=account_id)
+        bind_context(**account_fields(attempt))
+        checked = check_account(verification_context(), attempt)
     except Exception:
-        # Its lease expires and the account is due again: nothing is lost.
-        log.exception("verification.error", account_id=account_id)
+        log.exception("verification.error", stage="sts")
     finally:
+        window.slots.release()
         # Account fields were bound in this copy of the task's context; drop them with it.
         unbind_account_context()
-    return "error"
+    chunk.done(checked)
+
+
+def _read_chunk(
+    ctx: Verification, account_ids: list[uuid.UUID], lease_id: uuid.UUID
+) -> list[Attempt]:
+    for attempt in (1, 2):
+        try:
+            with ctx.sessions.begin() as session:
+                return read_attempts(session, account_ids, lease_id)
+        except DBAPIError as error:
+            if not error.connection_invalidated or attempt == 2:
+                raise
+            log.warning("database.reconnecting", accounts=len(account_ids))
+    raise AssertionError("unreachable")
 
 
 @app.task(bind=True, name="verifier.verify_accounts")
 def verify_accounts_task(
     self: Task, account_ids: list[str], lease_id: str, actor: str = WORKER_ACTOR
 ) -> dict[str, int]:
-    """Verify a chunk of accounts leased together, concurrently, and apply each outcome."""
+    """Verify a chunk of accounts leased together: read them, then check each on the window.
+
+    Returns once every account is in flight (or skipped); the last account checked writes the
+    chunk's results in one transaction.
+    """
     if _redelivered_too_often(self):
         log.error("task.dropped", reason="redelivered too often", accounts=len(account_ids))
         return {"dropped": len(account_ids)}
-    correlation_id = current_context().get("correlation_id")
-    # Each account runs in a copy of this task's logging context (task id, correlation id).
-    futures = [
-        _executor().submit(
-            contextvars.copy_context().run, _verify_one, account_id, lease_id, actor, correlation_id
-        )
-        for account_id in account_ids
-    ]
-    counts: dict[str, int] = {}
-    for future in futures:
-        result = future.result()
-        counts[result] = counts.get(result, 0) + 1
-    return counts
+    ctx = verification_context()
+    lease = uuid.UUID(lease_id)
+    ids = [uuid.UUID(account_id) for account_id in account_ids]
+    attempts = _read_chunk(ctx, ids, lease)
+    skipped = len(ids) - len(attempts)
+    if skipped:
+        found = {attempt.account_id for attempt in attempts}
+        for account_id in ids:
+            if account_id not in found:
+                log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
+    if attempts and ctx.circuit is not None and ctx.circuit.is_open():
+        with ctx.sessions.begin() as session:
+            release_leases(
+                session,
+                [attempt.account_id for attempt in attempts],
+                lease,
+                due_in_seconds=ctx.settings.platform_pause_seconds,
+            )
+        log.info("verification.skipped", reason="platform_paused", accounts=len(attempts))
+        return {"skipped": len(ids)}
+    window = verification_window()
+    chunk = ChunkInFlight(ctx, len(attempts), actor, current_context().get("correlation_id"))
+    submitted = 0
+    try:
+        for attempt in attempts:
+            window.slots.acquire()
+            # Each account runs in a copy of this task's logging context (task id, correlation
+            # id).
+            window.executor.submit(
+                contextvars.copy_context().run, _check_one, attempt, chunk, window
+            )
+            submitted += 1
+    except BaseException:
+        # Interrupted (a time limit, a shutdown): what was handed over is still written when it
+        # is done; the rest is left to its lease.
+        for _ in attempts[submitted:]:
+            chunk.done(None)
+        raise
+    return {"accepted": len(attempts), "skipped": skipped}

@@ -1,8 +1,12 @@
-"""One account from lease to audit event: read, verify against STS, apply with compare-and-set.
+"""Accounts from lease to audit event: read, verify against STS, apply with compare-and-set.
 
-The STS call happens between two short transactions, never inside one: a slow AWS answer must
-not hold a row lock or a pooled connection. The second transaction applies the result only if the
-account still has the role details, status and lease the attempt started from.
+The STS calls happen between two short transactions, never inside one: a slow AWS answer must
+not hold a row lock or a pooled connection. The second transaction applies each result only if
+its account still has the role details, status and lease the attempt started from.
+
+The worker reads a whole chunk of leased accounts with one query and applies their results with
+one statement in one transaction (one commit for the chunk, not one per account); the
+compare-and-set stays per row, so an edit to one account discards only that account's result.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import enum
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import ARRAY, Table, Uuid, any_, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount, OutcomeKind
 from worker.circuit import PlatformCircuit
-from worker.claims import release_lease
+from worker.claims import release_leases
 from worker.logging import bind_context, get_logger
 from worker.rules import (
     AccountState,
@@ -61,8 +66,10 @@ class Result(enum.StrEnum):
 _ACCOUNTS = cast(Table, AwsAccount.__table__)
 
 # Statements built once: building one costs more CPU than running it. Parameters are bound at
-# execution; SQLAlchemy compiles each of these once per process.
-_READ_ATTEMPT = select(
+# execution. The account ids travel as one array, so the SQL text is the same for any chunk size
+# and psycopg prepares it once per connection.
+_READ_ATTEMPTS = select(
+    _ACCOUNTS.c.id,
     _ACCOUNTS.c.organization_id,
     _ACCOUNTS.c.aws_account_id,
     _ACCOUNTS.c.role_arn,
@@ -75,37 +82,57 @@ _READ_ATTEMPT = select(
     _ACCOUNTS.c.consecutive_failures,
     _ACCOUNTS.c.external_id_checked_at,
     func.now().label("now"),
-).where(_ACCOUNTS.c.id == bindparam("account_id"), _ACCOUNTS.c.lease_id == bindparam("lease_id"))
+).where(
+    _ACCOUNTS.c.id == any_(bindparam("account_ids", type_=ARRAY(Uuid()))),
+    _ACCOUNTS.c.lease_id == bindparam("lease_id"),
+)
+
+
+def read_attempts(
+    session: Session, account_ids: Sequence[uuid.UUID], lease_id: uuid.UUID
+) -> list[Attempt]:
+    """Re-read the accounts still leased to this attempt (in the order given), in one query."""
+    found: dict[uuid.UUID, Attempt] = {}
+    for row in session.execute(
+        _READ_ATTEMPTS, {"account_ids": list(account_ids), "lease_id": lease_id}
+    ):
+        found[row.id] = Attempt(
+            account_id=row.id,
+            organization_id=row.organization_id,
+            lease_id=lease_id,
+            details=RoleDetails(
+                connection_id=row.id,
+                aws_account_id=row.aws_account_id,
+                role_arn=row.role_arn,
+                external_id=row.external_id,
+            ),
+            state=AccountState(
+                status=row.status,
+                error_message=row.error_message,
+                role_changed_at=row.role_changed_at,
+                last_outcome=row.last_outcome,
+                last_error_code=row.last_error_code,
+                consecutive_failures=row.consecutive_failures,
+                external_id_checked_at=row.external_id_checked_at,
+            ),
+            now=row.now,
+        )
+    return [found[account_id] for account_id in account_ids if account_id in found]
 
 
 def start_attempt(session: Session, account_id: uuid.UUID, lease_id: uuid.UUID) -> Attempt | None:
-    """Re-read the account; None if it is gone or no longer leased to this attempt."""
-    row = session.execute(
-        _READ_ATTEMPT, {"account_id": account_id, "lease_id": lease_id}
-    ).one_or_none()
-    if row is None:
-        return None
-    return Attempt(
-        account_id=account_id,
-        organization_id=row.organization_id,
-        lease_id=lease_id,
-        details=RoleDetails(
-            connection_id=account_id,
-            aws_account_id=row.aws_account_id,
-            role_arn=row.role_arn,
-            external_id=row.external_id,
-        ),
-        state=AccountState(
-            status=row.status,
-            error_message=row.error_message,
-            role_changed_at=row.role_changed_at,
-            last_outcome=row.last_outcome,
-            last_error_code=row.last_error_code,
-            consecutive_failures=row.consecutive_failures,
-            external_id_checked_at=row.external_id_checked_at,
-        ),
-        now=row.now,
-    )
+    """Re-read one account; None if it is gone or no longer leased to this attempt."""
+    found = read_attempts(session, [account_id], lease_id)
+    return found[0] if found else None
+
+
+def account_fields(attempt: Attempt) -> dict[str, str]:
+    """The fields every log line about this account carries."""
+    return {
+        "account_id": str(attempt.account_id),
+        "organization_id": str(attempt.organization_id),
+        "aws_account_id": attempt.details.aws_account_id,
+    }
 
 
 def count_recent_failures(session: Session, *, code: str, window_seconds: int) -> int:
@@ -122,6 +149,26 @@ def count_recent_failures(session: Session, *, code: str, window_seconds: int) -
         )
     )
     return int(count or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """An attempt and what STS said about it, decided but not yet written."""
+
+    attempt: Attempt
+    outcome: Outcome
+    decision: Decision
+    external_id_checked: bool
+    started: float  # time.perf_counter() when the attempt began
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A checked attempt after the write: the final decision and whether it was applied."""
+
+    checked: Checked
+    decision: Decision  # the rules' decision, or the wave guard's hold
+    applied: bool
 
 
 def audit_events_for(
@@ -165,71 +212,171 @@ def audit_events_for(
     return events
 
 
-# The compare-and-set: the role details (an edit means the result is about a role that no longer
-# exists), the status (someone else moved it) and the lease (someone else holds it). NULL
-# timestamps leave the stored ones as they are.
-_APPLY = (
-    update(_ACCOUNTS)
-    .where(
-        _ACCOUNTS.c.id == bindparam("b_id"),
-        _ACCOUNTS.c.lease_id == bindparam("b_lease_id"),
-        _ACCOUNTS.c.status == bindparam("b_status"),
-        _ACCOUNTS.c.role_arn == bindparam("b_role_arn"),
-        _ACCOUNTS.c.external_id == bindparam("b_external_id"),
-        _ACCOUNTS.c.aws_account_id == bindparam("b_aws_account_id"),
-    )
-    .values(
-        status=bindparam("new_status"),
-        error_message=bindparam("new_error_message"),
-        next_due_at=bindparam("new_next_due_at"),
-        consecutive_failures=bindparam("new_consecutive_failures"),
-        last_outcome=bindparam("new_last_outcome"),
-        last_error_code=bindparam("new_last_error_code"),
-        last_attempted_at=bindparam("attempted_at"),
-        last_verified_at=func.coalesce(bindparam("verified_at"), _ACCOUNTS.c.last_verified_at),
-        external_id_checked_at=func.coalesce(
-            bindparam("checked_at"), _ACCOUNTS.c.external_id_checked_at
-        ),
-        lease_id=None,
-        lease_expires_at=None,
-    )
+# The compare-and-set for a whole chunk in one statement: each row is updated only if it still
+# has the role details (an edit means the result is about a role that no longer exists), the
+# status (someone else moved it) and the lease (someone else holds it) its attempt read. Rows that
+# fail their condition are simply not returned. NULL timestamps keep the stored ones.
+_APPLY_MANY = text(
+    """
+UPDATE aws_accounts AS a SET
+    status = v.new_status,
+    error_message = v.new_error_message,
+    next_due_at = v.new_next_due_at,
+    consecutive_failures = v.new_consecutive_failures,
+    last_outcome = v.new_last_outcome,
+    last_error_code = v.new_last_error_code,
+    last_attempted_at = v.attempted_at,
+    last_verified_at = coalesce(v.verified_at, a.last_verified_at),
+    external_id_checked_at = coalesce(v.checked_at, a.external_id_checked_at),
+    lease_id = NULL,
+    lease_expires_at = NULL
+FROM unnest(
+    CAST(:ids AS uuid[]), CAST(:lease_ids AS uuid[]), CAST(:b_statuses AS text[]),
+    CAST(:b_role_arns AS text[]), CAST(:b_external_ids AS text[]),
+    CAST(:b_aws_account_ids AS text[]), CAST(:statuses AS text[]),
+    CAST(:error_messages AS text[]), CAST(:next_due_ats AS timestamptz[]),
+    CAST(:consecutive_failures AS integer[]), CAST(:last_outcomes AS text[]),
+    CAST(:last_error_codes AS text[]), CAST(:attempted_ats AS timestamptz[]),
+    CAST(:verified_ats AS timestamptz[]), CAST(:checked_ats AS timestamptz[])
+) AS v(
+    id, lease_id, b_status, b_role_arn, b_external_id, b_aws_account_id, new_status,
+    new_error_message, new_next_due_at, new_consecutive_failures, new_last_outcome,
+    new_last_error_code, attempted_at, verified_at, checked_at
+)
+WHERE a.id = v.id
+    AND a.lease_id = v.lease_id
+    AND a.status = v.b_status
+    AND a.role_arn = v.b_role_arn
+    AND a.external_id = v.b_external_id
+    AND a.aws_account_id = v.b_aws_account_id
+RETURNING a.id
+"""
 )
 _INSERT_EVENTS = insert(cast(Table, AuditEvent.__table__))
 
 
-def apply_decision(
+def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, list[Any]]:
+    """The compare-and-set's arrays: one element per account, in the same order everywhere."""
+    columns: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            "ids",
+            "lease_ids",
+            "b_statuses",
+            "b_role_arns",
+            "b_external_ids",
+            "b_aws_account_ids",
+            "statuses",
+            "error_messages",
+            "next_due_ats",
+            "consecutive_failures",
+            "last_outcomes",
+            "last_error_codes",
+            "attempted_ats",
+            "verified_ats",
+            "checked_ats",
+        )
+    }
+    for checked, decision in pairs:
+        attempt = checked.attempt
+        details = attempt.details
+        for name, value in (
+            ("ids", attempt.account_id),
+            ("lease_ids", attempt.lease_id),
+            ("b_statuses", attempt.state.status.value),
+            ("b_role_arns", details.role_arn),
+            ("b_external_ids", details.external_id),
+            ("b_aws_account_ids", details.aws_account_id),
+            ("statuses", decision.status.value),
+            ("error_messages", decision.error_message),
+            ("next_due_ats", decision.next_due_at),
+            ("consecutive_failures", decision.consecutive_failures),
+            ("last_outcomes", decision.last_outcome.value),
+            ("last_error_codes", decision.last_error_code),
+            ("attempted_ats", attempt.now),
+            ("verified_ats", attempt.now if decision.verified else None),
+            ("checked_ats", attempt.now if decision.external_id_checked else None),
+        ):
+            columns[name].append(value)
+    return columns
+
+
+def _hold_waves(ctx: Verification, session: Session, checked: Sequence[Checked]) -> list[Decision]:
+    """The wave guard: hold connected -> failed when too many accounts just failed the same way.
+
+    Transitions earlier in the same batch count towards the threshold, as if applied one by one.
+    """
+    recent: dict[str, int] = {}
+    decisions: list[Decision] = []
+    for item in checked:
+        decision = item.decision
+        if is_connected_to_failed(item.attempt.state, decision):
+            code = item.outcome.code
+            if code not in recent:
+                recent[code] = count_recent_failures(
+                    session, code=code, window_seconds=ctx.settings.wave_window_seconds
+                )
+            if recent[code] >= ctx.settings.wave_threshold:
+                decision = hold_for_wave(
+                    item.attempt.state,
+                    decision,
+                    now=item.attempt.now,
+                    settings=ctx.settings,
+                    rng=ctx.rng,
+                )
+                log.error(
+                    "platform.suspected_fault",
+                    **account_fields(item.attempt),
+                    error_code=code,
+                    recent_failures=recent[code],
+                    window_seconds=ctx.settings.wave_window_seconds,
+                    action="connected -> failed held: too many accounts failing the same way",
+                )
+            else:
+                recent[code] += 1
+        decisions.append(decision)
+    return decisions
+
+
+def apply_checked(
+    ctx: Verification,
     session: Session,
-    attempt: Attempt,
-    decision: Decision,
-    events: list[dict[str, Any]],
-) -> bool:
-    """Write the decision and its audit events, if the account is as the attempt found it."""
-    details = attempt.details
-    updated = session.execute(
-        _APPLY,
-        {
-            "b_id": attempt.account_id,
-            "b_lease_id": attempt.lease_id,
-            "b_status": attempt.state.status,
-            "b_role_arn": details.role_arn,
-            "b_external_id": details.external_id,
-            "b_aws_account_id": details.aws_account_id,
-            "new_status": decision.status,
-            "new_error_message": decision.error_message,
-            "new_next_due_at": decision.next_due_at,
-            "new_consecutive_failures": decision.consecutive_failures,
-            "new_last_outcome": decision.last_outcome,
-            "new_last_error_code": decision.last_error_code,
-            "attempted_at": attempt.now,
-            "verified_at": attempt.now if decision.verified else None,
-            "checked_at": attempt.now if decision.external_id_checked else None,
-        },
-    )
-    if not updated.rowcount:  # type: ignore[attr-defined]
-        return False
+    checked: Sequence[Checked],
+    *,
+    actor: str,
+    correlation_id: str | None,
+) -> list[Applied]:
+    """Write every decision and its audit events, each only if its account is as it was read.
+
+    One statement for the compare-and-set of all of them, one for their events; the caller's
+    transaction makes each status change and its event one commit. An account that changed
+    meanwhile has its result discarded and is made due again (if its lease is still ours).
+    """
+    if not checked:
+        return []
+    decisions = _hold_waves(ctx, session, checked)
+    pairs = list(zip(checked, decisions, strict=True))
+    applied_ids = set(session.scalars(_APPLY_MANY, _apply_parameters(pairs)))
+    events = [
+        event
+        for item, decision in pairs
+        if item.attempt.account_id in applied_ids
+        for event in audit_events_for(
+            item.attempt, decision, item.outcome, actor=actor, correlation_id=correlation_id
+        )
+    ]
     if events:
         session.execute(_INSERT_EVENTS, events)
-    return True
+    lost: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for item in checked:
+        if item.attempt.account_id not in applied_ids:
+            lost.setdefault(item.attempt.lease_id, []).append(item.attempt.account_id)
+    for lease_id, account_ids in lost.items():
+        release_leases(session, account_ids, lease_id, due_in_seconds=0)
+    return [
+        Applied(checked=item, decision=decision, applied=item.attempt.account_id in applied_ids)
+        for item, decision in pairs
+    ]
 
 
 @dataclass
@@ -242,6 +389,44 @@ class Verification:
     circuit: PlatformCircuit | None
     settings: Settings
     rng: random.Random
+
+
+def check_account(
+    ctx: Verification,
+    attempt: Attempt,
+    *,
+    check_external_id: bool | None = None,
+    observe: Observer | None = None,
+) -> Checked:
+    """Ask STS about one account and decide its new state; nothing is written.
+
+    `check_external_id` forces the enforcement check on or off (None: the rules decide);
+    `observe` is told every step of the STS attempt.
+    """
+    started = time.perf_counter()
+    check = check_external_id
+    if check is None:
+        check = needs_external_id_check(attempt.state, attempt.now, ctx.settings)
+    outcome = ctx.verifier.verify(attempt.details, check_external_id=check, observe=observe)
+    if (
+        outcome.kind is OutcomeKind.PLATFORM_FAULT
+        and ctx.circuit is not None
+        and ctx.circuit.trip(outcome.code, outcome.message)
+    ):
+        log.critical(
+            "platform.fault",
+            error_code=outcome.code,
+            detail=outcome.message,
+            action="verification paused; no customer status is changed until a probe succeeds",
+        )
+    decision = decide(attempt.state, outcome, now=attempt.now, settings=ctx.settings, rng=ctx.rng)
+    return Checked(
+        attempt=attempt,
+        outcome=outcome,
+        decision=decision,
+        external_id_checked=check,
+        started=started,
+    )
 
 
 def _outcome_level(attempt: Attempt, outcome: Outcome, changed: bool) -> str:
@@ -258,6 +443,41 @@ def _outcome_level(attempt: Attempt, outcome: Outcome, changed: bool) -> str:
     return "warning" if outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX else "info"
 
 
+def report_applied(result: Applied) -> Result:
+    """Log what became of one verification, with its account's fields; returns how it ended."""
+    checked, decision = result.checked, result.decision
+    attempt, outcome = checked.attempt, checked.outcome
+    fields = account_fields(attempt)
+    duration_ms = round((time.perf_counter() - checked.started) * 1000, 1)
+    if not result.applied:
+        log.info(
+            "verification.discarded", **fields, reason="account_changed", duration_ms=duration_ms
+        )
+        return Result.DISCARDED
+    changed = decision.status != attempt.state.status
+    getattr(log, _outcome_level(attempt, outcome, changed))(
+        "verification.completed",
+        **fields,
+        outcome=outcome.kind.value,
+        error_code=None if outcome.verified else outcome.code,
+        duration_ms=duration_ms,
+        sts_calls=outcome.sts_calls,
+        external_id_checked=checked.external_id_checked,
+        hold=decision.hold.value if decision.hold else None,
+        status=decision.status.value,
+    )
+    if changed:
+        (log.warning if decision.status is AccountStatus.FAILED else log.info)(
+            "account.status_changed",
+            **fields,
+            from_status=attempt.state.status.value,
+            to_status=decision.status.value,
+            reason=outcome.code,
+            error_message=decision.error_message,
+        )
+    return Result.APPLIED
+
+
 def verify_account(
     ctx: Verification,
     account_id: uuid.UUID,
@@ -270,90 +490,28 @@ def verify_account(
 ) -> Result:
     """Verify one leased account and apply the outcome. Safe to run twice for the same lease.
 
-    `check_external_id` forces the enforcement check on or off (None: the rules decide);
-    `observe` is told every step of the STS attempt.
+    The worker verifies whole chunks (`worker.tasks`) with the same steps: `read_attempts`,
+    `check_account` for each, `apply_checked` for all of them.
     """
-    started = time.perf_counter()
     with ctx.sessions.begin() as session:
         attempt = start_attempt(session, account_id, lease_id)
     if attempt is None:
         log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
         return Result.SKIPPED
-    bind_context(
-        account_id=str(attempt.account_id),
-        organization_id=str(attempt.organization_id),
-        aws_account_id=attempt.details.aws_account_id,
-    )
+    bind_context(**account_fields(attempt))
     if ctx.circuit is not None and ctx.circuit.is_open():
         with ctx.sessions.begin() as session:
-            release_lease(
-                session, account_id, lease_id, due_in_seconds=ctx.settings.platform_pause_seconds
+            release_leases(
+                session,
+                [account_id],
+                lease_id,
+                due_in_seconds=ctx.settings.platform_pause_seconds,
             )
         log.info("verification.skipped", reason="platform_paused")
         return Result.SKIPPED
-
-    check = check_external_id
-    if check is None:
-        check = needs_external_id_check(attempt.state, attempt.now, ctx.settings)
-    outcome = ctx.verifier.verify(attempt.details, check_external_id=check, observe=observe)
-    if (
-        outcome.kind is OutcomeKind.PLATFORM_FAULT
-        and ctx.circuit is not None
-        and ctx.circuit.trip(outcome.code, outcome.message)
-    ):
-        log.critical(
-            "platform.fault",
-            error_code=outcome.code,
-            detail=outcome.message,
-            action="verification paused; no customer status is changed until a probe succeeds",
-        )
-
-    decision = decide(attempt.state, outcome, now=attempt.now, settings=ctx.settings, rng=ctx.rng)
+    checked = check_account(ctx, attempt, check_external_id=check_external_id, observe=observe)
     with ctx.sessions.begin() as session:
-        if is_connected_to_failed(attempt.state, decision):
-            recent = count_recent_failures(
-                session, code=outcome.code, window_seconds=ctx.settings.wave_window_seconds
-            )
-            if recent >= ctx.settings.wave_threshold:
-                decision = hold_for_wave(
-                    attempt.state, decision, now=attempt.now, settings=ctx.settings, rng=ctx.rng
-                )
-                log.error(
-                    "platform.suspected_fault",
-                    error_code=outcome.code,
-                    recent_failures=recent,
-                    window_seconds=ctx.settings.wave_window_seconds,
-                    action="connected -> failed held: too many accounts failing the same way",
-                )
-        events = audit_events_for(
-            attempt, decision, outcome, actor=actor, correlation_id=correlation_id
+        (result,) = apply_checked(
+            ctx, session, [checked], actor=actor, correlation_id=correlation_id
         )
-        applied = apply_decision(session, attempt, decision, events)
-        if not applied:
-            # Edited, deleted or re-leased meanwhile: the result describes a role that is no
-            # longer there. Make the account due again (if the lease is still ours).
-            release_lease(session, account_id, lease_id, due_in_seconds=0)
-    duration_ms = round((time.perf_counter() - started) * 1000, 1)
-    if not applied:
-        log.info("verification.discarded", reason="account_changed", duration_ms=duration_ms)
-        return Result.DISCARDED
-    changed = decision.status != attempt.state.status
-    getattr(log, _outcome_level(attempt, outcome, changed))(
-        "verification.completed",
-        outcome=outcome.kind.value,
-        error_code=None if outcome.verified else outcome.code,
-        duration_ms=duration_ms,
-        sts_calls=outcome.sts_calls,
-        external_id_checked=check,
-        hold=decision.hold.value if decision.hold else None,
-        status=decision.status.value,
-    )
-    if changed:
-        (log.warning if decision.status is AccountStatus.FAILED else log.info)(
-            "account.status_changed",
-            from_status=attempt.state.status.value,
-            to_status=decision.status.value,
-            reason=outcome.code,
-            error_message=decision.error_message,
-        )
-    return Result.APPLIED
+    return report_applied(result)
