@@ -48,7 +48,8 @@ WORKER_KEYS = {
     "ratio_to_sequential",
     "lag_seconds",
     "cpu_ms_per_verification",
-    "peak_rss_mb",
+    "peak_pss_mb",
+    "peak_rss_total_mb",
 }
 
 

@@ -23,6 +23,7 @@ from tests.faults.harness import (
     beat_ticks,
     fault_env,
     kill_group,
+    log_events,
     running,
     wait_started,
 )
@@ -115,9 +116,9 @@ def test_worker_pool_child_killed_mid_chunk(
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
-    """SIGKILL of one prefork child (as the OOM killer might) while it verifies a chunk: the
-    chunk's other accounts are finished, none is changed twice, and the worker replaces the
-    child and goes on."""
+    """SIGKILL of one prefork child (as the OOM killer might) with accounts in flight: they come
+    back when their leases expire (20 s here), none is changed twice, and the worker replaces
+    the child and goes on."""
     standin.configure(median_ms=300)
     fleet.add_mix(copies=3)
     total = len(fleet.accounts)
@@ -148,6 +149,48 @@ def test_worker_pool_child_killed_mid_chunk(
         assert _children(worker), "the killed child was not replaced"
         # The child may have committed a change it never got to log.
         check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=False)
+
+
+@pytest.mark.timeout(150)
+def test_warm_shutdown_writes_the_accounts_in_flight(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while STS answers are outstanding: the worker writes every result it accepted
+    before it exits, so no account is left to wait for its lease."""
+    # Answers slower than the worker's own shutdown takes, so only a drain can wait for them.
+    standin.configure(median_ms=2500, latency_sigma=0)
+    planned = [fleet.add(f"ok-Drain{n}") for n in range(6)]
+    env = fault_env(
+        database_url=scratch_database,
+        redis_url=private_redis.url,
+        sts_url=standin.url,
+        WORKER_PROCESSES="1",
+        WORKER_CONCURRENCY="8",
+        DISPATCH_CHUNK_SIZE="8",
+        STS_READ_TIMEOUT_SECONDS="10",
+        VERIFY_TIME_LIMIT_SECONDS="30",
+        LEASE_SECONDS="600",
+    )
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_until(
+            lambda: standin.stats()["by_action"].get("AssumeRole", 0) >= len(planned),
+            timeout=60,
+            interval=0.02,
+            what="every account's first STS call under way",
+        )
+        beat.stop()
+        assert fleet.settled_count() == 0, "nothing is written before the answers arrive"
+        assert worker.stop(timeout=60) == 0
+        rows = fleet.rows()
+        assert [(rows[p.id].status, rows[p.id].lease_id) for p in planned] == [
+            (AccountStatus.CONNECTED, None)
+        ] * len(planned)
+        assert log_events(worker, "worker.draining")
 
 
 @pytest.mark.timeout(150)
