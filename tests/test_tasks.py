@@ -1,4 +1,5 @@
-"""The thin Celery layer: redelivery cap and chunked sending (no worker, no eager mode)."""
+"""The thin Celery layer: redelivery cap, chunked sending and database retries (no worker, no
+eager mode)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from sqlalchemy.exc import IntegrityError, OperationalError
 
+from worker import tasks
 from worker.celeryconfig import REQUESTED_QUEUE
 from worker.settings import get_settings
 from worker.tasks import _redelivered_too_often, send_verifications, verify_accounts_task
@@ -57,3 +60,49 @@ def test_accounts_are_sent_in_chunks_with_the_correlation_id(broker: redis.Redis
     assert sorted(i for chunk in chunks for i in chunk) == sorted(ids)
     assert {len(chunk) for chunk in chunks} == {25, 10}
     assert {m["headers"]["x_correlation_id"] for m in messages} == {"corr-9"}
+
+
+class _Flaky:
+    """An operation that raises the given errors in turn, then answers."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+
+def _server_away() -> OperationalError:
+    return OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+
+def test_a_database_briefly_away_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection errors are retried with backoff, and the operation's answer comes back."""
+    monkeypatch.setattr(tasks, "DATABASE_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    operation = _Flaky(_server_away(), _server_away())
+    assert tasks.with_database_retry(operation, accounts=3) == "done"
+    assert operation.calls == 3
+
+
+def test_a_database_away_for_too_long_fails_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the last delay the error is raised (the leases bring the accounts back)."""
+    monkeypatch.setattr(tasks, "DATABASE_RETRY_DELAYS", (0.0, 0.0))
+    operation = _Flaky(*[_server_away() for _ in range(5)])
+    with pytest.raises(OperationalError):
+        tasks.with_database_retry(operation, accounts=3)
+    assert operation.calls == 3
+
+
+def test_an_error_that_is_not_the_connection_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An integrity error means the statement is wrong, not the network: raised at once."""
+    monkeypatch.setattr(tasks, "DATABASE_RETRY_DELAYS", (0.0, 0.0))
+    operation = _Flaky(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    with pytest.raises(IntegrityError):
+        tasks.with_database_retry(operation, accounts=3)
+    assert operation.calls == 1

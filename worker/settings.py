@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     # Claims stop while the verification queue holds this many messages: a backlog waits in the
     # database, where no lease can expire while it waits.
     dispatch_max_queued: int = Field(default=2000, ge=1)
-    # Longer than the verification task's hard time limit, so a live task never loses its lease.
+    # Longer than the verification task's hard time limit and than an account's STS attempts can
+    # take (timeouts x attempts), so a live verification keeps its lease; one that overran it
+    # would have its result discarded by the compare-and-set on the lease, never applied twice.
     lease_seconds: int = Field(default=300, ge=5, le=_DAY)
     # pending: retried quickly while IAM propagates, failed only once the grace window is over.
     pending_retry_seconds: int = Field(default=30, ge=1)

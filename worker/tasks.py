@@ -6,13 +6,14 @@ import contextvars
 import functools
 import random
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task, signals
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker.app import CORRELATION_HEADER, app
 from worker.celeryconfig import DISPATCH_QUEUE, SCHEDULED_QUEUE
@@ -27,6 +28,7 @@ from worker.settings import get_settings
 from worker.sts import get_verifier
 from worker.verify import (
     WORKER_ACTOR,
+    Applied,
     Attempt,
     Checked,
     Verification,
@@ -130,6 +132,33 @@ def dispatch_due_accounts_task() -> dict[str, Any]:
     return {"claimed": report.claimed, "sent": report.sent, "paused": report.paused}
 
 
+_T = TypeVar("_T")
+
+# Backoff for a database that is briefly away (a restart, a failover): about 15 s in all. Longer
+# outages fail the chunk, and its leases bring the accounts back.
+DATABASE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
+    """Run a read or write of a chunk, again on a fresh connection while the database is away.
+
+    Safe to repeat: a write whose commit did happen finds its leases gone the second time, and
+    the compare-and-set applies nothing twice.
+    """
+    for delay in (*DATABASE_RETRY_DELAYS, None):
+        try:
+            return operation()
+        except DBAPIError as error:
+            # A connection that died with the server invalidates the pool; an OperationalError
+            # is the server refusing or unreachable. Anything else is not the network's fault.
+            away = error.connection_invalidated or isinstance(error, OperationalError)
+            if delay is None or not away:
+                raise
+            log.warning("database.reconnecting", accounts=accounts, retry_in_seconds=delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 class _Window:
     """The worker process's verifications in flight: a thread pool and a bound on what it holds.
 
@@ -195,24 +224,19 @@ class ChunkInFlight:
     def _write(self) -> None:
         if not self._checked:
             return
+
+        def write() -> list[Applied]:
+            with self._ctx.sessions.begin() as session:
+                return apply_checked(
+                    self._ctx,
+                    session,
+                    self._checked,
+                    actor=self._actor,
+                    correlation_id=self._correlation_id,
+                )
+
         try:
-            for attempt in (1, 2):
-                try:
-                    with self._ctx.sessions.begin() as session:
-                        results = apply_checked(
-                            self._ctx,
-                            session,
-                            self._checked,
-                            actor=self._actor,
-                            correlation_id=self._correlation_id,
-                        )
-                    break
-                except DBAPIError as error:
-                    # A connection that died with a restarted server invalidates the pool; the
-                    # write is safe to repeat (lease and compare-and-set) on a fresh connection.
-                    if not error.connection_invalidated or attempt == 2:
-                        raise
-                    log.warning("database.reconnecting", accounts=len(self._checked))
+            results = with_database_retry(write, accounts=len(self._checked))
         except Exception:
             # Their leases expire and the accounts are due again: nothing is lost.
             log.exception("verification.error", accounts=len(self._checked), stage="write")
@@ -239,15 +263,11 @@ def _check_one(attempt: Attempt, chunk: ChunkInFlight, window: _Window) -> None:
 def _read_chunk(
     ctx: Verification, account_ids: list[uuid.UUID], lease_id: uuid.UUID
 ) -> list[Attempt]:
-    for attempt in (1, 2):
-        try:
-            with ctx.sessions.begin() as session:
-                return read_attempts(session, account_ids, lease_id)
-        except DBAPIError as error:
-            if not error.connection_invalidated or attempt == 2:
-                raise
-            log.warning("database.reconnecting", accounts=len(account_ids))
-    raise AssertionError("unreachable")
+    def read() -> list[Attempt]:
+        with ctx.sessions.begin() as session:
+            return read_attempts(session, account_ids, lease_id)
+
+    return with_database_retry(read, accounts=len(account_ids))
 
 
 @app.task(bind=True, name="verifier.verify_accounts")
