@@ -469,9 +469,12 @@ def make_accounts(count: int, *, tag: str, per_org: int = 100) -> list[Account]:
 
 
 def seed_accounts(url: str, accounts: Sequence[Account], *, due_now: bool = True) -> datetime:
-    """COPY the accounts (status pending) in one transaction; return its now(), their due time.
+    """COPY the accounts (status pending) in one transaction; return when they became due.
 
-    `due_now=False` seeds them due in a year: kept out of the dispatcher's way (the trace).
+    They are due from the moment the COPY commits (before it, no dispatcher can see them), so
+    that is the time returned and the one lags are measured from: the COPY's own seconds are
+    not the worker's. `due_now=False` seeds them due in a year: kept out of the dispatcher's way
+    (the trace).
     """
     with psycopg.connect(url) as conn:
         now = conn.execute("SELECT now()").fetchone()
@@ -496,7 +499,11 @@ def seed_accounts(url: str, accounts: Sequence[Account], *, due_now: bool = True
                             due if due_now else due.replace(year=due.year + 1),
                         )
                     )
-    return due
+        conn.commit()
+        committed = conn.execute("SELECT now()").fetchone()
+        assert committed is not None  # noqa: S101 - SELECT returns a row
+    visible: datetime = committed[0]
+    return visible
 
 
 # pg_stat_database columns compared before and after the run.
@@ -1283,7 +1290,7 @@ class Bench:
         due = seed_accounts(scratch, accounts)
         with psycopg.connect(scratch, autocommit=True) as conn:
             conn.execute("ANALYZE aws_accounts")  # as after any bulk load
-        own_transactions = 2  # the seed and ANALYZE; the poller counts its own
+        own_transactions = 3  # the seed, its commit time and ANALYZE; the poller counts its own
         print(
             f"seeded {len(accounts):,} accounts, all due now; waiting for the worker ...",
             file=sys.stderr,
@@ -1451,6 +1458,7 @@ def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
             "record",
             "--pid",
             str(pid),
+            "--subprocesses",  # the prefork children, where verifications run
             "--rate",
             "100",
             "--nonblocking",
