@@ -1521,11 +1521,17 @@ def summarize(
     if opts.rate_limit is not None and accepted_per > 0:
         # The stand-in's token bucket spends tokens on accepted requests only.
         bounds["sts_rate_limit"] = opts.rate_limit / accepted_per
-    finite = {k: v for k, v in bounds.items() if not math.isnan(v)}
-    # The worker's own global STS budget (if this version has one) is reported beside the
-    # ceiling, not in it: it is a setting, and the ceiling is about the machine.
+    # The machine's ceiling (the formula: concurrency and CPU), and the run's: the
+    # worker's own STS budget is as hard a limit as a core. Once the worker is efficient it is
+    # the budget that binds (at most the STS quota over STS calls per verification), and a
+    # throughput at the budget is the worker doing all it is allowed to.
+    machine = {k: v for k, v in bounds.items() if not math.isnan(v)}
+    machine_ceiling = min(machine.values()) if machine else math.nan
     budget = getattr(settings, "sts_rate_limit_per_second", None)
     budget_bound = budget / calls_per if budget and calls_per else None
+    if budget_bound is not None:
+        bounds["sts_budget"] = budget_bound
+    finite = {k: v for k, v in bounds.items() if not math.isnan(v)}
     binding = min(finite, key=lambda k: finite[k]) if finite else None
     ceiling = finite[binding] if binding else math.nan
     busy = after.machine[0] - before.machine[0]
@@ -1627,11 +1633,15 @@ def summarize(
         },
         "ceiling": {
             "formula": "min(concurrency / (STS calls per verification x mean STS call), "
-            "cores / worker CPU s per verification[, rate limit / calls per verification])",
+            "cores / worker CPU s per verification, worker STS budget / calls per verification"
+            "[, stand-in rate limit / calls per verification])",
             "bounds": {k: rounded(v, 1) for k, v in bounds.items()},
             "binding": binding,
             "verifications_per_second": rounded(ceiling, 1),
             "fraction": rounded(rate / ceiling, 3),
+            # Without the worker's STS budget: concurrency and CPU alone.
+            "machine_verifications_per_second": rounded(machine_ceiling, 1),
+            "machine_fraction": rounded(rate / machine_ceiling, 3),
             "gil_bound": rounded(1 / cpu_per if cpu_per > 0 else math.nan, 1),
             "worker_sts_budget_per_second": budget,
             "worker_sts_budget_bound": rounded(budget_bound, 1),
@@ -1783,6 +1793,10 @@ def render_table(r: dict[str, Any]) -> str:
             _fmt(c["fraction"], ".0f", "%", 100),
             "fraction of the ceiling",
             pct=True,
+        ),
+        row(
+            "  throughput / machine ceiling (concurrency and CPU only)",
+            _fmt(c["machine_fraction"], ".0f", "%", 100),
         ),
         row("  one-core (GIL) bound: 1 / CPU per verification", _fmt(c["gil_bound"])),
     ]

@@ -133,7 +133,9 @@ def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         "DB commits per verification",
         "broker messages per verification",
         "lag due -> verified, p50 / p99 (s)",
-        "worker peak RSS (MB)",
+        "worker peak memory, PSS: shared pages once (MB)",
+        "peak RSS total, shared pages once per process (MB)",
+        "throughput / machine ceiling (concurrency and CPU only)",
         "STS calls throttled",
     ):
         assert label in completed.stdout
@@ -152,8 +154,9 @@ def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         "fraction of the ceiling",
         "database commits per verification",
         "broker messages per verification",
-        "worker peak RSS (MB)",
+        "worker peak memory (MB)",
     }
+    assert results["ceiling"]["bounds"].keys() == {"concurrency", "cpu", "sts_budget"}
     assert not _database_exists(results["config"]["database"])
     assert redis.Redis.from_url(BENCH_REDIS_URL).dbsize() == 0
 
