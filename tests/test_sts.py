@@ -344,6 +344,16 @@ def test_an_unknown_error_code_is_transient() -> None:
     assert outcome.unclassified
 
 
+def test_an_overlong_error_code_is_cut_to_what_the_database_stores() -> None:
+    """A code longer than the columns that keep it (128 characters) is cut, not a failed write."""
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_client_error("assume_role", service_error_code="X" * 300, http_status_code=400)
+    with stubber:
+        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    assert outcome.code == "X" * 128
+
+
 def test_a_transient_error_in_the_enforcement_check_is_transient(
     aws_env: None, standin: StsStandIn
 ) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from worker import tasks
 from worker.celeryconfig import REQUESTED_QUEUE
@@ -106,3 +106,27 @@ def test_an_error_that_is_not_the_connection_is_not_retried(
     with pytest.raises(IntegrityError):
         tasks.with_database_retry(operation, accounts=3)
     assert operation.calls == 1
+
+
+class _DriverError(Exception):
+    """A driver error carrying a SQLSTATE, as psycopg's do."""
+
+    def __init__(self, sqlstate: str | None) -> None:
+        super().__init__("driver error")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (OperationalError("SELECT 1", {}, _DriverError(None)), True),  # could not connect
+        (OperationalError("SELECT 1", {}, _DriverError("08006")), True),  # connection failure
+        (OperationalError("SELECT 1", {}, _DriverError("57P01")), True),  # admin shutdown
+        (OperationalError("SELECT 1", {}, _DriverError("57014")), False),  # statement timeout
+        (OperationalError("SELECT 1", {}, _DriverError("55P03")), False),  # lock timeout
+        (IntegrityError("INSERT", {}, _DriverError("23505")), False),  # unique violation
+    ],
+)
+def test_only_a_database_that_is_away_is_waited_for(error: DBAPIError, away: bool) -> None:
+    """Connection loss and server shutdown are retried; timeouts and refusals are not."""
+    assert tasks.database_away(error) is away

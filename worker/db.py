@@ -28,6 +28,8 @@ def build_engine(settings: Settings) -> Engine:
         max_overflow=settings.database_pool_size // 2,
         pool_pre_ping=False,
         pool_recycle=1800,
+        # Statement parameters hold external IDs and role ARNs: never in an error message or log.
+        hide_parameters=True,
         # Identify the process in pg_stat_activity.
         # Every wait is bounded: connecting, any statement, any lock.
         connect_args={

@@ -253,13 +253,17 @@ def _identity_mismatch_message(details: RoleDetails, actual: str) -> str:
     )
 
 
+MAX_CODE_LENGTH = 128
+
+
 def classify_error(
     error: BaseException, details: RoleDetails | None, principal: str | None
 ) -> Outcome:
     """Turn whatever botocore raised into an outcome. Never raises for botocore's exceptions."""
     if isinstance(error, botocore.exceptions.ClientError):
         body = error.response.get("Error", {})
-        code = str(body.get("Code") or "Unknown")
+        # Stored as the account's last error code and an audit event's reason (128 characters).
+        code = str(body.get("Code") or "Unknown")[:MAX_CODE_LENGTH]
         aws_message = str(body.get("Message") or "")
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         operator_detail = scrub_text(f"{code} (HTTP {status}): {_shorten(aws_message, 300)}")

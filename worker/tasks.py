@@ -137,6 +137,23 @@ _T = TypeVar("_T")
 # Backoff for a database that is briefly away (a restart, a failover): about 15 s in all. Longer
 # outages fail the chunk, and its leases bring the accounts back.
 DATABASE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# SQLSTATEs of a server going away: admin_shutdown, crash_shutdown, cannot_connect_now.
+_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03"})
+
+
+def database_away(error: DBAPIError) -> bool:
+    """Whether an error means the database is away (restart, failover, network), not refusing.
+
+    A statement or lock timeout is the server answering, and a constraint violation is about the
+    statement: retrying those on a fresh connection would not help.
+    """
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    # No SQLSTATE: the connection itself failed; class 08: connection exception.
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
 
 
 def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
@@ -149,10 +166,7 @@ def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
         try:
             return operation()
         except DBAPIError as error:
-            # A connection that died with the server invalidates the pool; an OperationalError
-            # is the server refusing or unreachable. Anything else is not the network's fault.
-            away = error.connection_invalidated or isinstance(error, OperationalError)
-            if delay is None or not away:
+            if delay is None or not database_away(error):
                 raise
             log.warning("database.reconnecting", accounts=accounts, retry_in_seconds=delay)
             time.sleep(delay)
@@ -168,7 +182,9 @@ class _Window:
     """
 
     def __init__(self, size: int) -> None:
-        self.slots = threading.BoundedSemaphore(size)
+        # Not a BoundedSemaphore: a hand-over interrupted at the wrong instant may give a slot
+        # back twice, and one slot too many is better than a task crashing on it.
+        self.slots = threading.Semaphore(size)
         # A few threads more than slots: the thread finishing a chunk writes it after giving its
         # slot back, and the next account should not queue behind that write.
         self.executor = ThreadPoolExecutor(max_workers=size + 4, thread_name_prefix="verify")
@@ -201,63 +217,144 @@ def _drain_on_exit(**_: object) -> None:
 
 
 class ChunkInFlight:
-    """One message's accounts in flight; the last to be checked writes them all in one commit."""
+    """One message's accounts in flight; the last one accounted for writes them all in one commit.
 
-    def __init__(self, ctx: Verification, size: int, actor: str, correlation_id: str | None):
+    Each account is accounted for once, whoever reports it first: its thread with a result,
+    `paused` (the circuit opened before its turn), or `abandon` (never handed over). The leases
+    of accounts without a result bring them back.
+    """
+
+    def __init__(
+        self,
+        ctx: Verification,
+        attempts: Sequence[Attempt],
+        actor: str,
+        correlation_id: str | None,
+    ) -> None:
         self._ctx = ctx
         self._actor = actor
         self._correlation_id = correlation_id
         self._lock = threading.Lock()
-        self._remaining = size
+        self._pending = {attempt.account_id for attempt in attempts}
         self._checked: list[Checked] = []
+        self._paused: list[Attempt] = []
 
-    def done(self, checked: Checked | None) -> None:
-        """Record one account's result (None: it failed and is left to its lease)."""
+    def done(self, attempt: Attempt, checked: Checked | None) -> None:
+        """One account's result (None: it failed, and is left to its lease)."""
+        self._record(attempt, checked, paused=False)
+
+    def paused(self, attempt: Attempt) -> None:
+        """One account not verified because verification is paused: due again after the pause."""
+        self._record(attempt, None, paused=True)
+
+    def abandon(self, attempts: Sequence[Attempt]) -> None:
+        """Accounts that were never handed over (an interrupted task): left to their leases."""
+        for attempt in attempts:
+            self._record(attempt, None, paused=False)
+
+    def _record(self, attempt: Attempt, checked: Checked | None, *, paused: bool) -> None:
         with self._lock:
+            if attempt.account_id not in self._pending:
+                return
+            self._pending.discard(attempt.account_id)
             if checked is not None:
                 self._checked.append(checked)
-            self._remaining -= 1
-            if self._remaining:
+            if paused:
+                self._paused.append(attempt)
+            if self._pending:
                 return
         self._write()
 
-    def _write(self) -> None:
-        if not self._checked:
-            return
-
-        def write() -> list[Applied]:
-            with self._ctx.sessions.begin() as session:
-                return apply_checked(
-                    self._ctx,
+    def _apply(self, checked: Sequence[Checked], paused: Sequence[Attempt]) -> list[Applied]:
+        with self._ctx.sessions.begin() as session:
+            for lease_id in {attempt.lease_id for attempt in paused}:
+                release_leases(
                     session,
-                    self._checked,
-                    actor=self._actor,
-                    correlation_id=self._correlation_id,
+                    [attempt.account_id for attempt in paused if attempt.lease_id == lease_id],
+                    lease_id,
+                    due_in_seconds=self._ctx.settings.platform_pause_seconds,
                 )
+            return apply_checked(
+                self._ctx,
+                session,
+                checked,
+                actor=self._actor,
+                correlation_id=self._correlation_id,
+            )
 
+    def _write(self) -> None:
+        checked, paused = self._checked, self._paused
+        if not checked and not paused:
+            return
+        count = len(checked) + len(paused)
         try:
-            results = with_database_retry(write, accounts=len(self._checked))
+            results = with_database_retry(lambda: self._apply(checked, paused), accounts=count)
+        except DBAPIError as error:
+            if database_away(error) or len(checked) < 2:
+                # Their leases expire and the accounts are due again: nothing is lost.
+                log.exception("verification.error", stage="write", accounts=count)
+                return
+            # The database refused the statement: one account's row may be the cause. Write them
+            # one by one so that the rest are not held back with it.
+            log.warning("verification.write_split", accounts=count, error=type(error).__name__)
+            results = self._write_one_by_one(checked, paused)
         except Exception:
-            # Their leases expire and the accounts are due again: nothing is lost.
-            log.exception("verification.error", accounts=len(self._checked), stage="write")
+            log.exception("verification.error", stage="write", accounts=count)
             return
         for result in results:
-            report_applied(result)
+            try:
+                report_applied(result)
+            except Exception:
+                log.exception(
+                    "verification.report_failed", **account_fields(result.checked.attempt)
+                )
+
+    def _write_one_by_one(
+        self, checked: Sequence[Checked], paused: Sequence[Attempt]
+    ) -> list[Applied]:
+        results: list[Applied] = []
+        groups: list[tuple[list[Checked], list[Attempt]]] = [([item], []) for item in checked]
+        if paused:
+            groups.append(([], list(paused)))
+        for group_checked, group_paused in groups:
+            try:
+                results += with_database_retry(
+                    lambda: self._apply(group_checked, group_paused),  # noqa: B023 - called now
+                    accounts=len(group_checked) + len(group_paused),
+                )
+            except Exception:
+                fields = account_fields(group_checked[0].attempt) if group_checked else {}
+                log.exception("verification.error", stage="write", **fields)
+        return results
 
 
 def _check_one(attempt: Attempt, chunk: ChunkInFlight, window: _Window) -> None:
     """Ask STS about one account of a chunk; an error is logged and left to the lease."""
     checked: Checked | None = None
+    paused = False
     try:
         bind_context(**account_fields(attempt))
-        checked = check_account(verification_context(), attempt)
+        ctx = verification_context()
+        # The circuit may have opened while this account waited for its turn.
+        paused = ctx.circuit is not None and ctx.circuit.is_open()
+        if not paused:
+            checked = check_account(ctx, attempt)
     except Exception:
         log.exception("verification.error", stage="sts")
     finally:
         window.slots.release()
-        # Account fields were bound in this copy of the task's context; drop them with it.
-        unbind_account_context()
-    chunk.done(checked)
+        try:
+            # Account fields were bound in this copy of the task's context; drop them with it
+            # (before a chunk write whose lines are about other accounts too).
+            unbind_account_context()
+        finally:
+            if paused:
+                log.info(
+                    "verification.skipped", reason="platform_paused", **account_fields(attempt)
+                )
+                chunk.paused(attempt)
+            else:
+                chunk.done(attempt, checked)
 
 
 def _read_chunk(
@@ -284,7 +381,8 @@ def verify_accounts_task(
         return {"dropped": len(account_ids)}
     ctx = verification_context()
     lease = uuid.UUID(lease_id)
-    ids = [uuid.UUID(account_id) for account_id in account_ids]
+    # A duplicate id would be checked twice and its status change recorded twice.
+    ids = list(dict.fromkeys(uuid.UUID(account_id) for account_id in account_ids))
     attempts = _read_chunk(ctx, ids, lease)
     skipped = len(ids) - len(attempts)
     if skipped:
@@ -303,21 +401,26 @@ def verify_accounts_task(
         log.info("verification.skipped", reason="platform_paused", accounts=len(attempts))
         return {"skipped": len(ids)}
     window = verification_window()
-    chunk = ChunkInFlight(ctx, len(attempts), actor, current_context().get("correlation_id"))
-    submitted = 0
+    chunk = ChunkInFlight(ctx, attempts, actor, current_context().get("correlation_id"))
+    handed = 0
     try:
         for attempt in attempts:
             window.slots.acquire()
-            # Each account runs in a copy of this task's logging context (task id, correlation
-            # id).
-            window.executor.submit(
-                contextvars.copy_context().run, _check_one, attempt, chunk, window
-            )
-            submitted += 1
+            queued = False
+            try:
+                # Each account runs in a copy of this task's logging context (task id,
+                # correlation id).
+                window.executor.submit(
+                    contextvars.copy_context().run, _check_one, attempt, chunk, window
+                )
+                queued = True
+            finally:
+                if not queued:
+                    window.slots.release()
+            handed += 1
     except BaseException:
         # Interrupted (a time limit, a shutdown): what was handed over is still written when it
         # is done; the rest is left to its lease.
-        for _ in attempts[submitted:]:
-            chunk.done(None)
+        chunk.abandon(attempts[handed:])
         raise
     return {"accepted": len(attempts), "skipped": skipped}

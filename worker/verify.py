@@ -301,6 +301,13 @@ def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, li
     return columns
 
 
+_WAVE_LOCK = text(
+    "SELECT pg_advisory_xact_lock(CAST(:namespace AS integer), hashtext(:code))"
+).bindparams(
+    namespace=0x57415645  # "WAVE": keeps these locks apart from any other advisory lock
+)
+
+
 def _hold_waves(ctx: Verification, session: Session, checked: Sequence[Checked]) -> list[Decision]:
     """The wave guard: hold connected -> failed when too many accounts just failed the same way.
 
@@ -308,6 +315,18 @@ def _hold_waves(ctx: Verification, session: Session, checked: Sequence[Checked])
     """
     recent: dict[str, int] = {}
     decisions: list[Decision] = []
+    codes = sorted(
+        {
+            item.outcome.code
+            for item in checked
+            if is_connected_to_failed(item.attempt.state, item.decision)
+        }
+    )
+    for code in codes:
+        # Chunks written at the same time cannot see each other's uncommitted events: one at a
+        # time per error code (until commit), so each counts what the others wrote. Sorted, so
+        # two chunks never wait for each other's locks in opposite orders.
+        session.execute(_WAVE_LOCK, {"code": code})
     for item in checked:
         decision = item.decision
         if is_connected_to_failed(item.attempt.state, decision):
