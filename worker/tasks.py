@@ -357,6 +357,17 @@ def _check_one(attempt: Attempt, chunk: ChunkInFlight, window: _Window) -> None:
                 chunk.done(attempt, checked)
 
 
+def _give_back(
+    ctx: Verification, chunk: ChunkInFlight, attempts: Sequence[Attempt], lease_id: uuid.UUID
+) -> None:
+    """Release accounts that found no room in the window: due again now, for any process."""
+    chunk.abandon(attempts)
+    ids = [attempt.account_id for attempt in attempts]
+    with ctx.sessions.begin() as session:
+        release_leases(session, ids, lease_id, due_in_seconds=0)
+    log.warning("verification.deferred", reason="window_full", accounts=len(ids))
+
+
 def _read_chunk(
     ctx: Verification, account_ids: list[uuid.UUID], lease_id: uuid.UUID
 ) -> list[Attempt]:
@@ -403,9 +414,15 @@ def verify_accounts_task(
     window = verification_window()
     chunk = ChunkInFlight(ctx, attempts, actor, current_context().get("correlation_id"))
     handed = 0
+    # Waiting for slots is bounded well inside the task's time limits: when STS is so slow that
+    # the window does not move, the rest of the chunk goes back to the queue of due accounts
+    # (another process may have room) instead of the task being killed with work in flight.
+    deadline = time.monotonic() + ctx.settings.verify_time_limit_seconds / 2
     try:
         for attempt in attempts:
-            window.slots.acquire()
+            if not window.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                _give_back(ctx, chunk, attempts[handed:], lease)
+                return {"accepted": handed, "skipped": skipped, "deferred": len(attempts) - handed}
             queued = False
             try:
                 # Each account runs in a copy of this task's logging context (task id,

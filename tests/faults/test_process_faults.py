@@ -194,6 +194,40 @@ def test_warm_shutdown_writes_the_accounts_in_flight(
 
 
 @pytest.mark.timeout(150)
+def test_a_full_window_gives_accounts_back_instead_of_waiting_out_the_time_limit(
+    fleet: Fleet,
+    scratch_database: str,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """STS so slow that a process's window does not move: the accounts that found no room are
+    released, due at once, and still verified exactly once each."""
+    standin.configure(median_ms=1500, latency_sigma=0)
+    planned = [fleet.add(f"ok-Crowd{n}") for n in range(3)]
+    env = fault_env(
+        database_url=scratch_database,
+        redis_url=private_redis.url,
+        sts_url=standin.url,
+        WORKER_PROCESSES="1",
+        WORKER_CONCURRENCY="1",
+        DISPATCH_CHUNK_SIZE="3",
+        STS_READ_TIMEOUT_SECONDS="10",
+        VERIFY_TIME_LIMIT_SECONDS="2",  # one second of waiting for a slot
+        LEASE_SECONDS="600",  # only a release can bring the deferred accounts back in time
+    )
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_for(fleet, timeout=90)
+        assert log_events(worker, "verification.deferred")
+        assert not log_events(worker, "verification.error")
+        rows = fleet.rows()
+        assert [rows[p.id].status for p in planned] == [AccountStatus.CONNECTED] * len(planned)
+        # Two calls each (AssumeRole, the enforcement check): no account was verified twice.
+        assert [standin.calls_for(p.role_arn) for p in planned] == [2] * len(planned)
+
+
+@pytest.mark.timeout(150)
 def test_beat_killed_mid_sweep_then_restarted(
     fleet: Fleet,
     scratch_database: str,
