@@ -1525,7 +1525,7 @@ def summarize(
     # worker's own STS budget is as hard a limit as a core. Once the worker is efficient it is
     # the budget that binds (at most the STS quota over STS calls per verification), and a
     # throughput at the budget is the worker doing all it is allowed to.
-    machine = {k: v for k, v in bounds.items() if not math.isnan(v)}
+    machine = {k: bounds[k] for k in ("concurrency", "cpu") if not math.isnan(bounds[k])}
     machine_ceiling = min(machine.values()) if machine else math.nan
     budget = getattr(settings, "sts_rate_limit_per_second", None)
     budget_bound = budget / calls_per if budget and calls_per else None

@@ -56,3 +56,31 @@ def test_redis_down_fails_open() -> None:
     started = time.monotonic()
     assert [limiter.acquire() for _ in range(100)] == [0.0] * 100
     assert time.monotonic() - started < 1, "later calls skip Redis during the cooldown"
+
+
+def test_throttling_cuts_the_shared_rate_once_per_interval(client: redis.Redis) -> None:
+    """The first Throttling cuts every worker's rate to 70 %; another one right after is the
+    same signal and cuts nothing more."""
+    first, second = (StsRateLimiter(client, rate_per_second=100) for _ in range(2))
+    first.acquire()
+    assert first.throttled() == pytest.approx(70.0)
+    assert second.throttled() is None
+    assert float(client.hget(KEY, "rate") or 0) == pytest.approx(70.0)
+
+
+def test_a_cut_rate_spreads_calls_then_recovers(client: redis.Redis) -> None:
+    """After a cut the banked burst is gone and calls go at the lower rate; the rate then
+    climbs back by 2 % of the ceiling per second."""
+    limiter = StsRateLimiter(client, rate_per_second=100)
+    limiter.acquire()
+    limiter.throttled()
+    started = time.monotonic()
+    for _ in range(35):
+        limiter.acquire()
+    # 35 calls at ~70/s with nothing banked: about half a second (loose bounds: behaviour,
+    # not the machine's speed).
+    assert 0.3 < time.monotonic() - started < 5
+    rate_after_calls = float(client.hget(KEY, "rate") or 0)
+    time.sleep(1.0)
+    limiter.acquire()
+    assert float(client.hget(KEY, "rate") or 0) >= rate_after_calls + 1.5

@@ -470,3 +470,21 @@ def test_no_credential_value_appears_in_outcomes_or_logs(aws_env: None) -> None:
     assert "ASIA" not in text
     assert "FAKEstandin" not in text
     assert EXTERNAL_ID not in text
+
+
+def test_every_throttled_answer_is_reported_retried_ones_included(aws_env: None) -> None:
+    """With two attempts against a role STS always throttles, the limiter hears both answers;
+    a working role's answers report nothing."""
+    heard: list[str] = []
+    settings = Settings(
+        sts_read_timeout_seconds=1,
+        sts_connect_timeout_seconds=1,
+        sts_max_attempts=2,
+        platform_principal_arn="arn:aws:iam::111122223333:root",
+    )
+    sts = StsVerifier(settings, on_throttled=lambda: heard.append("throttled"))
+    outcome = sts.verify(role("throttle-Role"), check_external_id=False)
+    assert (outcome.code, heard) == ("Throttling", ["throttled", "throttled"])
+    heard.clear()
+    assert sts.verify(role("ok-Role"), check_external_id=True).verified
+    assert heard == []

@@ -3,6 +3,11 @@
 STS allows 600 requests per second per calling account and region, shared by AssumeRole and
 everything else. Each worker taking "its share" would make adding workers a throttling storm;
 instead every STS call reserves a slot in one Redis token bucket and waits for its turn.
+
+The configured rate is a ceiling, not a promise: the platform's other STS callers spend the same
+quota. When STS answers Throttling anyway, the shared rate is cut (multiplicatively, once per
+second at most however many calls saw it) and then regained a little every second (additively),
+so all workers together settle just under what STS actually grants instead of hammering it.
 """
 
 from __future__ import annotations
@@ -18,33 +23,64 @@ log = get_logger("worker.ratelimit")
 
 KEY = "verifier:sts-rate"
 DOWN_COOLDOWN_SECONDS = 10.0
+# On Throttling: the rate times CUT_FACTOR, at most once per CUT_INTERVAL_SECONDS, never below
+# FLOOR_SHARE of the ceiling; then RECOVERY_SHARE of the ceiling regained per second.
+CUT_FACTOR = 0.7
+CUT_INTERVAL_SECONDS = 1.0
+FLOOR_SHARE = 0.05
+RECOVERY_SHARE = 0.02
 
 # Reserve one token, letting the bucket go negative: the caller sleeps until its reservation is
 # due (no retry loop, no thundering herd). Time comes from Redis, so worker clocks do not matter.
+# The bucket holds at most one second's worth at the current rate.
 _RESERVE = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+local ceiling = tonumber(ARGV[1])
+local recovery = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1]) or burst
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate')
+local rate = tonumber(state[3]) or ceiling
 local ts = tonumber(state[2]) or now
+rate = math.min(ceiling, rate + (now - ts) * recovery)
+local burst = math.max(1, rate)
+local tokens = tonumber(state[1]) or burst
 tokens = math.min(burst, tokens + (now - ts) * rate) - 1
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'rate', tostring(rate))
 redis.call('EXPIRE', KEYS[1], 60)
 if tokens >= 0 then return '0' end
 return tostring(-tokens / rate)
 """
 
+# STS said Throttling: cut the shared rate, and spend whatever the bucket had banked. Returns the
+# new rate, or '' when another call already cut it within the interval.
+_THROTTLED = """
+local ceiling = tonumber(ARGV[1])
+local factor = tonumber(ARGV[2])
+local floor = tonumber(ARGV[3])
+local interval = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'rate', 'cut', 'tokens')
+local cut = tonumber(state[2]) or 0
+if now - cut < interval then return '' end
+local rate = math.max(floor, (tonumber(state[1]) or ceiling) * factor)
+local tokens = math.min(0, tonumber(state[3]) or 0)
+redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'cut', tostring(now))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens))
+redis.call('EXPIRE', KEYS[1], 60)
+return tostring(rate)
+"""
+
 
 class StsRateLimiter:
-    """`acquire()` blocks until this call may go to STS under the shared rate."""
+    """`acquire()` blocks until this call may go to STS under the shared rate; `throttled()`
+    tells every worker that STS wants less."""
 
     def __init__(self, client: redis.Redis, *, rate_per_second: float) -> None:
         self._redis = client
         self._rate = rate_per_second
-        self._burst = max(1.0, rate_per_second)  # at most one second's worth at once
-        self._script: Any = client.register_script(_RESERVE)
+        self._reserve: Any = client.register_script(_RESERVE)
+        self._throttled: Any = client.register_script(_THROTTLED)
         self._down_until = 0.0
 
     def acquire(self) -> float:
@@ -52,16 +88,43 @@ class StsRateLimiter:
         if time.monotonic() < self._down_until:
             return 0.0
         try:
-            wait = float(self._script(keys=[KEY], args=[self._rate, self._burst]))
+            wait = float(self._reserve(keys=[KEY], args=[self._rate, self._rate * RECOVERY_SHARE]))
         except redis.RedisError as error:
-            # Fail open: STS's own throttling (a transient outcome) still protects the quota,
-            # and verification must not stop because the limiter's store is away. Stop asking
-            # Redis for a while, so each call does not wait for a connection timeout.
-            self._down_until = time.monotonic() + DOWN_COOLDOWN_SECONDS
-            log.warning(
-                "ratelimit.unavailable", error=str(error), retry_in_seconds=DOWN_COOLDOWN_SECONDS
-            )
+            self._unavailable(error)
             return 0.0
         if wait > 0:
             time.sleep(wait)
         return wait
+
+    def throttled(self) -> float | None:
+        """STS answered Throttling: cut the shared rate. Returns the new rate, or None if it was
+        just cut (by this or another worker) or Redis is away."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            answer = self._throttled(
+                keys=[KEY],
+                args=[self._rate, CUT_FACTOR, self._rate * FLOOR_SHARE, CUT_INTERVAL_SECONDS],
+            )
+        except redis.RedisError as error:
+            self._unavailable(error)
+            return None
+        if not answer:
+            return None
+        rate = float(answer)
+        log.warning(
+            "ratelimit.throttled",
+            rate_per_second=round(rate, 1),
+            ceiling_per_second=self._rate,
+            action="STS throttled us: every worker slows down, then speeds up again",
+        )
+        return rate
+
+    def _unavailable(self, error: redis.RedisError) -> None:
+        # Fail open: STS's own throttling (a transient outcome) still protects the quota, and
+        # verification must not stop because the limiter's store is away. Stop asking Redis for
+        # a while, so each call does not wait for a connection timeout.
+        self._down_until = time.monotonic() + DOWN_COOLDOWN_SECONDS
+        log.warning(
+            "ratelimit.unavailable", error=str(error), retry_in_seconds=DOWN_COOLDOWN_SECONDS
+        )

@@ -74,12 +74,12 @@ DENY_ALL_POLICY = json.dumps(
     separators=(",", ":"),
 )
 
-_TRANSIENT_CODES = frozenset(
+# STS asking us to slow down (the global rate limiter listens for these).
+THROTTLING_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+_TRANSIENT_CODES = THROTTLING_CODES | frozenset(
     {
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
         "InternalFailure",
         "InternalError",
         "ServiceUnavailable",
@@ -336,6 +336,8 @@ class StsVerifier:
     """Verifies role details with a shared STS client per region.
 
     `before_call` runs before every STS request; the worker passes its global rate limiter.
+    `on_throttled` runs for every answer that says Throttling, retried ones included (the
+    worker's limiter then slows every worker down).
     """
 
     def __init__(
@@ -343,10 +345,12 @@ class StsVerifier:
         settings: Settings,
         *,
         before_call: Callable[[], object] | None = None,
+        on_throttled: Callable[[], object] | None = None,
         session: boto3.session.Session | None = None,
     ) -> None:
         self._settings = settings
         self._before_call = before_call
+        self._on_throttled = on_throttled
         self._session = session or boto3.session.Session()
         self._clients: dict[str, STSClient] = {}
         self._lock = threading.Lock()
@@ -371,8 +375,21 @@ class StsVerifier:
                     # botocore itself honours AWS_ENDPOINT_URL_STS, AWS_PROFILE, credentials
                     # and regional endpoints.
                     client = self._session.client("sts", region_name=region, config=self._config)
+                    if self._on_throttled is not None:
+                        # Every attempt's answer passes here before botocore decides on a retry,
+                        # so a throttle retried successfully is still heard.
+                        client.meta.events.register("needs-retry.sts", self._see_answer)
                     self._clients[region] = client
         return client
+
+    def _see_answer(self, response: Any = None, **_: Any) -> None:
+        # Returns None, always: botocore takes any other value as its retry decision.
+        if self._on_throttled is None or not isinstance(response, tuple):
+            return
+        http, parsed = response
+        code = parsed.get("Error", {}).get("Code") if isinstance(parsed, dict) else None
+        if code in THROTTLING_CODES or getattr(http, "status_code", None) == 429:
+            self._on_throttled()
 
     def _call(self, region: str, **params: Any) -> dict[str, Any]:
         if self._before_call is not None:
@@ -534,11 +551,16 @@ _verifier: StsVerifier | None = None
 _verifier_lock = threading.Lock()
 
 
-def get_verifier(before_call: Callable[[], object] | None = None) -> StsVerifier:
+def get_verifier(
+    before_call: Callable[[], object] | None = None,
+    on_throttled: Callable[[], object] | None = None,
+) -> StsVerifier:
     """The process's verifier, built on first use (never at import)."""
     global _verifier  # noqa: PLW0603 - one client set per process is the point
     if _verifier is None:
         with _verifier_lock:
             if _verifier is None:
-                _verifier = StsVerifier(get_settings(), before_call=before_call)
+                _verifier = StsVerifier(
+                    get_settings(), before_call=before_call, on_throttled=on_throttled
+                )
     return _verifier

@@ -54,7 +54,10 @@ def verification_context() -> Verification:
                 settings = get_settings()
                 _context = Verification(
                     sessions=session_factory(),
-                    verifier=get_verifier(before_call=sts_rate_limiter().acquire),
+                    verifier=get_verifier(
+                        before_call=sts_rate_limiter().acquire,
+                        on_throttled=sts_rate_limiter().throttled,
+                    ),
                     circuit=platform_circuit(),
                     settings=settings,
                     rng=random.Random(),
