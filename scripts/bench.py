@@ -1784,7 +1784,7 @@ def render_table(r: dict[str, Any]) -> str:
         row("verifications/s, sequential boto3 loop", _fmt(s["verifications_per_second"], ",.2f")),
         row(
             "ratio to the sequential loop",
-            _fmt(w["ratio_to_sequential"], ",.1f", "x"),
+            _fmt(w["ratio_to_sequential"], ",.2f", "x"),
             "ratio to the sequential loop",
         ),
         row(f"ceiling, {c['binding']}-bound ({bounds})", _fmt(c["verifications_per_second"])),
