@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -26,7 +27,7 @@ from worker.claims import claim_due_accounts
 from worker.dispatch import dispatch_due_accounts
 from worker.settings import Settings
 from worker.sts import StsVerifier
-from worker.tasks import ChunkInFlight
+from worker.tasks import ChunkInFlight, VerificationWindow, check_in_window
 from worker.verify import (
     WORKER_ACTOR,
     Result,
@@ -241,12 +242,12 @@ def test_an_open_circuit_pauses_verification_until_a_probe_succeeds(
     scratch_sessions: sessionmaker[Session],
     circuit: PlatformCircuit,
 ) -> None:
-    """While open, tasks skip and dispatch pauses; a successful probe closes it."""
-    account_id, lease_id = _account(scratch_sessions, "ok-Paused")
+    """While open, the dispatcher probes STS before claiming; a successful probe closes it.
+    (Accounts already in flight skip: see the test of an account whose turn comes after the
+    circuit opened.)"""
+    _account(scratch_sessions, "ok-Paused")
     ctx = make_ctx(platform_pause_seconds=1)
     circuit.trip("InvalidClientTokenId", "test")
-    assert verify_account(ctx, account_id, lease_id) is Result.SKIPPED
-    assert _read(scratch_sessions, account_id).status is AccountStatus.PENDING
     probe_now = PlatformCircuit(circuit._redis, pause_seconds=0, cache_seconds=0)
     probe_now.postpone("InvalidClientTokenId", "still")  # probe due at once
     sent: list[str] = []
@@ -392,14 +393,15 @@ def _statements(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
 def test_a_chunk_is_read_with_one_query_in_the_order_given(
     make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
 ) -> None:
-    """read_attempts returns the accounts still leased to the attempt, one SELECT for all."""
+    """read_attempts returns the accounts still leased to the attempt, each once (a duplicate
+    would be verified and recorded twice), with one SELECT for all."""
     ids, lease_id = _chunk(scratch_sessions, ["ok-A", "ok-B", "ok-C"])
     with scratch_sessions.begin() as session:
         session.execute(
             update(AwsAccount).where(AwsAccount.id == ids[1]).values(lease_id=uuid.uuid4())
         )
     with _statements(scratch_sessions) as seen, scratch_sessions.begin() as session:
-        attempts = read_attempts(session, [ids[2], ids[1], ids[0]], lease_id)
+        attempts = read_attempts(session, [ids[2], ids[1], ids[0], ids[2]], lease_id)
     assert [a.account_id for a in attempts] == [ids[2], ids[0]]
     assert seen == ["SELECT"]
 
@@ -555,3 +557,69 @@ def test_a_row_the_database_refuses_does_not_hold_back_its_chunk(
     assert events.count("verification.write_split") == 1
     [error] = [e for e in logs if e["event"] == "verification.error"]
     assert error["account_id"] == str(ids[1])
+
+
+def test_an_account_whose_turn_comes_after_the_circuit_opened_makes_no_sts_call(
+    make_ctx: Callable[..., Verification],
+    scratch_sessions: sessionmaker[Session],
+    circuit: PlatformCircuit,
+) -> None:
+    """The circuit opened while the account waited for a slot: no STS call, the slot is given
+    back, the lease is released until the pause ends."""
+    calls: list[str] = []
+    ctx = make_ctx(before_call=lambda: calls.append("sts"), platform_pause_seconds=600)
+    ids, lease_id = _chunk(scratch_sessions, ["ok-W"])
+    with scratch_sessions.begin() as session:
+        [attempt] = read_attempts(session, ids, lease_id)
+    window = VerificationWindow(1)
+    try:
+        assert window.slots.acquire(timeout=0)
+        circuit.trip("InvalidClientTokenId", "test")
+        check_in_window(ctx, attempt, ChunkInFlight(ctx, [attempt], WORKER_ACTOR, None), window)
+        assert window.slots.acquire(timeout=0), "the slot was given back"
+    finally:
+        window.drain()
+    account = _read(scratch_sessions, ids[0])
+    assert (calls, account.status, account.lease_id, account.last_attempted_at) == (
+        [],
+        AccountStatus.PENDING,
+        None,
+        None,
+    )
+    with scratch_sessions() as session:
+        assert session.scalar(
+            select(AwsAccount.next_due_at > func.now() + timedelta(seconds=500)).where(
+                AwsAccount.id == ids[0]
+            )
+        )
+
+
+def test_chunks_written_at_the_same_time_count_each_others_wave(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Threshold 2: a chunk failing two connected accounts has not committed yet when another
+    chunk fails a third the same way; the second waits for the first and holds its account."""
+    ctx = make_ctx(wave_threshold=2, wave_window_seconds=600)
+    fields = {"status": AccountStatus.CONNECTED, "last_outcome": OutcomeKind.CUSTOMER_MUST_FIX}
+    first_ids, first_lease = _chunk(scratch_sessions, ["deny-C1", "deny-C2"], **fields)
+    second_ids, second_lease = _chunk(scratch_sessions, ["deny-C3"], **fields)
+    with scratch_sessions.begin() as session:
+        first = [check_account(ctx, a) for a in read_attempts(session, first_ids, first_lease)]
+        second = [check_account(ctx, a) for a in read_attempts(session, second_ids, second_lease)]
+
+    def write_second() -> None:
+        with scratch_sessions.begin() as session:
+            apply_checked(ctx, session, second, actor="worker", correlation_id=None)
+
+    with scratch_sessions.begin() as session:
+        apply_checked(ctx, session, first, actor="worker", correlation_id=None)
+        writer = threading.Thread(target=write_second)
+        writer.start()
+        writer.join(timeout=1.0)
+        assert writer.is_alive(), "the second chunk waits for the first one's commit"
+    writer.join(timeout=30)
+    assert [_read(scratch_sessions, i).status for i in [*first_ids, *second_ids]] == [
+        AccountStatus.FAILED,
+        AccountStatus.FAILED,
+        AccountStatus.CONNECTED,
+    ]

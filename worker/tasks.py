@@ -176,7 +176,7 @@ def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
     raise AssertionError("unreachable")
 
 
-class _Window:
+class VerificationWindow:
     """The worker process's verifications in flight: a thread pool and a bound on what it holds.
 
     A task hands its accounts over and returns once all are in flight, so a process takes its
@@ -197,16 +197,16 @@ class _Window:
         self.executor.shutdown(wait=True)
 
 
-_window: _Window | None = None
+_window: VerificationWindow | None = None
 
 
-def verification_window() -> _Window:
+def verification_window() -> VerificationWindow:
     """Built on first use, so inside the prefork child that runs tasks, never in the parent."""
     global _window  # noqa: PLW0603 - one per process
     if _window is None:
         with _lock:
             if _window is None:
-                _window = _Window(get_settings().worker_concurrency)
+                _window = VerificationWindow(get_settings().worker_concurrency)
     return _window
 
 
@@ -331,13 +331,15 @@ class ChunkInFlight:
         return results
 
 
-def _check_one(attempt: Attempt, chunk: ChunkInFlight, window: _Window) -> None:
-    """Ask STS about one account of a chunk; an error is logged and left to the lease."""
+def check_in_window(
+    ctx: Verification, attempt: Attempt, chunk: ChunkInFlight, window: VerificationWindow
+) -> None:
+    """Ask STS about one account of a chunk, on a slot of the window it holds; an error is
+    logged and left to the lease."""
     checked: Checked | None = None
     paused = False
     try:
         bind_context(**account_fields(attempt))
-        ctx = verification_context()
         # The circuit may have opened while this account waited for its turn.
         paused = ctx.circuit is not None and ctx.circuit.is_open()
         if not paused:
@@ -395,25 +397,13 @@ def verify_accounts_task(
         return {"dropped": len(account_ids)}
     ctx = verification_context()
     lease = uuid.UUID(lease_id)
-    # A duplicate id would be checked twice and its status change recorded twice.
-    ids = list(dict.fromkeys(uuid.UUID(account_id) for account_id in account_ids))
+    ids = [uuid.UUID(account_id) for account_id in account_ids]
     attempts = _read_chunk(ctx, ids, lease)
-    skipped = len(ids) - len(attempts)
-    if skipped:
-        found = {attempt.account_id for attempt in attempts}
-        for account_id in ids:
-            if account_id not in found:
-                log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
-    if attempts and ctx.circuit is not None and ctx.circuit.is_open():
-        with ctx.sessions.begin() as session:
-            release_leases(
-                session,
-                [attempt.account_id for attempt in attempts],
-                lease,
-                due_in_seconds=ctx.settings.platform_pause_seconds,
-            )
-        log.info("verification.skipped", reason="platform_paused", accounts=len(attempts))
-        return {"skipped": len(ids)}
+    found = {attempt.account_id for attempt in attempts}
+    missing = set(ids) - found
+    for account_id in missing:
+        log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
+    skipped = len(missing)
     window = verification_window()
     chunk = ChunkInFlight(ctx, attempts, actor, current_context().get("correlation_id"))
     handed = 0
@@ -431,7 +421,7 @@ def verify_accounts_task(
                 # Each account runs in a copy of this task's logging context (task id,
                 # correlation id).
                 window.executor.submit(
-                    contextvars.copy_context().run, _check_one, attempt, chunk, window
+                    contextvars.copy_context().run, check_in_window, ctx, attempt, chunk, window
                 )
                 queued = True
             finally:

@@ -60,7 +60,7 @@ class Result(enum.StrEnum):
 
     APPLIED = "applied"
     DISCARDED = "discarded"  # the account changed (or the lease was lost) during the attempt
-    SKIPPED = "skipped"  # nothing to do: gone, not ours, or verification paused
+    SKIPPED = "skipped"  # nothing to do: gone, or not ours
 
 
 _ACCOUNTS = cast(Table, AwsAccount.__table__)
@@ -91,7 +91,8 @@ _READ_ATTEMPTS = select(
 def read_attempts(
     session: Session, account_ids: Sequence[uuid.UUID], lease_id: uuid.UUID
 ) -> list[Attempt]:
-    """Re-read the accounts still leased to this attempt (in the order given), in one query."""
+    """Re-read the accounts still leased to this attempt (in the order given, each once), in one
+    query."""
     found: dict[uuid.UUID, Attempt] = {}
     for row in session.execute(
         _READ_ATTEMPTS, {"account_ids": list(account_ids), "lease_id": lease_id}
@@ -117,7 +118,9 @@ def read_attempts(
             ),
             now=row.now,
         )
-    return [found[account_id] for account_id in account_ids if account_id in found]
+    # Each account once, however often it was listed: a duplicate would be checked twice and
+    # its status change recorded twice.
+    return [found[account_id] for account_id in dict.fromkeys(account_ids) if account_id in found]
 
 
 def start_attempt(session: Session, account_id: uuid.UUID, lease_id: uuid.UUID) -> Attempt | None:
@@ -510,7 +513,9 @@ def verify_account(
     """Verify one leased account and apply the outcome. Safe to run twice for the same lease.
 
     The worker verifies whole chunks (`worker.tasks`) with the same steps: `read_attempts`,
-    `check_account` for each, `apply_checked` for all of them.
+    `check_account` for each, `apply_checked` for all of them; it also skips accounts while the
+    circuit breaker is open, which this function leaves to its caller (`reverify --inline` runs
+    without one).
     """
     with ctx.sessions.begin() as session:
         attempt = start_attempt(session, account_id, lease_id)
@@ -518,16 +523,6 @@ def verify_account(
         log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
         return Result.SKIPPED
     bind_context(**account_fields(attempt))
-    if ctx.circuit is not None and ctx.circuit.is_open():
-        with ctx.sessions.begin() as session:
-            release_leases(
-                session,
-                [account_id],
-                lease_id,
-                due_in_seconds=ctx.settings.platform_pause_seconds,
-            )
-        log.info("verification.skipped", reason="platform_paused")
-        return Result.SKIPPED
     checked = check_account(ctx, attempt, check_external_id=check_external_id, observe=observe)
     with ctx.sessions.begin() as session:
         (result,) = apply_checked(

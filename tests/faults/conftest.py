@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from tests.faults.harness import (
     PrivatePostgres,
     RedisServer,
     StandInProcess,
+    fault_env,
     postgres_bindir,
     redis_server_binary,
 )
@@ -42,6 +43,21 @@ def standin(tmp_path: Path) -> Iterator[StandInProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture
+def services_env(
+    scratch_database: str, private_redis: RedisServer, standin: StandInProcess
+) -> Callable[..., dict[str, str]]:
+    """The worker's and beat's environment on this test's scratch database, private Redis and
+    stand-in (the fault suite's cadences), with keyword arguments as extra settings."""
+
+    def build(**extra: str) -> dict[str, str]:
+        return fault_env(
+            database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url, **extra
+        )
+
+    return build
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypedDict
@@ -18,7 +19,7 @@ from sqlalchemy import select
 
 from models import AccountStatus, AuditEvent, AuditEventType
 from tests.faults.fleet import Fleet, Planned, unique_aws_account_id
-from tests.faults.harness import RedisServer, StandInProcess, fault_env, log_events, running
+from tests.faults.harness import StandInProcess, log_events, running
 from tests.faults.invariants import check_invariants, wait_for
 from tests.processes import Service, start_beat, start_worker, wait_until
 
@@ -93,9 +94,8 @@ def _arn(template: str) -> _ArnRow:
 
 @pytest.mark.timeout(120)
 def test_malformed_rows_fail_precisely_or_connect(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -154,7 +154,7 @@ def test_malformed_rows_fail_precisely_or_connect(
         _bad(fleet, "connected-cn", "UnsupportedPartition", initial=CONNECTED, **_arn(cn)),
         _bad(fleet, "failed-cn", "UnsupportedPartition", initial=FAILED, **_arn(cn)),
     ]
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_for(fleet, timeout=60)
@@ -188,9 +188,8 @@ IN_FLIGHT = {
 
 @pytest.mark.timeout(120)
 def test_account_deleted_while_its_verification_is_in_flight(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -201,9 +200,7 @@ def test_account_deleted_while_its_verification_is_in_flight(
         fleet.add(f"slow-doomed-{n}", expected=CONNECTED, reason="verified") for n in range(3)
     ]
     fleet.add_mix(copies=1)
-    env = fault_env(
-        database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url, **IN_FLIGHT
-    )
+    env = services_env(**IN_FLIGHT)
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_until(lambda: _in_flight(standin, doomed), timeout=30, what="calls in flight")
@@ -223,9 +220,8 @@ def test_account_deleted_while_its_verification_is_in_flight(
 
 @pytest.mark.timeout(120)
 def test_account_edited_while_its_verification_is_in_flight(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -241,9 +237,7 @@ def test_account_edited_while_its_verification_is_in_flight(
     alias_only = fleet.add("slow-alias-only", expected=CONNECTED, reason="verified")
     edited = [to_deny, to_new_external_id, to_noext, to_new_account]
     fleet.add_mix(copies=1)
-    env = fault_env(
-        database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url, **IN_FLIGHT
-    )
+    env = services_env(**IN_FLIGHT)
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_until(
@@ -289,9 +283,8 @@ def test_account_edited_while_its_verification_is_in_flight(
 
 @pytest.mark.timeout(120)
 def test_rows_sts_would_refuse_are_refused_locally(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -315,7 +308,7 @@ def test_rows_sts_would_refuse_are_refused_locally(
         _bad(fleet, "ok-newline-arn", "InvalidRoleArn", **_arn("arn:aws:iam::{account}:role/ok\n")),
     ]
     fleet.add("ok-control")
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_for(fleet, timeout=60)
@@ -327,16 +320,14 @@ def test_rows_sts_would_refuse_are_refused_locally(
 
 @pytest.mark.timeout(120)
 def test_failure_counter_at_its_limit(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
-    standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
     """A counter at 2**31 - 1 is a value the schema accepts: the next failure must not crash."""
     fleet.add("deny-max-counter", consecutive_failures=2**31 - 1)
     fleet.add("throttle-max-counter", consecutive_failures=2**31 - 1)
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_for(fleet, timeout=15)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,8 @@ from sqlalchemy import func, select
 from models import AccountStatus, AwsAccount
 from tests.faults.fleet import Fleet, Planned
 from tests.faults.harness import (
-    RedisServer,
     StandInProcess,
     beat_ticks,
-    fault_env,
     kill_group,
     log_events,
     running,
@@ -56,9 +55,8 @@ def _live_leases(fleet: Fleet) -> int:
 
 @pytest.mark.timeout(150)
 def test_worker_killed_mid_sweep_loses_nothing(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -67,12 +65,7 @@ def test_worker_killed_mid_sweep_loses_nothing(
     standin.configure(median_ms=150)
     fleet.add_mix(copies=3)
     total = len(fleet.accounts)
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
-        WORKER_CONCURRENCY="2",
-    )
+    env = services_env(WORKER_CONCURRENCY="2")
     beat = start_beat(env, tmp_path)
     first = start_worker(env, tmp_path, name="first")
     with running(beat, first):
@@ -110,9 +103,8 @@ def _children(service: Service) -> list[int]:
 
 @pytest.mark.timeout(150)
 def test_worker_pool_child_killed_mid_chunk(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -122,10 +114,7 @@ def test_worker_pool_child_killed_mid_chunk(
     standin.configure(median_ms=300)
     fleet.add_mix(copies=3)
     total = len(fleet.accounts)
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
+    env = services_env(
         WORKER_CONCURRENCY="2",
         DISPATCH_CHUNK_SIZE="8",
         VERIFY_TIME_LIMIT_SECONDS="10",
@@ -153,9 +142,8 @@ def test_worker_pool_child_killed_mid_chunk(
 
 @pytest.mark.timeout(150)
 def test_warm_shutdown_writes_the_accounts_in_flight(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -164,10 +152,7 @@ def test_warm_shutdown_writes_the_accounts_in_flight(
     # Answers slower than the worker's own shutdown takes, so only a drain can wait for them.
     standin.configure(median_ms=2500, latency_sigma=0)
     planned = [fleet.add(f"ok-Drain{n}") for n in range(6)]
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
+    env = services_env(
         WORKER_PROCESSES="1",
         WORKER_CONCURRENCY="8",
         DISPATCH_CHUNK_SIZE="8",
@@ -195,9 +180,8 @@ def test_warm_shutdown_writes_the_accounts_in_flight(
 
 @pytest.mark.timeout(150)
 def test_a_full_window_gives_accounts_back_instead_of_waiting_out_the_time_limit(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -205,10 +189,7 @@ def test_a_full_window_gives_accounts_back_instead_of_waiting_out_the_time_limit
     released, due at once, and still verified exactly once each."""
     standin.configure(median_ms=1500, latency_sigma=0)
     planned = [fleet.add(f"ok-Crowd{n}") for n in range(3)]
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
+    env = services_env(
         WORKER_PROCESSES="1",
         WORKER_CONCURRENCY="1",
         DISPATCH_CHUNK_SIZE="3",
@@ -229,9 +210,8 @@ def test_a_full_window_gives_accounts_back_instead_of_waiting_out_the_time_limit
 
 @pytest.mark.timeout(150)
 def test_beat_killed_mid_sweep_then_restarted(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -240,10 +220,7 @@ def test_beat_killed_mid_sweep_then_restarted(
     standin.configure(median_ms=100)
     fleet.add_mix(copies=3)
     total = len(fleet.accounts)
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
+    env = services_env(
         WORKER_CONCURRENCY="2",
         DISPATCH_BATCH_SIZE="2",
         DISPATCH_MAX_QUEUED="2",
@@ -288,19 +265,15 @@ def _expected_sts_calls(planned: Planned) -> int | None:
 
 @pytest.mark.timeout(150)
 def test_two_beats_never_verify_an_account_twice(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
     """Two beats (and two workers) at once: twice the dispatches, each account still verified
     exactly as often as its behaviour needs, each change recorded once."""
     standin.configure(median_ms=30)
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
+    env = services_env(
         DISPATCH_BATCH_SIZE="3",
         # No lease may expire under a slow machine: a re-claim after expiry is a legitimate
         # second verification, not the double dispatch this test looks for.

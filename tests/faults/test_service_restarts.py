@@ -6,7 +6,7 @@ restarting them disturbs no one else using the machine's services.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.faults
 
 @pytest.mark.timeout(150)
 def test_redis_restarted_mid_sweep(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
     private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
@@ -37,12 +37,7 @@ def test_redis_restarted_mid_sweep(
     standin.configure(median_ms=150)
     fleet.add_mix(copies=3)
     total = len(fleet.accounts)
-    env = fault_env(
-        database_url=scratch_database,
-        redis_url=private_redis.url,
-        sts_url=standin.url,
-        WORKER_CONCURRENCY="2",
-    )
+    env = services_env(WORKER_CONCURRENCY="2")
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_until(

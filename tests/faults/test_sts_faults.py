@@ -8,6 +8,7 @@ text/plain body), steered per role name and through its control endpoint.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 
 from models import AccountStatus, AuditEvent, OutcomeKind
 from tests.faults.fleet import Fleet
-from tests.faults.harness import RedisServer, StandInProcess, fault_env, log_events, running
+from tests.faults.harness import StandInProcess, log_events, running
 from tests.faults.invariants import check_invariants, wait_for
 from tests.processes import Service, start_beat, start_worker, wait_until
 
@@ -40,16 +41,15 @@ def _audit_events(fleet: Fleet) -> list[AuditEvent]:
 
 @pytest.mark.timeout(150)
 def test_sts_throttling_most_calls_for_a_while(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
     """80 % of all calls answered `Throttling` for 8 s: nobody is failed for it, retries back
     off, and once STS calms down every account ends where its role puts it."""
     fleet.add_mix(copies=2)
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         _wait_ready(worker)
@@ -73,9 +73,8 @@ TRANSIENT_CODES = {
 
 @pytest.mark.timeout(150)
 def test_sts_5xx_timeouts_resets_and_garbage(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -92,7 +91,7 @@ def test_sts_5xx_timeouts_resets_and_garbage(
         for status in AccountStatus
     }
     fleet.add_mix(copies=1)
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         _wait_ready(worker)
@@ -127,9 +126,8 @@ def test_sts_5xx_timeouts_resets_and_garbage(
 
 @pytest.mark.timeout(150)
 def test_platform_credentials_invalid_then_valid(
+    services_env: Callable[..., dict[str, str]],
     fleet: Fleet,
-    scratch_database: str,
-    private_redis: RedisServer,
     standin: StandInProcess,
     tmp_path: Path,
 ) -> None:
@@ -138,7 +136,7 @@ def test_platform_credentials_invalid_then_valid(
     verification resumes by itself."""
     fleet.add_mix(copies=2)
     standin.configure(platform_credentials_valid=False)
-    env = fault_env(database_url=scratch_database, redis_url=private_redis.url, sts_url=standin.url)
+    env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
         wait_until(lambda: log_events(worker, "platform.fault"), timeout=30, what="platform.fault")
