@@ -86,6 +86,7 @@ __all__ = [
     "get_platform_credentials_valid",
     "iam_client",
     "set_platform_credentials_valid",
+    "sts_calls",
     "trust_policy",
 ]
 
@@ -535,6 +536,10 @@ class TrustPolicyMiddleware:
         self._propagation_delay = timedelta(seconds=propagation_delay)
         self._lock = threading.Lock()
         self._platform_valid = True
+        # STS calls by action and, for AssumeRole, by role ARN: what tests count ("no STS call
+        # was made for this row"), whatever the answer was.
+        self._calls: dict[str, int] = {}
+        self._assume_role_calls: dict[str, int] = {}
 
     @property
     def platform_credentials_valid(self) -> bool:
@@ -572,10 +577,22 @@ class TrustPolicyMiddleware:
             return platform if self.platform_credentials_valid else None
         return _moto_caller(access_key_id)
 
+    def calls(self) -> dict[str, Any]:
+        """STS calls received so far: by action, and AssumeRole by role ARN."""
+        with self._lock:
+            return {"by_action": dict(self._calls), "assume_role": dict(self._assume_role_calls)}
+
+    def _count(self, action: str | None, role_arn: str | None) -> None:
+        with self._lock:
+            self._calls[action or "?"] = self._calls.get(action or "?", 0) + 1
+            if action == "AssumeRole" and role_arn is not None:
+                self._assume_role_calls[role_arn] = self._assume_role_calls.get(role_arn, 0) + 1
+
     def _sts(self, environ: WSGIEnvironment, access_key_id: str | None) -> Response | None:
         """Our own answer to an STS request, or None to let moto answer it."""
         params = _query_parameters(environ)
         action = params.get("Action")
+        self._count(action, params.get("RoleArn"))
         caller = self._caller(access_key_id)
         if caller is None:
             return _sts_error(403, "InvalidClientTokenId", _INVALID_KEY_MESSAGE)
@@ -622,6 +639,8 @@ class TrustPolicyMiddleware:
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "health" and method == "GET":
             return _json_response({"status": "ok"})
+        if path == "calls" and method == "GET":
+            return _json_response(self.calls())
         if path != "platform-credentials":
             return _json_response({"error": f"no such sandbox endpoint: {path}"}, 404)
         if method == "POST":
@@ -842,8 +861,10 @@ def delete_customer_role(endpoint_url: str, account_id: str, role_name: str) -> 
     return True
 
 
-def _control_request(endpoint_url: str, payload: Mapping[str, Any] | None) -> dict[str, Any]:
-    url = endpoint_url.rstrip("/") + CONTROL_PREFIX + "platform-credentials"
+def _control_request(
+    endpoint_url: str, payload: Mapping[str, Any] | None, path: str = "platform-credentials"
+) -> dict[str, Any]:
+    url = endpoint_url.rstrip("/") + CONTROL_PREFIX + path
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) endpoint: {endpoint_url!r}")
     data = None if payload is None else json.dumps(payload).encode()
@@ -859,6 +880,12 @@ def _control_request(endpoint_url: str, payload: Mapping[str, Any] | None) -> di
 def set_platform_credentials_valid(endpoint_url: str, valid: bool) -> None:
     """Revoke (False) or restore (True) the platform's credentials of a sandbox over HTTP."""
     _control_request(endpoint_url, {"valid": valid})
+
+
+def sts_calls(endpoint_url: str) -> dict[str, Any]:
+    """STS calls a sandbox reached over HTTP has received: ``by_action`` and ``assume_role``
+    (AssumeRole by role ARN)."""
+    return _control_request(endpoint_url, None, "calls")
 
 
 def get_platform_credentials_valid(endpoint_url: str) -> bool:

@@ -15,7 +15,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
-from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts, create_customer_role
+from sandbox.moto_sts import (
+    PLATFORM_ACCOUNT_ID,
+    PLATFORM_PRINCIPAL_ARN,
+    SandboxSts,
+    create_customer_role,
+    sts_calls,
+)
 from tests.factories import (
     make_account,
     make_organization,
@@ -60,6 +66,77 @@ def _status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
                 .order_by(AuditEvent.id)
             )
         )
+
+
+def test_a_role_in_the_platforms_own_account_never_connects(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+    tmp_path: Path,
+) -> None:
+    """Rows naming roles in the platform's own account fail with no AssumeRole made for them,
+    even roles there that trust the platform and require the row's external ID."""
+    endpoint = sandbox.endpoint_url
+    platform_roles = {
+        "trusts-the-platform": PLATFORM_PRINCIPAL_ARN,
+        "trusts-the-account": f"arn:aws:iam::{PLATFORM_ACCOUNT_ID}:root",
+    }
+    rows: dict[str, uuid.UUID] = {}
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        for label, trusted in platform_roles.items():
+            # One connection per organization and AWS account: one organization each.
+            rows[label] = make_sandbox_account(
+                session,
+                endpoint,
+                organization=make_organization(session),
+                trusted=trusted,
+                aws_account_id=PLATFORM_ACCOUNT_ID,
+                role_name=f"Platform-{label}-{uuid.uuid4().hex[:6]}",
+                # Inside the grace window: the refusal must not wait for it to end.
+                role_changed_at=datetime.now(UTC),
+            ).id
+        rows["customer"] = make_sandbox_account(
+            session, endpoint, organization=organization, role_changed_at=LONG_AGO
+        ).id
+    with scratch_sessions() as session:
+        arns = {
+            label: session.get_one(AwsAccount, account_id).role_arn
+            for label, account_id in rows.items()
+        }
+    env = service_env(
+        database_url=scratch_database,
+        redis_url=clean_redis,
+        sts_url=endpoint,
+        PLATFORM_PRINCIPAL_ARN=PLATFORM_PRINCIPAL_ARN,
+    )
+    with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
+        expected = {
+            rows["trusts-the-platform"]: "failed",
+            rows["trusts-the-account"]: "failed",
+            rows["customer"]: "connected",
+        }
+        wait_until(
+            lambda: _statuses(scratch_sessions, list(rows.values())) == expected,
+            timeout=120,
+            what="the platform's rows to fail and the customer's to connect",
+        )
+    calls = sts_calls(endpoint)["assume_role"]
+    assert calls.get(arns["trusts-the-platform"], 0) == 0
+    assert calls.get(arns["trusts-the-account"], 0) == 0
+    assert calls[arns["customer"]] >= 1
+    with scratch_sessions() as session:
+        for label in platform_roles:
+            account = session.get_one(AwsAccount, rows[label])
+            assert account.last_error_code == "PlatformAccount"
+            assert "cannot be connected" in (account.error_message or "")
+            assert "assumed" not in (account.error_message or "")
+    refused = worker.events("verification.platform_account_refused")
+    assert {line["account_id"] for line in refused} == {
+        str(rows[label]) for label in platform_roles
+    }
+    assert all(line["level"] == "warning" for line in refused)
 
 
 def test_accounts_reach_the_status_their_roles_imply(

@@ -58,6 +58,26 @@ def run(current: AccountState, outcome: Outcome, settings: Settings = SETTINGS) 
     return decide(current, outcome, now=NOW, settings=settings, rng=random.Random(1))
 
 
+PLATFORM_ACCOUNT = Outcome(
+    OutcomeKind.CUSTOMER_MUST_FIX, "PlatformAccount", "cannot be connected", decisive=True
+)
+
+
+@pytest.mark.parametrize(
+    "current",
+    [
+        state(role_age=timedelta(seconds=1)),
+        state(AccountStatus.CONNECTED, last_outcome=OutcomeKind.VERIFIED),
+    ],
+    ids=["pending-inside-grace", "connected-first-sighting"],
+)
+def test_a_decisive_refusal_fails_at_once(current: AccountState) -> None:
+    """A refusal decided without AWS (the platform's own account) skips grace and confirming."""
+    decision = run(current, PLATFORM_ACCOUNT)
+    assert (decision.status, decision.hold) == (AccountStatus.FAILED, None)
+    assert decision.error_message == PLATFORM_ACCOUNT.message
+
+
 @pytest.mark.parametrize("status", list(AccountStatus))
 def test_verified_connects_and_clears_the_error(status: AccountStatus) -> None:
     """Any account that verifies becomes connected, with no error and no failure count."""

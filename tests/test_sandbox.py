@@ -47,6 +47,7 @@ from sandbox.moto_sts import (
     evaluate_trust_policy,
     get_platform_credentials_valid,
     set_platform_credentials_valid,
+    sts_calls,
     trust_policy,
 )
 
@@ -285,13 +286,15 @@ def test_role_created_later_starts_working(sandbox: SandboxSts) -> None:
 
 def test_propagation_delay_hides_a_new_role_for_a_while(sandbox: SandboxSts) -> None:
     """With a propagation delay a new role is denied at first and assumed once the delay passed."""
-    with SandboxSts(propagation_delay=0.5) as slow:
+    # Seconds, not fractions: on a loaded machine creating the role and asking for it can take
+    # longer than half a second, and the role would then already be visible.
+    with SandboxSts(propagation_delay=5) as slow:
         role_arn = make_role(slow)
         with pytest.raises(ClientError) as error:
             assume(slow, role_arn)
         assert_access_denied(error, role_arn)
 
-        time.sleep(0.6)
+        time.sleep(5.1)
         assert assume(slow, role_arn)["Credentials"]["AccessKeyId"]
 
 
@@ -365,6 +368,36 @@ def test_role_chaining_is_judged_by_the_first_roles_session(sandbox: SandboxSts)
 
 
 # --------------------------------------------------------------------------- who is calling
+
+
+def test_sts_calls_are_counted_per_action_and_role(sandbox: SandboxSts) -> None:
+    """The sandbox counts the STS calls it receives, AssumeRole by role ARN, refused or not."""
+    allowed = make_role(sandbox)
+    refused = make_role(sandbox, trusted="arn:aws:iam::999988887777:root")
+    before = sts_calls(sandbox.endpoint_url)
+
+    assume(sandbox, allowed)
+    with pytest.raises(ClientError):
+        assume(sandbox, refused)
+    sts_client(sandbox.endpoint_url).get_caller_identity()
+
+    after = sts_calls(sandbox.endpoint_url)
+    assert after["assume_role"][allowed] == before["assume_role"].get(allowed, 0) + 1
+    assert after["assume_role"][refused] == before["assume_role"].get(refused, 0) + 1
+    for action, more in (("AssumeRole", 2), ("GetCallerIdentity", 1)):
+        assert after["by_action"][action] == before["by_action"].get(action, 0) + more
+
+
+def test_a_role_in_the_platforms_own_account_can_be_assumed_by_the_platform(
+    sandbox: SandboxSts,
+) -> None:
+    """As in AWS, a role in the platform's account that trusts it works: the worker must refuse
+    such rows itself (tests/test_e2e_worker.py), the sandbox would not stop it."""
+    role_arn = make_role(sandbox, account_id=PLATFORM_ACCOUNT_ID)
+
+    response = assume(sandbox, role_arn)
+
+    assert response["AssumedRoleUser"]["Arn"].startswith(f"arn:aws:sts::{PLATFORM_ACCOUNT_ID}:")
 
 
 def test_get_caller_identity_names_the_platform_principal(sandbox: SandboxSts) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import boto3
 import pytest
@@ -60,6 +61,14 @@ def verifier(**overrides: object) -> StsVerifier:
         **overrides,  # type: ignore[arg-type]
     )
     return StsVerifier(settings)
+
+
+def expect_platform_identity(stubber: Stubber) -> None:
+    """Queue the GetCallerIdentity a verifier asks once, to learn the platform's own account."""
+    stubber.add_response(
+        "get_caller_identity",
+        {"Account": "111122223333", "Arn": "arn:aws:iam::111122223333:user/verifier"},
+    )
 
 
 def role(name: str, *, account: str = ACCOUNT, external_id: str = EXTERNAL_ID) -> RoleDetails:
@@ -159,6 +168,56 @@ def test_local_checks_make_no_call(aws_env: None, standin: StsStandIn) -> None:
     assert standin.stats(roles=False)["requests"] == before
 
 
+def test_a_role_in_the_platforms_own_account_is_refused_without_assume_role(
+    aws_env: None, standin: StsStandIn
+) -> None:
+    """The account GetCallerIdentity names is the platform's: refused before any AssumeRole."""
+    platform_account = "111122223333"  # the stand-in's platform identity
+    before = standin.stats()
+    outcome = verifier().verify(role("ok-Role", account=platform_account), check_external_id=True)
+    after = standin.stats()
+    assert (outcome.kind, outcome.code, outcome.decisive) == (
+        OutcomeKind.CUSTOMER_MUST_FIX,
+        "PlatformAccount",
+        True,
+    )
+    assert "can be assumed" not in outcome.message
+    assert platform_account in outcome.message
+    by_action = cast(dict[str, int], after["by_action"])
+    assert by_action.get("AssumeRole", 0) == cast(dict[str, int], before["by_action"]).get(
+        "AssumeRole", 0
+    )
+    assert by_action["GetCallerIdentity"] == (
+        cast(dict[str, int], before["by_action"]).get("GetCallerIdentity", 0) + 1
+    )
+
+
+def test_configured_sibling_accounts_are_refused_too(aws_env: None, standin: StsStandIn) -> None:
+    """PLATFORM_ACCOUNT_IDS names more of the platform's accounts; their roles are refused."""
+    sts = verifier(platform_account_ids=("444455556666",))
+    before = cast(dict[str, int], standin.stats()["by_action"]).get("AssumeRole", 0)
+    outcome = sts.verify(role("ok-Role", account="444455556666"), check_external_id=True)
+    assert outcome.code == "PlatformAccount"
+    assert cast(dict[str, int], standin.stats()["by_action"]).get("AssumeRole", 0) == before
+    # A customer's account is still verified by the same verifier, which asked who it is once.
+    assert sts.verify(role("ok-Role"), check_external_id=True).verified
+
+
+def test_no_role_is_assumed_while_the_platforms_account_is_unknown(
+    aws_env: None, standin: StsStandIn
+) -> None:
+    """If GetCallerIdentity fails, the attempt ends with its outcome and assumes nothing."""
+    standin.configure(platform_credentials_valid=False)
+    try:
+        before = cast(dict[str, int], standin.stats()["by_action"]).get("AssumeRole", 0)
+        outcome = attempt("ok-Role")
+        after = cast(dict[str, int], standin.stats()["by_action"]).get("AssumeRole", 0)
+    finally:
+        standin.configure(platform_credentials_valid=True)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, "InvalidClientTokenId")
+    assert after == before
+
+
 def test_session_name_is_traceable_and_valid() -> None:
     """The session name carries the connection id and fits STS's pattern."""
     connection = uuid.uuid4()
@@ -194,6 +253,7 @@ def test_assume_role_request_is_minimal_and_traceable() -> None:
     details = role("ok-Role")
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_response(
         "assume_role",
         {
@@ -271,6 +331,7 @@ def test_validation_error_does_not_echo_the_external_id() -> None:
     """AWS's ValidationError quotes the bad value; the customer message names only the field."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_client_error(
         "assume_role",
         service_error_code="ValidationError",
@@ -289,6 +350,7 @@ def test_service_control_policy_denial_says_so() -> None:
     """An explicit SCP deny gets a message about the organization's policy."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_client_error(
         "assume_role",
         service_error_code="AccessDenied",
@@ -335,6 +397,7 @@ def test_an_unknown_error_code_is_transient() -> None:
     """A code nobody has seen before changes no status: transient, with the code kept."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_client_error(
         "assume_role", service_error_code="BrandNewError", http_status_code=400
     )
@@ -348,6 +411,7 @@ def test_an_overlong_error_code_is_cut_to_what_the_database_stores() -> None:
     """A code longer than the columns that keep it (128 characters) is cut, not a failed write."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_client_error("assume_role", service_error_code="X" * 300, http_status_code=400)
     with stubber:
         outcome = sts.verify(role("ok-Role"), check_external_id=False)
@@ -360,6 +424,7 @@ def test_a_transient_error_in_the_enforcement_check_is_transient(
     """If the call without external ID is throttled, nothing is concluded about enforcement."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_response(
         "assume_role",
         {
@@ -432,6 +497,7 @@ def test_root_credentials_are_a_platform_fault() -> None:
     """'Roles may not be assumed by root accounts' is our misconfiguration, not the customer's."""
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_client_error(
         "assume_role",
         service_error_code="AccessDenied",

@@ -80,7 +80,8 @@ def decide(
     settings: Settings,
     rng: random.Random,
 ) -> Decision:
-    """Apply DESIGN.md's table to one outcome (the wave guard is applied separately)."""
+    """Apply the state rules (docs/design.md) to one outcome (the wave guard is applied
+    separately)."""
     kind = outcome.kind
     if kind is OutcomeKind.VERIFIED:
         return Decision(
@@ -148,7 +149,11 @@ def _customer_must_fix(
             hold=hold,
         )
 
-    if state.status is AccountStatus.PENDING:
+    if outcome.decisive:
+        # Decided without AWS (the platform's own account): no propagation or second look can
+        # change it, so neither the grace window nor a confirming re-attempt applies.
+        pass
+    elif state.status is AccountStatus.PENDING:
         # IAM changes take seconds to minutes to propagate: a role created a moment ago can
         # still be refused. Keep trying quickly until the grace window is over.
         grace = timedelta(seconds=settings.pending_grace_seconds)

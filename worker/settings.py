@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.redact import mask_url
 
 _DAY = 24 * 3600
+_ACCOUNT_ID = re.compile(r"\d{12}", re.ASCII)
 
 
 def _default_beat_file() -> str:
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     sts_max_attempts: int = Field(default=2, ge=1, le=5)
     # Shown to customers in AccessDenied messages: the principal their role must trust.
     platform_principal_arn: str | None = None
+    # AWS accounts of the platform's besides the one its own credentials belong to (which
+    # GetCallerIdentity names): no customer may connect any of them. Comma-separated.
+    platform_account_ids: Annotated[tuple[str, ...], NoDecode] = ()
     # First part of the RoleSessionName the customer sees in CloudTrail.
     session_name_prefix: str = Field(default="verifier", pattern=r"^[\w+=,.@-]{1,20}$")
 
@@ -121,6 +126,19 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("platform_account_ids", mode="before")
+    @classmethod
+    def _account_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            bad = [str(item) for item in value if not _ACCOUNT_ID.fullmatch(str(item))]
+            if bad:
+                raise ValueError(
+                    f"must be 12-digit AWS account IDs separated by commas (not {bad[0]!r})"
+                )
         return value
 
     @field_validator("log_level", mode="before")

@@ -151,6 +151,9 @@ class Outcome:
     sts_calls: int = 0
     # An error code this module does not know (classified transient to be safe): worth a look.
     unclassified: bool = False
+    # Decided without asking AWS, and no IAM propagation or odd answer can change it: the state
+    # rules fail the account at once (no grace window, no confirming re-attempt, no wave hold).
+    decisive: bool = False
 
     @property
     def verified(self) -> bool:
@@ -209,6 +212,19 @@ def check_role_details(details: RoleDetails) -> Outcome | None:
             "then update the role's trust policy with it.",
         )
     return None
+
+
+PLATFORM_ACCOUNT_CODE = "PlatformAccount"
+
+
+def _platform_account_message(details: RoleDetails) -> str:
+    # Says nothing about the platform's roles (whether any exists or could be assumed): only
+    # that this account is not one a customer can connect.
+    return (
+        f"AWS account {details.aws_account_id} cannot be connected: it is one of this "
+        "service's own AWS accounts, not a customer account. Connect a role in an AWS account "
+        "that your organization owns."
+    )
 
 
 def _access_denied_message(details: RoleDetails, aws_message: str, principal: str | None) -> str:
@@ -354,6 +370,11 @@ class StsVerifier:
         self._session = session or boto3.session.Session()
         self._clients: dict[str, STSClient] = {}
         self._lock = threading.Lock()
+        # The platform's own AWS accounts, which no customer may connect: the configured ones
+        # now, the worker's own credentials' account once GetCallerIdentity has named it.
+        self._configured_platform_accounts = frozenset(settings.platform_account_ids)
+        self._own_account: str | None = None
+        self._identity_lock = threading.Lock()
         self._config = Config(
             connect_timeout=settings.sts_connect_timeout_seconds,
             read_timeout=settings.sts_read_timeout_seconds,
@@ -409,11 +430,9 @@ class StsVerifier:
         `observe(step, detail)` is told each step's result as it happens (`reverify --inline`).
         """
         say = observe or _silent
-        problem = check_role_details(details)
-        if problem is not None:
-            say("input check", f"FAILED {problem.code}: {problem.message}")
-            return problem
-        say("input check", "ok")
+        refused = self._refuse_before_calling(details, say)
+        if refused is not None:
+            return refused
         prefix = self._settings.session_name_prefix
         principal = self._settings.platform_principal_arn
         regions = list(
@@ -497,6 +516,29 @@ class StsVerifier:
             sts_calls=calls,
         )
 
+    def _refuse_before_calling(self, details: RoleDetails, say: Observer) -> Outcome | None:
+        """The checks made before any AssumeRole: the row's own details, then the platform's
+        accounts (a role there may well trust the platform: a customer must never get it)."""
+        problem = check_role_details(details)
+        if problem is not None:
+            say("input check", f"FAILED {problem.code}: {problem.message}")
+            return problem
+        say("input check", "ok")
+        platform = self.platform_accounts()
+        if isinstance(platform, Outcome):
+            say(
+                "platform check",
+                f"FAILED {platform.code} ({platform.kind.value}): {platform.message}",
+            )
+            return platform
+        if details.aws_account_id in platform:
+            say("platform check", f"FAILED {PLATFORM_ACCOUNT_CODE}: the platform's own account")
+            return _customer(
+                PLATFORM_ACCOUNT_CODE, _platform_account_message(details), decisive=True
+            )
+        say("platform check", "ok")
+        return None
+
     def _check_enforcement(
         self, details: RoleDetails, region: str, prefix: str, principal: str | None
     ) -> Outcome | None:
@@ -518,14 +560,44 @@ class StsVerifier:
         del response
         return _customer("ExternalIdNotEnforced", _not_enforced_message(details))
 
+    def platform_accounts(self) -> frozenset[str] | Outcome:
+        """The platform's own AWS accounts, or the outcome of failing to learn them.
+
+        The worker's own account comes from GetCallerIdentity, asked once per process (the
+        circuit breaker's probe refreshes it). Until it is known no role is assumed: the check
+        must not be skipped because the answer is late.
+        """
+        if self._own_account is None:
+            with self._identity_lock:
+                # One call for all the threads that arrive together, not one each.
+                if self._own_account is None:
+                    outcome = self.probe()
+                    if not outcome.verified:
+                        return outcome
+        return self._configured_platform_accounts | {self._own_account or ""}
+
     def probe(self) -> Outcome:
-        """Check the platform's own credentials (GetCallerIdentity): the circuit breaker's probe."""
+        """Check the platform's own credentials (GetCallerIdentity): the circuit breaker's probe.
+
+        Also learns the account those credentials belong to (see `platform_accounts`).
+        """
         try:
             if self._before_call is not None:
                 self._before_call()
             identity = self.client().get_caller_identity()
         except (botocore.exceptions.ClientError, *_OTHER_ERRORS) as error:
             return _with_calls(classify_error(error, None, None), 1, self._settings.aws_region)
+        account = identity.get("Account")
+        if isinstance(account, str) and re.fullmatch(r"\d{12}", account, re.ASCII):
+            self._own_account = account
+        else:
+            return Outcome(
+                OutcomeKind.TRANSIENT,
+                "UnparseableResponse",
+                "GetCallerIdentity answered without a usable Account",
+                region=self._settings.aws_region,
+                sts_calls=1,
+            )
         return Outcome(
             OutcomeKind.VERIFIED,
             "verified",

@@ -36,7 +36,7 @@ from worker.rules import (
     needs_external_id_check,
 )
 from worker.settings import Settings
-from worker.sts import Observer, Outcome, RoleDetails, StsVerifier
+from worker.sts import PLATFORM_ACCOUNT_CODE, Observer, Outcome, RoleDetails, StsVerifier
 
 log = get_logger("worker.verify")
 
@@ -332,7 +332,7 @@ def _hold_waves(ctx: Verification, session: Session, checked: Sequence[Checked])
         session.execute(_WAVE_LOCK, {"code": code})
     for item in checked:
         decision = item.decision
-        if is_connected_to_failed(item.attempt.state, decision):
+        if is_connected_to_failed(item.attempt.state, decision) and not item.outcome.decisive:
             code = item.outcome.code
             if code not in recent:
                 recent[code] = count_recent_failures(
@@ -440,6 +440,14 @@ def check_account(
             error_code=outcome.code,
             detail=outcome.message,
             action="verification paused; no customer status is changed until a probe succeeds",
+        )
+    if outcome.code == PLATFORM_ACCOUNT_CODE:
+        # For operators: a customer row points at one of the platform's own accounts (a mistake,
+        # or someone probing for a way in). The customer's message says nothing about it.
+        log.warning(
+            "verification.platform_account_refused",
+            **account_fields(attempt),
+            role_arn=attempt.details.role_arn,
         )
     decision = decide(attempt.state, outcome, now=attempt.now, settings=ctx.settings, rng=ctx.rng)
     return Checked(
