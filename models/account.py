@@ -33,7 +33,7 @@ class AccountStatus(enum.StrEnum):
 
 
 class OutcomeKind(enum.StrEnum):
-    """The class of a verification attempt's outcome (DESIGN.md, "Verifying one account")."""
+    """The class of a verification attempt's outcome (docs/design.md, "Four classes of outcome")."""
 
     VERIFIED = "verified"
     CUSTOMER_MUST_FIX = "customer_must_fix"
@@ -125,8 +125,10 @@ class AwsAccount(Base):
     )
     last_error_code: Mapped[str | None] = mapped_column(String(128))
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    # A claim by a dispatcher: while lease_expires_at is in the future only the holder of lease_id
-    # may apply a result. Claiming also moves next_due_at to the lease expiry, so an account whose
-    # worker died becomes due again by itself, through the same index the dispatcher scans.
+    # A claim: while lease_expires_at is in the future nobody else claims the account, and only a
+    # result carrying lease_id is applied. The dispatcher's claim sets these two columns only (a
+    # requested one also makes the account due now): "due" means next_due_at has passed and no
+    # live lease holds the account, so an account whose worker died is due again once its lease
+    # expires, found by the same index scan.
     lease_id: Mapped[uuid.UUID | None] = mapped_column()
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -4,7 +4,7 @@ Why it exists: moto accepts every role, every external ID and every duration, so
 show the happy path. The worker's failure paths (a role that refuses us, throttling, 5xx, a
 connection reset, a body that is not XML, our own credentials going bad) must be exercised
 against answers that botocore parses exactly as it parses real STS: AWS Query protocol in,
-``text/xml`` out, AWS's error envelope and HTTP statuses (see ``STS-ERRORS.md``). It is also
+``text/xml`` out, AWS's error envelope and HTTP statuses (see ``docs/sts-errors.md``). It is also
 the STS of the throughput benchmark, so it is one asyncio event loop (protocol callbacks, no
 per-request threads or coroutines) with cached parsing and string templates: a request costs
 about 0.15-0.2 ms of CPU, kernel included, so 1,000 requests/s take a fifth of one core.
@@ -124,7 +124,7 @@ _MAX_HEAD: Final = 64 * 1024
 _MAX_BODY: Final = 1024 * 1024
 _ROLE_CACHE_LIMIT: Final = 200_000
 
-# code -> (HTTP status, <Type>, default message), as STS answers them (STS-ERRORS.md).
+# code -> (HTTP status, <Type>, default message), as STS answers them (docs/sts-errors.md).
 STS_ERRORS: Final[Mapping[str, tuple[int, str, str]]] = {
     "AccessDenied": (403, "Sender", "Access denied"),
     "RegionDisabledException": (

@@ -19,7 +19,7 @@ from models import (
 )
 from tests.factories import make_organization
 
-# The example from DESIGN.md / reference/accounts-api.txt, verbatim.
+# The examples documented in docs/api.md, verbatim.
 DOCUMENTED_DETAIL = json.loads(
     """
 {

@@ -94,8 +94,11 @@ def _request(
     lease = str(claim.lease_id)
 
     def send_after_commit(_: Session) -> None:
-        from worker.celeryconfig import REQUESTED_QUEUE  # noqa: PLC0415 - loads Celery config
-        from worker.tasks import send_verifications  # noqa: PLC0415 - the API imports us cheaply
+        # Deferred to the first send: these load the Celery configuration, which reads the
+        # settings (and exits on invalid ones), and boto3; `import worker` loads Celery itself
+        # but neither of those.
+        from worker.celeryconfig import REQUESTED_QUEUE  # noqa: PLC0415
+        from worker.tasks import send_verifications  # noqa: PLC0415
 
         send_verifications(
             [str(account_id) for account_id in result.sent],

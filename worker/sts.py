@@ -4,7 +4,7 @@ This is the only module that imports boto3/botocore. It holds one STS client per
 process (botocore clients are thread-safe; sessions are not), built lazily on first use.
 
 An attempt never raises for anything AWS or the network does: every answer, error or silence is
-classified into one of four kinds (DESIGN.md, "Verifying one account"):
+classified into one of four kinds (docs/design.md; each STS answer in docs/sts-errors.md):
 
 - verified            the role was assumed, names the right account, and enforces the external ID
 - customer_must_fix   the customer's role or the row is wrong; the message says what to change

@@ -1,4 +1,4 @@
-"""Thin Celery tasks: turn arguments back into objects, call the plain functions, log."""
+"""The Celery tasks, and the per-process window that runs a chunk's verifications at once."""
 
 from __future__ import annotations
 

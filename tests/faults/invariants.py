@@ -25,7 +25,7 @@ from tests.faults.fleet import Fleet, Planned
 from tests.faults.harness import log_events
 from tests.processes import Service
 
-# Reasons a status may move to failed for: what the customer must fix (DESIGN.md). Anything
+# Reasons a status may move to failed for: what the customer must fix (docs/design.md). Anything
 # else, above all a throttle, a 5xx, a timeout, a reset, an unparseable answer or our own
 # credentials, must never fail a customer's account.
 CUSTOMER_REASONS = frozenset(

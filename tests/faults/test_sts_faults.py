@@ -61,7 +61,7 @@ def test_sts_throttling_most_calls_for_a_while(
         check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
 
 
-# What botocore makes of each fault; all are transient (STS-ERRORS.md, "no answer").
+# What botocore makes of each fault; all are transient (docs/sts-errors.md).
 TRANSIENT_CODES = {
     "error500": {"InternalFailure"},
     "error503": {"ServiceUnavailable"},
