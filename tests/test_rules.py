@@ -137,6 +137,29 @@ def test_a_transient_between_failures_restarts_the_confirmation() -> None:
     assert run(current, DENIED).hold is Hold.CONFIRMING
 
 
+def test_failed_backoff_starts_over_after_the_grace_window() -> None:
+    """A new connection refused through its whole grace window is retried 5 min, then 10 min
+    after failing, not a day apart (the attempts held in the grace window do not count)."""
+    grace_attempts = SETTINGS.pending_grace_seconds // SETTINGS.pending_retry_seconds
+    current = state(
+        role_age=timedelta(seconds=SETTINGS.pending_grace_seconds),
+        last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
+        failures=grace_attempts,
+    )
+    first = run(current, DENIED)
+    assert first.status is AccountStatus.FAILED
+    assert first.next_due_at == NOW + timedelta(seconds=SETTINGS.failed_backoff_initial_seconds)
+    failed = state(
+        AccountStatus.FAILED,
+        last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
+        failures=first.consecutive_failures,
+    )
+    second = run(failed, DENIED)
+    assert second.next_due_at == NOW + timedelta(
+        seconds=2 * SETTINGS.failed_backoff_initial_seconds
+    )
+
+
 def test_failed_stays_failed_with_the_message_refreshed_and_backoff_growing() -> None:
     """A failed account failing again keeps failing, with a fresh message and a longer wait."""
     first = run(state(AccountStatus.FAILED, failures=1), DENIED)

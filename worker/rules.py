@@ -165,7 +165,9 @@ def _customer_must_fix(
         # A working connection that fails once is confirmed by a quick second attempt first,
         # so a single odd answer never shows a customer "failed".
         return stay(Hold.CONFIRMING, settings.confirm_delay_seconds)
-    # Failing (or failing again): back off, growing up to a day.
+    # Failing (or failing again): back off, growing up to a day. The count restarts when the
+    # account becomes failed: the attempts held in the grace window (one every
+    # PENDING_RETRY_SECONDS) must not make its first retries as failed a day apart.
     streak = failures if state.status is AccountStatus.FAILED else 1
     delay = backoff(
         settings.failed_backoff_initial_seconds, settings.failed_backoff_max_seconds, streak
@@ -174,7 +176,7 @@ def _customer_must_fix(
         status=AccountStatus.FAILED,
         error_message=outcome.message,
         next_due_at=now + jittered(delay, settings.jitter_ratio, rng),
-        consecutive_failures=failures,
+        consecutive_failures=streak,
         last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
         last_error_code=outcome.code,
         verified=False,
