@@ -102,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
             for connection in DEMO_CONNECTIONS:
                 _say(
                     f"demo: {connection.behaviour:<24} {connection.role_arn} "
-                    f"external id {connection.external_id}",
+                    f"external id {connection.external_id} (shows {connection.shows})",
                     err=True,
                 )
         _say(

@@ -2,10 +2,17 @@
 
 Each connection is what the API would hold for a customer (alias, AWS account, role, external
 ID) plus what the sandbox does when the worker verifies it. `seed_demo_roles` creates the roles
-through the sandbox's IAM API, so a worker pointed at the sandbox shows every outcome: connected,
-the two AccessDenied flavours a customer can cause, the confused-deputy case, and a role that was
-never created. Ids and external IDs are derived deterministically from the aliases, so demo data
-in a database and the sandbox's roles agree across runs and machines.
+through the sandbox's IAM API, so a worker pointed at the sandbox shows the customer mistakes seen
+most: a role that trusts someone else, one that requires another external ID, one that was never
+created, and one that does not require the external ID at all (the confused-deputy case).
+
+The first three look the same to the customer, as they do with AWS: STS answers all of them with
+one `AccessDenied` and does not say which it is, on purpose (a caller learns nothing about roles it
+may not use). So the worker cannot tell them apart either, and its message lists everything to
+check. `DemoConnection.shows` says what each connection ends up showing.
+
+Ids and external IDs are derived deterministically from the aliases, so demo data in a database
+and the sandbox's roles agree across runs and machines.
 """
 
 from __future__ import annotations
@@ -44,11 +51,20 @@ class DemoBehaviour(enum.StrEnum):
     DENIES = "denies"
     """The role trusts another principal: AccessDenied."""
     WRONG_EXTERNAL_ID = "wrong_external_id"
-    """The role requires a different external ID: AccessDenied."""
+    """The role requires a different external ID: the same AccessDenied."""
     EXTERNAL_ID_NOT_ENFORCED = "external_id_not_enforced"
     """The role trusts the platform with no external ID condition: assumed even without one."""
     MISSING_ROLE = "missing_role"
-    """No role was created: AccessDenied."""
+    """No role was created: the same AccessDenied."""
+
+
+_SHOWS = {
+    DemoBehaviour.WORKS: "connected",
+    DemoBehaviour.DENIES: "AccessDenied",
+    DemoBehaviour.WRONG_EXTERNAL_ID: "AccessDenied",
+    DemoBehaviour.EXTERNAL_ID_NOT_ENFORCED: "ExternalIdNotEnforced",
+    DemoBehaviour.MISSING_ROLE: "AccessDenied",
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,15 @@ class DemoConnection:
     def role_arn(self) -> str:
         """The ARN the customer gave the platform."""
         return f"arn:aws:iam::{self.aws_account_id}:role/{self.role_name}"
+
+    @property
+    def shows(self) -> str:
+        """What the customer sees once it is verified: `connected`, or the error code it fails with.
+
+        A role that trusts someone else, a wrong external ID and a missing role all show
+        `AccessDenied`, with the same message: STS does not distinguish them.
+        """
+        return _SHOWS[self.behaviour]
 
     @property
     def required_external_id(self) -> str | None:

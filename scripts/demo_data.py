@@ -4,8 +4,10 @@
 
 Inserts (or leaves as they are) the connections of `sandbox.demo` into DATABASE_URL, due at
 once. With --sandbox-url, also creates their roles in a running sandbox STS, so a worker pointed
-at it shows every outcome: connected, denied, wrong external ID, external ID not enforced, and a
-role that does not exist. Safe to run again: existing rows and roles are kept.
+at it shows one connected account and four failed ones: a role that trusts someone else, one
+that requires another external ID and one that does not exist (all three `AccessDenied`, with the
+same message: STS does not say which), and one that does not require the external ID
+(`ExternalIdNotEnforced`). Safe to run again: existing rows and roles are kept.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(DEMO_CONNECTIONS) - added} already there"
     )
     for connection in DEMO_CONNECTIONS:
-        print(f"  {connection.id}  {connection.alias:<16} {connection.behaviour.value}")
+        print(
+            f"  {connection.id}  {connection.alias:<16} {connection.behaviour.value:<26} "
+            f"shows {connection.shows}"
+        )
+    print("  (STS answers the three AccessDenied roles alike: their messages are the same)")
     return 0
 
 

@@ -10,6 +10,11 @@ Without --inline the verifications are sent to the worker ahead of scheduled wor
 waits for them and prints the results. --inline verifies in this process, without a broker or
 worker, printing each step; the result is applied and audited exactly as the worker would.
 
+Settings come from the environment (DATABASE_URL, REDIS_URL, AWS_*). When DATABASE_URL is not set
+and a scripts/run is running, the settings of its stack are read from its DATA_DIR/stack.env
+(.data/stack.env, or $VERIFIER_DATA_DIR): variables set in the environment win, and its AWS
+settings are skipped when the environment configures AWS itself.
+
 Exit codes: 0 all verified (connected) or, without --wait/--inline, all requested; 1 some not
 connected (or --timeout reached); 2 bad usage or unknown ids; 3 the database or broker cannot be
 reached.
@@ -35,6 +40,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import AccountStatus, AwsAccount
+from scripts.stack_env import apply_stack_env
 from worker.claims import claim_accounts
 from worker.db import session_factory
 from worker.logging import configure_logging
@@ -345,6 +351,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--timeout must be positive")
     if args.inline and args.wait:
         raise UsageError("--inline already waits; drop --wait")
+    stack_file = apply_stack_env()
+    if stack_file is not None:
+        print(f"reverify: using the running scripts/run's settings: {stack_file}", file=sys.stderr)
     settings = get_settings_or_exit()
     # Step-by-step output is the interface here; only errors from the libraries are worth a line.
     configure_logging(settings.model_copy(update={"log_level": "ERROR"}), stream=sys.stderr)

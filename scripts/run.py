@@ -3,6 +3,7 @@
 usage: scripts/run [--sandbox] [--data-dir DIR] [--postgres-port N] [--redis-port N]
                    [--sandbox-port N]
        scripts/run services [--only postgres|redis] [--no-migrate] [--ephemeral] [-- COMMAND ...]
+       scripts/run exec [--data-dir DIR] -- COMMAND ...
 
 `scripts/run` starts, as child processes whose output it prefixes with their name:
 
@@ -18,11 +19,18 @@ usage: scripts/run [--sandbox] [--data-dir DIR] [--postgres-port N] [--redis-por
   beat       `celery -A worker beat`
 
 with LOG_FORMAT=console unless LOG_FORMAT is set. The demo accounts reach `connected` and `failed`
-within seconds: watch for `account.status_changed`. Ctrl-C (or SIGTERM) stops everything in
-order (worker and beat, sandbox, Redis, PostgreSQL; each is killed if it does not stop in time,
-and a second Ctrl-C hurries them) and exits 130 (143); the data stays for the next run. Should
-scripts/run itself be killed (SIGKILL), the next run on the same DATA_DIR first stops what it left
-running. One run per DATA_DIR at a time. Delete DATA_DIR to start over.
+within seconds: watch for `account.status_changed`. On a later run they are not due until their
+next check: the summary says when, and the command that re-verifies them now. Ctrl-C (or SIGTERM)
+stops everything in order (worker and beat, sandbox, Redis, PostgreSQL; each is killed if it does
+not stop in time, and a second Ctrl-C hurries them) and exits 130 (143); the data stays for the
+next run. Should scripts/run itself be killed (SIGKILL), the next run on the same DATA_DIR first
+stops what it left running. One run per DATA_DIR at a time. Delete DATA_DIR to start over.
+
+Other terminals: while it runs, DATA_DIR/stack.env (mode 0600, removed at stop) holds the stack's
+DATABASE_URL, REDIS_URL and, with the sandbox, its STS endpoint, fake credentials and region: never
+a password or AWS credentials you gave. `scripts/reverify` reads it when DATABASE_URL is not set,
+and `scripts/run exec -- COMMAND` runs COMMAND with it and .venv/bin first on PATH (for example
+`scripts/run exec -- celery -A worker inspect active`).
 
 Real AWS or the sandbox: the sandbox STS is used unless one of AWS_ENDPOINT_URL_STS,
 AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ROLE_ARN,
@@ -62,6 +70,7 @@ import importlib.util
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -76,6 +85,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, TextIO
+
+from scripts import stack_env
+from scripts.stack_env import REAL_AWS_VARIABLES
 
 # Only the standard library is imported at module level: `scripts/run --help` works on a fresh
 # machine before the virtual environment exists. Project and driver imports are in functions.
@@ -100,16 +112,8 @@ SANDBOX_ACCESS_KEY_ID = "AKIASANDBOXPLATFORM0"
 SANDBOX_SECRET_ACCESS_KEY = "sandbox-dummy-secret"  # noqa: S105 - the sandbox accepts any secret
 SANDBOX_PRINCIPAL_ARN = "arn:aws:iam::111122223333:user/verifier"
 
-# Any of these in the environment means "the operator configured AWS": use it, start no sandbox.
-REAL_AWS_VARIABLES = (
-    "AWS_ENDPOINT_URL_STS",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_PROFILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
+# The demo organization (sandbox.demo; a test keeps it equal), named in the re-verify hint.
+DEMO_ORGANIZATION_ID = "279507b0-a68e-5d5f-8683-601f1537bf4c"
 # Kept in sandbox mode: where the worker thinks it is does not change who answers.
 KEPT_AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -955,8 +959,9 @@ def child_environment(data_dir: Path) -> dict[str, str]:
 
 
 def data_dir_from(args: argparse.Namespace) -> Path:
-    raw = args.data_dir or os.environ.get("VERIFIER_DATA_DIR") or str(ROOT / ".data")
-    return Path(raw).expanduser().resolve()
+    if args.data_dir:
+        return Path(args.data_dir).expanduser().resolve()
+    return stack_env.default_data_dir()
 
 
 # What print_summary shows: (what, where, how), one row per thing started or used.
@@ -990,6 +995,9 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
             else:
                 endpoint = os.environ.get("AWS_ENDPOINT_URL_STS") or "AWS STS"
                 summary.append(("STS", masked(endpoint), f"real AWS ({aws.reason})"))
+            # Read before the worker starts: what it is about to do, not what it already did.
+            schedule = account_schedule(database_url)
+            stack_file, left_out = publish_stack_env(data_dir, env)
             celery = str(VENV_BIN / "celery")
             for name, argv in (
                 ("worker", [celery, "-A", "worker", "worker", "--hostname", "worker@%h"]),
@@ -997,7 +1005,10 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
             ):
                 child = supervisor.start(name, argv, env=env, tier=10, stop_steps=CELERY_STOP)
                 summary.append((name, " ".join(["celery", *argv[1:4]]), f"pid {child.pid}"))
-            print_summary(console, summary, data_dir, database_url, redis_url)
+            print_summary(console, summary, data_dir)
+            print_next_steps(
+                console, schedule, stack_file, left_out, sandbox=sandbox_port is not None
+            )
             supervisor.watch()
         except StopRequested as stop:
             console.say(f"{stop} received: stopping")
@@ -1006,6 +1017,8 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
             error(str(failure))
             code = failure.exit_code
         finally:
+            # First: other terminals must not aim at a stack that is going away.
+            stack_env.remove_stack_env(data_dir)
             supervisor.stop_all()
     console.say(f"stopped; the data stays in {shown_path(data_dir)}")
     return code
@@ -1092,26 +1105,178 @@ def start_sandbox(supervisor: Supervisor, port: int, env: Mapping[str, str]) -> 
     return sandbox
 
 
-def print_summary(
-    console: Console,
-    rows: Summary,
-    data_dir: Path,
-    database_url: str,
-    redis_url: str,
-) -> None:
-    """Say plainly what runs where (passwords masked) and what to do next."""
+def print_summary(console: Console, rows: Summary, data_dir: Path) -> None:
+    """Say plainly what runs where (passwords masked)."""
     width = max(len(url) for _, url, _ in rows)
     console.say("started:")
     for name, url, note in rows:
         console.say(f"  {name:<11} {url:<{width}}  {note}")
-    console.say(
-        "the worker verifies the accounts within seconds: watch for account.status_changed. "
-        f"Ctrl-C stops everything; the data stays in {shown_path(data_dir)}."
+    console.say(f"Ctrl-C stops everything; the data stays in {shown_path(data_dir)}.")
+
+
+# --- what happens next, and the stack's environment for other terminals ---------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The accounts as the worker is about to find them."""
+
+    total: int
+    due: int  # due and not leased: the worker's first claim takes them (worker/claims.py)
+    leased: int  # queued or being verified under a live lease
+    statuses: list[tuple[str, int]]
+    next_due_in: float | None  # seconds until the earliest of the others falls due
+    next_due_at: str | None  # the same as a UTC clock time
+
+
+def account_schedule(database_url: str) -> Schedule | None:
+    """Count the accounts due now and find when the next of the others is; None if unreadable."""
+    import psycopg  # noqa: PLC0415
+
+    # "Due" as the dispatcher's claim (worker/claims.py) has it.
+    query = """
+        SELECT count(*),
+               count(*) FILTER (WHERE next_due_at <= now() AND NOT leased),
+               count(*) FILTER (WHERE leased),
+               extract(epoch FROM min(next_due_at) FILTER (WHERE next_due_at > now()
+                                                             AND NOT leased) - now()),
+               to_char(min(next_due_at) FILTER (WHERE next_due_at > now() AND NOT leased)
+                       AT TIME ZONE 'UTC', 'HH24:MI:SS "UTC"')
+          FROM (SELECT next_due_at, coalesce(lease_expires_at > now(), false) AS leased
+                  FROM aws_accounts) AS accounts
+    """
+    try:
+        with psycopg.connect(libpq_url(database_url), connect_timeout=5) as connection:
+            row = connection.execute(query).fetchone()
+            statuses = connection.execute(
+                "SELECT status::text, count(*) FROM aws_accounts GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+    except psycopg.Error:
+        return None
+    assert row is not None  # noqa: S101 - an aggregate always returns a row
+    total, due, leased, next_in, next_at = row
+    return Schedule(
+        total=total,
+        due=due,
+        leased=leased,
+        statuses=[(str(status), int(count)) for status, count in statuses],
+        next_due_in=float(next_in) if next_in is not None else None,
+        next_due_at=next_at,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe_schedule(schedule: Schedule) -> str:
+    """What the worker will do with the accounts, in one sentence."""
+    if schedule.total == 0:
+        return "no accounts yet: the worker verifies each one within seconds of its creation."
+    parts = []
+    if schedule.due:
+        parts.append(
+            f"{schedule.due} of {schedule.total} account(s) due now: the worker verifies them "
+            "within seconds (watch for account.status_changed)"
+        )
+    if schedule.leased:
+        parts.append(f"{schedule.leased} queued or being verified already")
+    others = schedule.total - schedule.due - schedule.leased
+    if others and schedule.next_due_in is not None:
+        when = f"{schedule.next_due_at} (in {_duration(schedule.next_due_in)})"
+        if parts:
+            parts.append(f"the other {others} are not due before {when}")
+        else:
+            statuses = ", ".join(f"{count} {status}" for status, count in schedule.statuses)
+            parts.append(
+                f"{schedule.total} account(s) ({statuses}), none due: verified on an "
+                f"earlier run, so nothing happens until the next check, due at {when}"
+            )
+    return "; ".join(parts) + "."
+
+
+def print_next_steps(
+    console: Console,
+    schedule: Schedule | None,
+    stack_file: Path,
+    left_out: Sequence[str],
+    *,
+    sandbox: bool,
+) -> None:
+    """What the worker is about to do, and how to re-verify now from another terminal."""
+    if schedule is not None:
+        console.say(describe_schedule(schedule))
+    if sandbox:
+        console.say(
+            "to re-verify the demo accounts now: "
+            f"scripts/reverify --organization {DEMO_ORGANIZATION_ID} --yes --wait"
+        )
+    else:
+        console.say(
+            "to re-verify accounts now: scripts/reverify --status failed --yes --wait "
+            "(scripts/reverify --help)"
+        )
+    urls = [name for name in left_out if not name.startswith("AWS_")]
+    note = (
+        f". Not in it: {' and '.join(urls)} (a password); with them set as here, "
+        "`scripts/run exec -- scripts/reverify ...` adds the rest"
+        if urls
+        else ""
+    )
+    # Another terminal finds the file by itself only where it looks by default.
+    where = (
+        ""
+        if stack_file.parent == ROOT / ".data"
+        else f" with VERIFIER_DATA_DIR={shlex.quote(str(stack_file.parent))}"
     )
     console.say(
-        f"from another terminal: DATABASE_URL={masked(database_url)} "
-        f"REDIS_URL={masked(redis_url)} scripts/reverify --status failed --yes --wait"
+        f"from another terminal{where}, scripts/reverify reaches this stack by itself and "
+        f"`scripts/run exec -- COMMAND` runs any command in its environment "
+        f"({shown_path(stack_file)}, removed at stop){note}"
     )
+
+
+def publish_stack_env(data_dir: Path, env: Mapping[str, str]) -> tuple[Path, list[str]]:
+    """Write the stack's settings for other terminals; returns the file and what it left out."""
+    values, left_out = stack_env.stack_values(env, os.environ)
+    path = stack_env.write_stack_env(data_dir, values, left_out=left_out, owner_pid=os.getpid())
+    return path, left_out
+
+
+def run_exec(args: argparse.Namespace) -> int:
+    """`scripts/run exec -- COMMAND`: the command, in the running stack's environment."""
+    if not args.command:
+        raise RunError("say which command: scripts/run exec -- COMMAND [ARGS...]", exit_code=2)
+    data_dir = data_dir_from(args)
+    found = stack_env.read_stack_env(data_dir)
+    if found is None:
+        raise RunError(
+            f"no scripts/run is running on {shown_path(data_dir)} (no live "
+            f"{shown_path(data_dir / stack_env.FILE_NAME)}): start scripts/run first, or name its "
+            "data directory with --data-dir or VERIFIER_DATA_DIR",
+            exit_code=2,
+        )
+    _, values = found
+    env = dict(os.environ)
+    if any(name.startswith("AWS_") and name not in KEPT_AWS_VARIABLES for name in values):
+        # The stack's own AWS settings (the sandbox's): none of the shell's may mix in.
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_") or k in KEPT_AWS_VARIABLES}
+    env.update(values)
+    env["PATH"] = venv_on_path(env)
+    try:
+        os.execvpe(args.command[0], args.command, env)  # noqa: S606 - the operator's command
+    except OSError as exc:
+        raise RunError(f"cannot run {args.command[0]}: {exc.strerror}", exit_code=2) from None
+    return 0  # not reached: exec replaced this process
+
+
+def venv_on_path(env: Mapping[str, str]) -> str:
+    """PATH with the virtual environment's bin first: celery, alembic and reverify by name."""
+    return os.pathsep.join([str(VENV_BIN), *filter(None, [env.get("PATH")])])
 
 
 # --- services only --------------------------------------------------------------------------------
@@ -1175,7 +1340,9 @@ def run_services(args: argparse.Namespace, console: Console, signals: Signals) -
                     + (f" (log in {shown_path(log)})" if log else "")
                 )
             if args.command:
-                code = run_command(args.command, {**os.environ, **exported}, signals, console)
+                env = {**os.environ, **exported}
+                env["PATH"] = venv_on_path(env)
+                code = run_command(args.command, env, signals, console)
             else:
                 for key, value in exported.items():
                     console.say(f"export {key}={value}")
@@ -1227,7 +1394,8 @@ def parser() -> argparse.ArgumentParser:
         description=description,
         epilog=details.split("\n\n", 1)[1] if "\n\n" in details else details,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [options]\n       %(prog)s services [options] [-- COMMAND ...]",
+        usage="%(prog)s [options]\n       %(prog)s services [options] [-- COMMAND ...]\n"
+        "       %(prog)s exec [--data-dir DIR] -- COMMAND ...",
     )
 
     def common(target: argparse.ArgumentParser, *, sandbox: bool) -> None:
@@ -1257,6 +1425,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="mode", title="commands", metavar="COMMAND")
     services = commands.add_parser(
         "services",
+        prog="scripts/run services",
         help="only the embedded PostgreSQL and Redis, optionally around a command",
         description="Start the embedded PostgreSQL and Redis only; with a COMMAND after --, run "
         "it with DATABASE_URL, REDIS_URL, TEST_DATABASE_URL and TEST_REDIS_URL set, then stop.",
@@ -1274,6 +1443,20 @@ def parser() -> argparse.ArgumentParser:
         help="no fsync and no Redis snapshots: faster, for throwaway test data",
     )
     services.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    run_in = commands.add_parser(
+        "exec",
+        prog="scripts/run exec",
+        usage="%(prog)s [--data-dir DIR] -- COMMAND [ARGS...]",
+        help="run a command in the environment of the running scripts/run",
+        description="Run COMMAND with the running scripts/run's DATABASE_URL, REDIS_URL and STS "
+        "settings (from DATA_DIR/stack.env) and .venv/bin first on PATH; exits with its status.",
+    )
+    run_in.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the running scripts/run's data directory (default: $VERIFIER_DATA_DIR, else .data)",
+    )
+    run_in.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     return top
 
 
@@ -1305,6 +1488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.mode == "services":
             return run_services(args, console, signals)
+        if args.mode == "exec":
+            return run_exec(args)
         return run_stack(args, console, signals)
     except RunError as failure:  # raised before anything was started
         error(str(failure))

@@ -7,11 +7,14 @@ touch the repository's .data nor collide with a `scripts/run` someone has runnin
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -97,14 +100,14 @@ class Running:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_for(self, pattern: str, *, timeout: float) -> str:
-        """The first line matching `pattern`; fails with the output's tail after `timeout`."""
+    def wait_for(self, pattern: str, *, timeout: float, count: int = 1) -> str:
+        """The `count`th line matching `pattern`; fails with the output's tail after `timeout`."""
         compiled = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if compiled.search(line):
-                    return line
+            matching = [line for line in list(self.lines) if compiled.search(line)]
+            if len(matching) >= count:
+                return matching[count - 1]
             if self.process.poll() is not None:
                 break
             time.sleep(0.2)
@@ -139,10 +142,10 @@ def descendants(pid: int) -> dict[int, int | None]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            text = (entry / "stat").read_text()
         except OSError:
             continue
-        parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+        parents[int(entry.name)] = int(text.rpartition(")")[2].split()[1])
     found: dict[int, int | None] = {}
     frontier = [pid]
     while frontier:
@@ -165,13 +168,72 @@ def still_alive(processes: Mapping[int, int | None]) -> list[int]:
 # --- end to end -----------------------------------------------------------------------------------
 
 
+def readme_reverify_commands() -> list[list[str]]:
+    """The `scripts/reverify` commands the README shows, as a reader would type them."""
+    readme = (ROOT / "README.md").read_text()
+    typed = re.findall(r"^\$ (scripts/reverify .*)$", readme, re.MULTILINE)
+    commands = [shlex.split(line) for line in typed]
+    assert len(commands) >= 3, commands
+    return commands
+
+
+def in_another_terminal(argv: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`argv` from the repository root, with nothing configured and no virtual env on PATH.
+
+    VERIFIER_DATA_DIR names the test's data directory, as .data is named by default.
+    """
+    env = bare_environment(VERIFIER_DATA_DIR=str(data_dir))
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def check_readme_commands(data_dir: Path) -> None:
+    """Each README re-verify command, typed as written, acts on the running stack."""
+    for argv in readme_reverify_commands():
+        result = in_another_terminal(argv, data_dir)
+        output = result.stdout + result.stderr
+        shown = f"{shlex.join(argv)} -> {result.returncode}:\n{output[-3000:]}"
+        if "--dry-run" in argv:
+            assert result.returncode == 0, shown
+            assert "would re-verify 4 account(s)" in result.stdout, shown
+        elif "--inline" in argv:
+            # Production connects; Legacy sandbox is refused for its missing external ID.
+            assert result.returncode == 1, shown
+            assert re.search(r"AssumeRole +ok", result.stdout), shown
+            assert "FAILED ExternalIdNotEnforced" in result.stdout, shown
+            assert "connected -> connected" in result.stdout, shown
+        else:
+            assert "--wait" in argv, shown
+            assert result.returncode == 1, shown
+            assert result.stdout.count("failed -> failed") == 4, shown
+            assert "(not finished)" not in result.stdout, shown
+    # Any other command: `scripts/run exec` gives it the stack and the virtual environment.
+    listed = in_another_terminal(
+        [RUN, "exec", "--", "reverify", "--all", "--dry-run", "--json"], data_dir
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert len(json.loads(listed.stdout)["accounts"]) == 5
+
+
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_run_brings_up_everything_verifies_the_demo_and_stops_on_ctrl_c(
+@pytest.mark.timeout(480)
+def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_second_run(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    """From nothing to verified demo accounts; Ctrl-C leaves no process and no port behind;
-    a second run reuses the data."""
+    """From nothing to verified demo accounts; the README's re-verify commands, typed as written
+    in another terminal, reach the running stack; Ctrl-C leaves no process, port or stack.env
+    behind; a second run reuses the data, says that nothing is due and when the next check is,
+    and offers a command that re-verifies the demo accounts now."""
     ports = {"postgres": free_port(), "redis": free_port(), "sandbox": free_port()}
     env = bare_environment(
         VERIFIER_DATA_DIR=str(data_dir),
@@ -179,12 +241,16 @@ def test_run_brings_up_everything_verifies_the_demo_and_stops_on_ctrl_c(
         VERIFIER_REDIS_PORT=str(ports["redis"]),
         VERIFIER_SANDBOX_PORT=str(ports["sandbox"]),
     )
+    stack_file = data_dir / "stack.env"
     started = time.monotonic()
     first = Running([RUN], env, tmp_path / "first-run.log")
     try:
         first.wait_for(r"account\.status_changed .*to_status=connected", timeout=150)
-        first.wait_for(r"account\.status_changed .*to_status=failed", timeout=30)
+        first.wait_for(r"account\.status_changed .*to_status=failed", timeout=60, count=4)
         took = time.monotonic() - started
+        first.wait_for(r"^run +\| .*5 of 5 account\(s\) due now", timeout=5)
+        assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
+        check_readme_commands(data_dir)
         family = descendants(first.process.pid)
         status = first.interrupt()
     finally:
@@ -201,17 +267,30 @@ def test_run_brings_up_everything_verifies_the_demo_and_stops_on_ctrl_c(
         assert line in output
     assert "stopped; the data stays in" in output
     assert run.SANDBOX_SECRET_ACCESS_KEY not in output
+    assert not stack_file.exists()
 
     second = Running([RUN], env, tmp_path / "second-run.log")
     try:
         second.wait_for(r"0 new account\(s\), 5 already there", timeout=120)
-        second.wait_for(r"^run +\|   beat ", timeout=30)
+        second.wait_for(
+            r"5 account\(s\) \(1 connected, 4 failed\), none due: .* next check, due at "
+            r"\d\d:\d\d:\d\d UTC \(in \d+ min\)",
+            timeout=30,
+        )
+        offered = second.wait_for(r"re-verify the demo accounts now: scripts/reverify", timeout=5)
+        command = shlex.split(offered.split(": ", 1)[1])
+        again = in_another_terminal(command, data_dir)
         status = second.interrupt()
     finally:
         second.close()
     assert status == 130, second.output()[-3000:]
     assert "creating a PostgreSQL data directory" not in second.output()
     assert not (data_dir / "run-children.json").exists()
+    shown = f"{shlex.join(command)} -> {again.returncode}:\n{again.stdout}{again.stderr}"
+    assert again.returncode == 1, shown  # four of them are broken on purpose
+    assert "requested 5 verification(s)" in again.stdout, shown
+    assert again.stdout.count(" -> ") == 5, shown
+    assert "(not finished)" not in again.stdout, shown
 
 
 @pytest.mark.e2e
@@ -324,10 +403,40 @@ def test_sandbox_environment_replaces_every_aws_setting_but_the_region() -> None
 
 def test_sandbox_constants_match_the_sandbox() -> None:
     """scripts/run copies these to avoid importing moto; they must not drift."""
-    from sandbox import moto_sts  # noqa: PLC0415 - imports moto: only this test needs it
+    # Imported here: they import moto, and only this test needs them.
+    from sandbox import demo, moto_sts  # noqa: PLC0415
 
     assert run.SANDBOX_ACCESS_KEY_ID == moto_sts.PLATFORM_ACCESS_KEY_ID
     assert run.SANDBOX_PRINCIPAL_ARN == moto_sts.PLATFORM_PRINCIPAL_ARN
+    assert str(demo.DEMO_ORGANIZATION_ID) == run.DEMO_ORGANIZATION_ID
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        (
+            run.Schedule(5, 5, 0, [("pending", 5)], None, None),
+            "5 of 5 account(s) due now: the worker verifies them within seconds (watch for "
+            "account.status_changed).",
+        ),
+        (
+            run.Schedule(5, 0, 0, [("connected", 1), ("failed", 4)], 290.0, "14:05:12 UTC"),
+            "5 account(s) (1 connected, 4 failed), none due: verified on an earlier run, so "
+            "nothing happens until the next check, due at 14:05:12 UTC (in 5 min).",
+        ),
+        (
+            run.Schedule(5, 3, 1, [("connected", 1), ("failed", 4)], 7200.0, "16:00:00 UTC"),
+            "3 of 5 account(s) due now: the worker verifies them within seconds (watch for "
+            "account.status_changed); 1 queued or being verified already; the other 1 are not "
+            "due before 16:00:00 UTC (in 2.0 h).",
+        ),
+    ],
+)
+def test_the_summary_says_what_the_worker_is_about_to_do(
+    schedule: run.Schedule, expected: str
+) -> None:
+    """Not "within seconds" when nothing is due: when the next check is instead."""
+    assert run.describe_schedule(schedule) == expected
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

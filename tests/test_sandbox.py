@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -50,6 +52,8 @@ from sandbox.moto_sts import (
     sts_calls,
     trust_policy,
 )
+from worker.settings import Settings
+from worker.sts import RoleDetails, StsVerifier
 
 if TYPE_CHECKING:
     from mypy_boto3_sts import STSClient
@@ -645,6 +649,41 @@ def test_demo_connections_behave_as_labelled(sandbox: SandboxSts) -> None:
         ]
     )
     assert UNTRUSTED_PRINCIPAL_ARN in trusted
+
+
+def test_demo_connections_show_what_the_readme_says(
+    sandbox: SandboxSts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified by the worker's own code, each demo account shows what the README's table says,
+    and the three AccessDenied causes give the customer one and the same message."""
+    seed_demo_roles(sandbox.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sandbox.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET_ACCESS_KEY)
+    verifier = StsVerifier(
+        Settings(sts_max_attempts=1, platform_principal_arn=PLATFORM_PRINCIPAL_ARN),
+        session=boto3.session.Session(),
+    )
+    readme = Path(ROOT, "README.md").read_text()
+    denied_messages = set()
+    for connection in DEMO_CONNECTIONS:
+        details = RoleDetails(
+            connection.id, connection.aws_account_id, connection.role_arn, connection.external_id
+        )
+        outcome = verifier.verify(details, check_external_id=True)
+        assert ("connected" if outcome.verified else outcome.code) == connection.shows, outcome
+        row = re.search(rf"^\| {re.escape(connection.alias)} \|.*\|(.*)\|$", readme, re.M)
+        assert row is not None, f"the README's demo table has no row for {connection.alias}"
+        assert f"`{connection.shows}`" in row.group(1)
+        if connection.shows == "AccessDenied":
+            assert outcome.message is not None
+            denied_messages.add(
+                outcome.message.replace(connection.role_arn, "<role>").replace(
+                    connection.aws_account_id, "<account>"
+                )
+            )
+    assert len(denied_messages) == 1, denied_messages
+    assert sum(c.shows == "AccessDenied" for c in DEMO_CONNECTIONS) == 3
 
 
 # --------------------------------------------------------------------------- command line
