@@ -460,8 +460,7 @@ def _status_cell(row: Row, *, dry_run: bool) -> str:
 def _table(rows: Sequence[Row], *, dry_run: bool, fit: int | None) -> None:
     """Print the table; `fit`: the terminal's width, to which aliases and messages are cut."""
     headers = ["ACCOUNT", "ALIAS", "AWS ACCOUNT", "STATUS"] + ([] if dry_run else ["OUTCOME"])
-    # Customer text is escaped before it is measured, so the cut never splits an escape's meaning
-    # from what is shown.
+    # Customer text is escaped first, then measured and cut: widths are those of what is printed.
     lines = [
         [
             str(r.id),
