@@ -7,17 +7,28 @@ Examples:
   reverify --organization 0b6c... --dry-run --json
 
 Without --inline the verifications are sent to the worker ahead of scheduled work; --wait then
-waits for them and prints the results. --inline verifies in this process, without a broker or
-worker, printing each step; the result is applied and audited exactly as the worker would.
+waits for them and prints each account's status and the outcome of its attempt (verified,
+customer_must_fix, transient or platform_fault, with the error code), or why it was not verified
+(platform paused, timed out). --inline verifies in this process, without a broker or worker,
+printing each step; the result is applied and audited exactly as the worker would.
 
 Settings come from the environment (DATABASE_URL, REDIS_URL, AWS_*). When DATABASE_URL is not set
 and a scripts/run is running, the settings of its stack are read from its DATA_DIR/stack.env
 (.data/stack.env, or $VERIFIER_DATA_DIR): variables set in the environment win, and its AWS
 settings are skipped when the environment configures AWS itself.
 
-Exit codes: 0 all verified (connected) or, without --wait/--inline, all requested; 1 some not
-connected (or --timeout reached); 2 bad usage or unknown ids; 3 the database or broker cannot be
-reached.
+On a terminal the ERROR column is cut to the terminal's width (ending in "…"); --wide (or --json)
+shows whole messages, and so does output that is not a terminal. Customer text (alias, role ARN,
+messages) is printed with control characters escaped (\\x1b).
+
+Exit codes:
+  0  every account verified and connected (without --wait/--inline: all requested)
+  1  every account verified, and some are not connected (the customer must fix something)
+  2  bad usage or unknown ids
+  3  the database or broker cannot be reached
+  4  some account not verified: its attempt was transient (STS unreachable) or a platform
+     fault (the worker's own credentials), verification is paused, or --timeout was reached
+     (4 wins over 1)
 """
 
 from __future__ import annotations
@@ -25,28 +36,42 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import random
+import shutil
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import kombu.exceptions
 import redis
-from sqlalchemy import Select, select
+from sqlalchemy import Select, String, engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models import AccountStatus, AwsAccount
+from models import AccountStatus, AuditEvent, AwsAccount, OutcomeKind
 from scripts.stack_env import apply_stack_env
+from worker.circuit import PlatformCircuit
 from worker.claims import claim_accounts
 from worker.db import session_factory
 from worker.logging import configure_logging
+from worker.redact import escape_controls
+from worker.requests import UnknownAccountsError
 from worker.settings import Settings, get_settings_or_exit
 
-EXIT_OK, EXIT_NOT_CONNECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_NOT_CONNECTED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_VERIFIED = 0, 1, 2, 3, 4
+
+# The audit event's column that records --requested-by.
+ACTOR_MAX_LENGTH = cast(String, AuditEvent.__table__.c.actor.type).length or 255
+# On a terminal, aliases are cut to this many columns, and the ERROR column never narrower than
+# this (a narrower terminal wraps the line instead).
+ALIAS_WIDTH = 24
+MIN_ERROR_WIDTH = 20
 
 
 class UnreachableError(Exception):
@@ -55,7 +80,7 @@ class UnreachableError(Exception):
 
 @dataclass
 class Row:
-    """One selected account, before and after."""
+    """One selected account: before, and what this run's attempt concluded."""
 
     id: uuid.UUID
     alias: str
@@ -63,8 +88,28 @@ class Row:
     old_status: str
     new_status: str | None = None
     error_message: str | None = None
+    # When the account's last attempt before this run read it: an attempt recorded with any other
+    # time is one made since the command started.
+    attempted_before: datetime | None = None
+    # The lease whose release ends the wait (the request's, or an in-flight verification's).
     lease_id: uuid.UUID | None = None
+    outcome: OutcomeKind | None = None  # the kind of this run's attempt, once it concluded
+    error_code: str | None = None
+    not_verified: str | None = None  # why there is no outcome: "platform paused (...)", ...
     done: bool = False
+
+    @property
+    def verified(self) -> bool:
+        """Whether the attempt had an answer about the customer's role (either way)."""
+        return self.outcome in {OutcomeKind.VERIFIED, OutcomeKind.CUSTOMER_MUST_FIX}
+
+    def outcome_text(self) -> str:
+        """`verified`, `transient: EndpointConnectionError`, `not verified: timed out`, ..."""
+        if self.outcome is None:
+            return f"not verified: {self.not_verified or 'no result'}"
+        if self.error_code is None:
+            return self.outcome.value
+        return f"{self.outcome.value}: {self.error_code}"
 
     def as_json(self) -> dict[str, Any]:
         """The row for --json output."""
@@ -75,6 +120,10 @@ class Row:
             "oldStatus": self.old_status,
             "newStatus": self.new_status,
             "errorMessage": self.error_message,
+            "outcome": self.outcome.value if self.outcome else None,
+            "errorCode": self.error_code,
+            "verified": self.verified,
+            "notVerified": self.not_verified,
             "done": self.done,
         }
 
@@ -100,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
         "--inline", action="store_true", help="verify here, step by step, without the worker"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument(
+        "--wide", action="store_true", help="whole aliases and messages, even on a terminal"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list what would be verified")
     parser.add_argument("--yes", "-y", action="store_true", help="no confirmation prompt")
     parser.add_argument(
@@ -112,7 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--requested-by",
         default=f"script:reverify:{getpass.getuser()}",
-        help="recorded in the audit event (default script:reverify:<user>)",
+        help=(
+            "recorded in the audit event (default script:reverify:<user>; "
+            f"at most {ACTOR_MAX_LENGTH} characters)"
+        ),
     )
     return parser
 
@@ -126,6 +181,22 @@ def _uuid(value: str, what: str) -> uuid.UUID:
 
 class UsageError(Exception):
     """Bad arguments or unknown ids (exit code 2)."""
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if args.inline and args.wait:
+        raise UsageError("--inline already waits; drop --wait")
+    actor = args.requested_by
+    if not actor.strip():
+        raise UsageError("--requested-by must say who asked")
+    if len(actor) > ACTOR_MAX_LENGTH:
+        raise UsageError(
+            f"--requested-by is {len(actor):,} characters long; at most {ACTOR_MAX_LENGTH}"
+        )
+    if escape_controls(actor) != actor:
+        raise UsageError(f"--requested-by {actor!r} contains control characters")
 
 
 def _selection(args: argparse.Namespace) -> tuple[Select[AwsAccount], list[uuid.UUID]]:
@@ -153,11 +224,19 @@ def _selection(args: argparse.Namespace) -> tuple[Select[AwsAccount], list[uuid.
 def _load(session: Session, args: argparse.Namespace) -> list[Row]:
     query, ids = _selection(args)
     accounts = list(session.scalars(query))
-    missing = sorted(set(ids) - {a.id for a in accounts}, key=str)
+    found = {a.id for a in accounts}
+    missing = [i for i in dict.fromkeys(ids) if i not in found]  # in the order given
     if missing:
-        raise UsageError("unknown account id(s): " + ", ".join(str(m) for m in missing))
+        raise UsageError(str(UnknownAccountsError(missing)))
     return [
-        Row(a.id, a.alias, a.aws_account_id, a.status.value, error_message=a.error_message)
+        Row(
+            a.id,
+            a.alias,
+            a.aws_account_id,
+            a.status.value,
+            error_message=a.error_message,
+            attempted_before=a.last_attempted_at,
+        )
         for a in accounts
     ]
 
@@ -175,16 +254,17 @@ def _confirm(rows: list[Row], args: argparse.Namespace) -> None:
         raise UsageError("cancelled")
 
 
-def _check_broker(settings: Settings) -> None:
+def _broker(settings: Settings) -> redis.Redis:
+    """A client for the broker's Redis (which also holds the circuit breaker), once it answers."""
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
         client.ping()
     except redis.RedisError as error:
+        client.close()
         raise UnreachableError(
             f"cannot reach the broker at {settings.redis_url_masked}: {error}"
         ) from None
-    finally:
-        client.close()
+    return client
 
 
 def _progress(done: int, total: int, started: float) -> None:
@@ -193,36 +273,80 @@ def _progress(done: int, total: int, started: float) -> None:
     width = 30
     filled = int(width * done / total) if total else width
     bar = "#" * filled + "-" * (width - filled)
-    sys.stderr.write(f"\r[{bar}] {done}/{total} verified  {time.monotonic() - started:5.1f}s")
+    sys.stderr.write(f"\r[{bar}] {done}/{total} finished  {time.monotonic() - started:5.1f}s")
     sys.stderr.flush()
     if done == total:
         sys.stderr.write("\n")
 
 
-def _wait(rows: list[Row], timeout: float) -> None:
-    """Poll until each row's lease (the request's, or an in-flight one) is released."""
+_STATE = select(
+    AwsAccount.id,
+    AwsAccount.lease_id,
+    AwsAccount.status,
+    AwsAccount.error_message,
+    AwsAccount.last_attempted_at,
+    AwsAccount.last_outcome,
+    AwsAccount.last_error_code,
+)
+
+
+def _take_state(
+    row: Row,
+    state: engine.Row[
+        uuid.UUID,
+        uuid.UUID | None,
+        AccountStatus,
+        str | None,
+        datetime | None,
+        OutcomeKind | None,
+        str | None,
+    ],
+) -> bool:
+    """Copy the account's current state into `row`; True once an attempt made since the command
+    started has concluded (its outcome is then the row's)."""
+    row.new_status, row.error_message = state.status.value, state.error_message
+    attempted = state.last_attempted_at
+    # Only a verification holding the account's lease writes last_attempted_at, and it writes the
+    # time its attempt read the account: a value other than the one read before the request is a
+    # new attempt's. A lease released without a result (paused, discarded) leaves it alone.
+    if attempted is None or attempted == row.attempted_before or state.last_outcome is None:
+        return False
+    row.outcome, row.error_code, row.done = state.last_outcome, state.last_error_code, True
+    return True
+
+
+def _wait(rows: list[Row], timeout: float, circuit: PlatformCircuit) -> None:
+    """Poll until each row has the outcome of an attempt made since the command started, or
+    cannot have one soon (paused, deleted, timed out)."""
     sessions = session_factory()
     started = time.monotonic()
     pending = {row.id: row for row in rows}
     while True:
         with sessions() as session:
-            current = session.execute(
-                select(
-                    AwsAccount.id, AwsAccount.lease_id, AwsAccount.status, AwsAccount.error_message
-                ).where(AwsAccount.id.in_(list(pending)))
-            ).all()
-        for account_id, lease_id, status, error_message in current:
-            row = pending[account_id]
-            row.new_status, row.error_message = status.value, error_message
-            if lease_id is None or lease_id != row.lease_id:
-                row.done = True
-                del pending[account_id]
-        for gone in set(pending) - {c[0] for c in current}:
-            pending.pop(gone).new_status = "deleted"
+            current = session.execute(_STATE.where(AwsAccount.id.in_(list(pending)))).all()
+        for state in current:
+            row = pending[state.id]
+            if _take_state(row, state):
+                del pending[state.id]
+            elif state.lease_id != row.lease_id:
+                # Released without a result. While the circuit breaker is open the worker skips
+                # accounts and makes them due after the pause: nothing will be verified until a
+                # probe succeeds. Otherwise (the account changed during the attempt, or the
+                # worker had no room) it is due again at once, and the wait goes on.
+                paused = circuit.state()
+                if paused is not None:
+                    row.not_verified = f"platform paused ({paused.code})"
+                    row.done = True
+                    del pending[state.id]
+        for gone in set(pending) - {state.id for state in current}:
+            row = pending.pop(gone)
+            row.new_status, row.not_verified, row.done = "deleted", "deleted", True
         _progress(len(rows) - len(pending), len(rows), started)
         if not pending or time.monotonic() - started > timeout:
             if pending and sys.stderr.isatty():
                 sys.stderr.write("\n")
+            for row in pending.values():
+                row.not_verified = "timed out"
             return
         time.sleep(0.25)
 
@@ -231,22 +355,25 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
     from worker.requests import request_verification  # noqa: PLC0415 - loads Celery
 
     correlation_id = str(uuid.uuid4())
-    with session_factory().begin() as session:
-        result = request_verification(
-            [r.id for r in rows],
-            requested_by=args.requested_by,
-            correlation_id=correlation_id,
-            session=session,
-        )
-        # In-flight accounts are waited for through the lease their verification holds.
-        leases = {
-            account_id: lease_id
-            for account_id, lease_id in session.execute(
-                select(AwsAccount.id, AwsAccount.lease_id).where(
-                    AwsAccount.id.in_([r.id for r in rows])
-                )
+    try:
+        with session_factory().begin() as session:
+            result = request_verification(
+                [r.id for r in rows],
+                requested_by=args.requested_by,
+                correlation_id=correlation_id,
+                session=session,
             )
-        }
+            # In-flight accounts are waited for through the lease their verification holds.
+            leases = {
+                account_id: lease_id
+                for account_id, lease_id in session.execute(
+                    select(AwsAccount.id, AwsAccount.lease_id).where(
+                        AwsAccount.id.in_([r.id for r in rows])
+                    )
+                )
+            }
+    except UnknownAccountsError as error:  # deleted since they were selected
+        raise UsageError(str(error)) from None
     for row in rows:
         row.lease_id = leases.get(row.id)
     if not args.json:
@@ -259,7 +386,7 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
 
 def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> None:
     from worker.sts import StsVerifier  # noqa: PLC0415 - boto3 only when needed
-    from worker.verify import Verification, verify_account  # noqa: PLC0415
+    from worker.verify import Result, Verification, verify_account  # noqa: PLC0415
 
     ctx = Verification(
         sessions=session_factory(),
@@ -271,19 +398,20 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
     correlation_id = str(uuid.uuid4())
     for row in rows:
         if not args.json:
-            print(f"\n{row.alias} ({row.aws_account_id}, {row.id})")
+            print(f"\n{escape_controls(row.alias)} ({row.aws_account_id}, {row.id})")
         with ctx.sessions.begin() as session:
             claim = claim_accounts(session, [row.id], lease_seconds=settings.lease_seconds)
         if not claim.account_ids:
+            row.not_verified, row.done = "a worker is verifying it", True
             if not args.json:
-                print("  skipped: a worker is verifying it right now")
+                print(f"  skipped: {row.not_verified} right now")
             continue
 
         def observe(step: str, detail: str) -> None:
             if not args.json:
-                print(f"  {step:<18} {detail}")
+                print(f"  {step:<18} {escape_controls(detail)}")
 
-        verify_account(
+        result = verify_account(
             ctx,
             row.id,
             claim.lease_id,
@@ -293,35 +421,92 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
             observe=observe,
         )
         with ctx.sessions() as session:
-            account = session.get(AwsAccount, row.id)
-            if account is not None:
-                row.new_status, row.error_message = account.status.value, account.error_message
+            state = session.execute(_STATE.where(AwsAccount.id == row.id)).one_or_none()
+        if state is None:
+            row.new_status, row.not_verified = "deleted", "deleted"
+        elif not _take_state(row, state):
+            row.not_verified = (
+                "the account changed during the attempt"
+                if result is Result.DISCARDED
+                else "no result"
+            )
         row.done = True
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def _width(text: str) -> int:
+    """Columns `text` takes on a terminal: East Asian wide characters two, combining ones none."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def _cut(text: str, width: int) -> str:
+    """`text` if it fits in `width` columns, else as much as fits followed by an ellipsis."""
+    if _width(text) <= width:
+        return text
+    kept, used = [], 0
+    for char in text:
+        used += _width(char)
+        if used > width - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
 
 
 def _status_cell(row: Row, *, dry_run: bool) -> str:
     if dry_run:
         return row.old_status
-    return f"{row.old_status} -> {row.new_status or '?'}" + ("" if row.done else " (not finished)")
+    return f"{row.old_status} -> {row.new_status or '?'}"
 
 
-def _table(rows: Sequence[Row], *, dry_run: bool) -> None:
-    headers = ("ACCOUNT", "ALIAS", "AWS ACCOUNT", "STATUS", "ERROR")
+def _table(rows: Sequence[Row], *, dry_run: bool, fit: int | None) -> None:
+    """Print the table; `fit`: the terminal's width, to which aliases and messages are cut."""
+    headers = ["ACCOUNT", "ALIAS", "AWS ACCOUNT", "STATUS"] + ([] if dry_run else ["OUTCOME"])
+    # Customer text is escaped first, then measured and cut: widths are those of what is printed.
     lines = [
-        (
+        [
             str(r.id),
-            r.alias[:24],
+            escape_controls(r.alias),
             r.aws_account_id,
             _status_cell(r, dry_run=dry_run),
-            (r.error_message or "")[:100],
-        )
+            *([] if dry_run else [escape_controls(r.outcome_text())]),
+        ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
-    for line in (headers, *lines):
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        )
+    errors = [escape_controls(r.error_message or "") for r in rows]
+    cut = False
+    if fit is not None:
+        for line in lines:
+            alias = _cut(line[1], ALIAS_WIDTH)
+            cut = cut or alias != line[1]
+            line[1] = alias
+    widths = [max(_width(h), *(_width(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    if fit is not None:
+        room = max(MIN_ERROR_WIDTH, fit - sum(widths) - 2 * len(widths))
+        shown = [_cut(error, room) for error in errors]
+        cut = cut or shown != errors
+        errors = shown
+    rows_out = [[*line, error] for line, error in zip(lines, errors, strict=True)]
+    for cells in [[*headers, "ERROR"], *rows_out]:
+        *fixed, error = cells
+        padded = [
+            cell + " " * (width - _width(cell)) for cell, width in zip(fixed, widths, strict=True)
+        ]
+        print("  ".join([*padded, error]).rstrip())
+    if cut:
+        print("(cut to fit the terminal: --wide or --json shows whole aliases and messages)")
+
+
+def _fit_width(args: argparse.Namespace) -> int | None:
+    """The width to fit the table to: the terminal's; None (nothing cut) with --wide or when the
+    output is not a terminal (a file or a pipe keeps every character)."""
+    if args.wide or not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 def _act(rows: list[Row], args: argparse.Namespace, settings: Settings) -> str | None:
@@ -331,32 +516,65 @@ def _act(rows: list[Row], args: argparse.Namespace, settings: Settings) -> str |
     if args.inline:
         _inline(rows, args, settings)
         return None
-    _check_broker(settings)
+    broker = _broker(settings)
     try:
-        correlation_id = _request(rows, args)
-    except kombu.exceptions.OperationalError as error:
-        # Committed but not sent: the leases expire and the accounts fall due by themselves.
-        raise UnreachableError(
-            f"cannot send to the broker at {settings.redis_url_masked}: {error}"
-        ) from None
-    if args.wait:
-        _wait(rows, args.timeout)
+        try:
+            correlation_id = _request(rows, args)
+        except kombu.exceptions.OperationalError as error:
+            # Committed but not sent: the leases expire and the accounts fall due by themselves.
+            raise UnreachableError(
+                f"cannot send to the broker at {settings.redis_url_masked}: {error}"
+            ) from None
+        if args.wait:
+            _wait(rows, args.timeout, PlatformCircuit(broker, pause_seconds=0))
+    finally:
+        broker.close()
     return correlation_id
+
+
+def _exit_code(rows: Sequence[Row]) -> int:
+    if not all(r.verified for r in rows):
+        return EXIT_NOT_VERIFIED
+    if all(
+        r.outcome is OutcomeKind.VERIFIED and r.new_status == AccountStatus.CONNECTED.value
+        for r in rows
+    ):
+        return EXIT_OK
+    return EXIT_NOT_CONNECTED
+
+
+class _ReportedHere(logging.Filter):
+    """Drops the worker's lines about each account's result: `--inline` prints every step and
+    the table every outcome, and a log line between them would only say it again."""
+
+    EVENTS = frozenset({"verification.completed", "account.status_changed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, dict) and record.msg.get("event") in self.EVENTS)
+
+
+def _configure_logging(settings: Settings) -> None:
+    # Step-by-step output and the table are the interface here; only errors are worth a line, on
+    # stderr, and in console form on a terminal (LOG_FORMAT=json is for the services' collectors,
+    # not for a person reading the table).
+    log_format = "console" if sys.stderr.isatty() else settings.log_format
+    configure_logging(
+        settings.model_copy(update={"log_level": "ERROR", "log_format": log_format}),
+        stream=sys.stderr,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ReportedHere())
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The command; returns the exit code."""
     args = _parser().parse_args(argv)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    if args.inline and args.wait:
-        raise UsageError("--inline already waits; drop --wait")
+    _check_arguments(args)
     stack_file = apply_stack_env()
     if stack_file is not None:
         print(f"reverify: using the running scripts/run's settings: {stack_file}", file=sys.stderr)
     settings = get_settings_or_exit()
-    # Step-by-step output is the interface here; only errors from the libraries are worth a line.
-    configure_logging(settings.model_copy(update={"log_level": "ERROR"}), stream=sys.stderr)
+    _configure_logging(settings)
     try:
         with session_factory()() as session:
             rows = _load(session, args)
@@ -384,15 +602,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.dry_run or args.wait or args.inline:
         if args.dry_run:
             print(f"would re-verify {len(rows)} account(s):")
-        _table(rows, dry_run=args.dry_run)
+        _table(rows, dry_run=args.dry_run, fit=_fit_width(args))
     if args.dry_run or not (args.wait or args.inline):
         return EXIT_OK
-    if all(r.done and r.new_status == AccountStatus.CONNECTED.value for r in rows):
-        return EXIT_OK
-    unfinished = [r for r in rows if not r.done]
-    if unfinished and not args.json:
-        print(f"timed out: {len(unfinished)} verification(s) not finished", file=sys.stderr)
-    return EXIT_NOT_CONNECTED
+    code = _exit_code(rows)
+    if code == EXIT_NOT_VERIFIED and not args.json:
+        unverified = sum(not r.verified for r in rows)
+        print(
+            f"not verified: {unverified} of {len(rows)} account(s) (see OUTCOME)",
+            file=sys.stderr,
+        )
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

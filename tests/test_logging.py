@@ -140,6 +140,16 @@ def test_console_format_is_not_json() -> None:
     assert not line.startswith("{")
 
 
+def test_console_lines_escape_control_characters() -> None:
+    """In console form a value's terminal controls (and line breaks) are shown escaped."""
+    with configured(Settings(log_format="console")) as stream:
+        get_logger("worker.test").warning("account.status_changed", alias="A\x1b[2J\nB")
+    line = stream.getvalue()
+    assert "alias=A\\x1b[2J\\x0aB" in line
+    assert "\x1b" not in line
+    assert line.count("\n") == 1
+
+
 def test_routine_dispatch_lines_are_debug(json_stream: io.StringIO) -> None:
     """Celery's every-few-seconds dispatch lines are DEBUG; other task lines stay INFO."""
     trace = logging.getLogger("celery.app.trace")

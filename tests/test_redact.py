@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.redact import mask_external_id, mask_url, scrub_text
+from worker.redact import escape_controls, mask_external_id, mask_url, scrub_text
 
 
 def test_mask_url_hides_the_password() -> None:
@@ -30,3 +30,13 @@ def test_scrub_text_masks_urls_and_access_keys() -> None:
     """Free text loses URL passwords and AWS access key ids."""
     text = "connect redis://:hunter2@h:6379 with AKIAIOSFODNN7EXAMPLE"
     assert scrub_text(text) == "connect redis://:***@h:6379 with ***"
+
+
+def test_escape_controls_makes_terminal_controls_visible() -> None:
+    """C0, DEL, C1, line separators and bidirectional overrides become escapes; the rest stays."""
+    assert escape_controls("a\x1b[31mb\tc\nd\x7fe\x9bf\u2028g\u202eh") == (
+        "a\\x1b[31mb\\x09c\\x0ad\\x7fe\\x9bf\\u2028g\\u202eh"
+    )
+    assert escape_controls("Produção 本番 👍 arn:aws:iam::123456789012:role/R") == (
+        "Produção 本番 👍 arn:aws:iam::123456789012:role/R"
+    )

@@ -127,6 +127,16 @@ def test_unknown_ids_request_nothing(
     assert queue.llen(REQUESTED_QUEUE) == 0
 
 
+def test_many_unknown_ids_are_named_briefly() -> None:
+    """The error names the first five unknown ids and counts the rest; all are in `missing`."""
+    missing = [uuid.uuid4() for _ in range(10_000)]
+    error = UnknownAccountsError(missing)
+    assert str(error) == (
+        "unknown account id(s): " + ", ".join(map(str, missing[:5])) + " ... and 9,995 more"
+    )
+    assert error.missing == missing
+
+
 def test_requested_by_is_required(api_sessions: sessionmaker[Session]) -> None:
     """An empty requester is refused: every audit event names who asked."""
     with pytest.raises(ValueError, match="requested_by"):

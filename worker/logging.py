@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from worker.redact import mask_external_id, scrub_text
+from worker.redact import escape_controls, mask_external_id, scrub_text
 from worker.settings import Settings
 
 __all__ = ["configure_logging", "get_logger", "redact_secrets"]
@@ -58,6 +58,18 @@ def _scrub_rendered_exception(_: WrappedLogger, __: str, event_dict: EventDict) 
     exception = event_dict.get("exception")
     if isinstance(exception, str):
         event_dict["exception"] = scrub_text(exception)
+    return event_dict
+
+
+def _escape_for_terminal(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    # The console renderer prints strings as they are (JSON escapes control characters by
+    # itself): customer text in a value (an alias, a role ARN, AWS's message) must not drive the
+    # operator's terminal, nor start a line that looks like another log line. A rendered
+    # traceback keeps its line breaks.
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            lines = value.split("\n") if key in {"exception", "stack"} else [value]
+            event_dict[key] = "\n".join(escape_controls(line) for line in lines)
     return event_dict
 
 
@@ -116,7 +128,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if not console:
         final.append(structlog.processors.format_exc_info)
-    final += [_scrub_rendered_exception, renderer]
+    final += [_scrub_rendered_exception, *([_escape_for_terminal] if console else []), renderer]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared_processors(),
         processors=final,

@@ -1,4 +1,5 @@
-"""Keeping secrets out of output: URLs with passwords, external IDs, AWS credentials."""
+"""Keeping secrets out of output (URLs with passwords, external IDs, AWS credentials), and
+terminal control characters out of what a terminal shows."""
 
 from __future__ import annotations
 
@@ -41,3 +42,23 @@ def scrub_text(text: str) -> str:
     """Mask URL passwords and AWS access key ids wherever they appear in free text."""
     text = _URL_PASSWORD.sub(lambda m: m.group("prefix") + _MASK, text)
     return _ACCESS_KEY_ID.sub(_MASK, text)
+
+
+# Characters that change what a terminal shows rather than being shown: every control character
+# (C0, DEL and C1: ESC starts an ANSI sequence, C1's CSI starts one by itself on some terminals),
+# the line and paragraph separators, and the bidirectional controls that reorder the text around
+# them.
+_TERMINAL_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """Render control characters as visible escapes (`\\x1b`, `\\u202e`), so that customer text
+    shown on a terminal cannot move the cursor, recolour, retitle or reorder anything."""
+    return _TERMINAL_CONTROL.sub(_escape, text)

@@ -18,12 +18,20 @@ from worker.settings import get_settings
 log = get_logger("worker.requests")
 
 
+# Ids named in an UnknownAccountsError's message; the rest are counted (all are in `missing`).
+NAMED_UNKNOWN_IDS = 5
+
+
 class UnknownAccountsError(LookupError):
     """Some requested account ids do not exist; nothing was requested."""
 
     def __init__(self, missing: list[uuid.UUID]) -> None:
         self.missing = missing
-        super().__init__("unknown account id(s): " + ", ".join(str(m) for m in missing))
+        named = ", ".join(str(m) for m in missing[:NAMED_UNKNOWN_IDS])
+        rest = len(missing) - NAMED_UNKNOWN_IDS
+        super().__init__(
+            f"unknown account id(s): {named}" + (f" ... and {rest:,} more" if rest > 0 else "")
+        )
 
 
 @dataclass(frozen=True, slots=True)
