@@ -40,3 +40,17 @@ def test_escape_controls_makes_terminal_controls_visible() -> None:
     assert escape_controls("Produção 本番 👍 arn:aws:iam::123456789012:role/R") == (
         "Produção 本番 👍 arn:aws:iam::123456789012:role/R"
     )
+
+
+def test_mask_url_masks_a_url_whose_port_is_not_a_number() -> None:
+    """A malformed port (the URL a settings error shows) keeps the rest and hides the password."""
+    assert mask_url("postgresql://app:s3cret@db:notaport/main") == (
+        "postgresql://app:***@db:notaport/main"
+    )
+
+
+def test_mask_url_masks_a_url_that_cannot_be_split() -> None:
+    """An unclosed IPv6 bracket makes the URL unparseable; its password is still hidden."""
+    masked = mask_url("postgresql://app:s3cret@[::1/main")
+    assert "s3cret" not in masked
+    assert masked == "postgresql://app:***@[::1/main"

@@ -10,18 +10,20 @@ _MASK = "***"
 
 
 def mask_url(url: str) -> str:
-    """Return `url` with any password replaced by `***` (`redis://:pw@h` -> `redis://:***@h`)."""
+    """Return `url` with any password replaced by `***` (`redis://:pw@h` -> `redis://:***@h`).
+
+    Malformed URLs are masked too: they are exactly the ones shown in a settings error.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
-        return _MASK
+        # Not even splittable (an unclosed IPv6 bracket): mask whatever looks like a password.
+        return scrub_text(url)
     if parts.password is None:
         return url
-    userinfo = f"{parts.username or ''}:{_MASK}"
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    # Host and port as written, not re-parsed: a port that is not a number must not raise here.
+    host_and_port = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:{_MASK}@{host_and_port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
