@@ -70,3 +70,82 @@ def test_aws_region_is_read_from_the_standard_variable(monkeypatch: pytest.Monke
     """AWS_REGION sets the STS region."""
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert load_settings().aws_region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "problem"),
+    [
+        ("DATABASE_URL", "postgresql://app:hunter2@db:notaport/app", "notaport"),
+        ("DATABASE_URL", "postgresql://app:hunter2@[::1/app", "Invalid IPv6 URL"),
+        ("DATABASE_URL", "postgresql://app:hunter2@db:70000/app", "out of range"),
+        ("REDIS_URL", "redis://:hunter2@cache:notaport/0", "notaport"),
+        ("REDIS_URL", "redis://:hunter2@[::1/0", "Invalid IPv6 URL"),
+        ("REDIS_URL", "redis://:hunter2@cache:6379/0?socket_timeout=soon", "socket_timeout"),
+    ],
+)
+def test_a_malformed_url_names_the_variable_and_hides_the_password(
+    monkeypatch: pytest.MonkeyPatch, variable: str, url: str, problem: str
+) -> None:
+    """A URL whose port or host cannot be parsed is refused at start-up, not at first use: the
+    message names the variable and what is wrong, and shows the URL without its password."""
+    monkeypatch.setenv(variable, url)
+    with pytest.raises(SettingsError, match=variable) as caught:
+        load_settings()
+    assert problem in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pw@[::1]:5432/app",
+        "postgresql:///app?host=/var/run/postgresql",
+        "postgresql://app@db/app",
+    ],
+)
+def test_well_formed_database_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """IPv6 literals, socket directories and default ports stay valid."""
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert load_settings().database_url.startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        "us-east-1",
+        "eu-central-1",
+        "ap-southeast-4",
+        "il-central-1",
+        "us-gov-west-1",
+        "cn-north-1",
+        "us-isob-east-1",
+    ],
+)
+def test_region_names_of_every_partition_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, region: str
+) -> None:
+    """Commercial, GovCloud, China and isolated regions all have the same shape."""
+    monkeypatch.setenv("AWS_REGION", region)
+    monkeypatch.setenv("STS_FALLBACK_REGION", region)
+    settings = load_settings()
+    assert (settings.aws_region, settings.sts_fallback_region) == (region, region)
+
+
+@pytest.mark.parametrize(
+    ("variable", "region"),
+    [
+        ("AWS_REGION", "nowhere"),
+        ("AWS_REGION", "US-EAST-1"),
+        ("AWS_REGION", "https://sts.us-east-1.amazonaws.com"),
+        ("AWS_REGION", "us-east-1 "),
+        ("STS_FALLBACK_REGION", "eu-west"),
+    ],
+)
+def test_a_region_that_is_not_a_region_name_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, region: str
+) -> None:
+    """A region botocore would turn into an unreachable endpoint stops start-up instead."""
+    monkeypatch.setenv(variable, region)
+    with pytest.raises(SettingsError, match=f"{variable}: must be an AWS region name"):
+        load_settings()

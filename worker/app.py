@@ -13,6 +13,7 @@ from celery import Celery, signals
 
 from worker.logging import bind_context, clear_context, configure_logging, get_logger
 from worker.settings import get_settings_or_exit
+from worker.startup import require_services
 
 
 class VerifierCelery(Celery):  # type: ignore[misc]
@@ -84,6 +85,13 @@ def _early_logging(**_: Any) -> None:
     configure_logging(get_settings_or_exit())
 
 
+@signals.worker_init.connect
+def _check_services(**_: Any) -> None:
+    # In the parent process, before the pool starts: a worker that cannot reach its database or
+    # Redis exits naming the variable, instead of saying `worker.ready` and failing every task.
+    require_services(get_settings_or_exit(), process="worker", database_needed=True)
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings_or_exit()
@@ -102,6 +110,8 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
 @signals.beat_init.connect
 def _beat_init(**_: Any) -> None:
     settings = get_settings_or_exit()
+    # Beat only sends messages (the dispatch task runs in a worker): Redis is all it needs.
+    require_services(settings, process="beat", database_needed=False)
     log.info(
         "beat.started",
         redis_url=settings.redis_url_masked,

@@ -9,14 +9,23 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
+import redis.connection
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from worker.redact import mask_url
 
 _DAY = 24 * 3600
 _ACCOUNT_ID = re.compile(r"\d{12}", re.ASCII)
+
+# An AWS region's name: us-east-1, eu-central-1, ap-southeast-4, us-gov-west-1, cn-north-1,
+# us-isob-east-1. botocore accepts any string and builds an endpoint host from it, so a typo
+# (or an upper-case name, or a URL) would only show as every STS call failing to connect.
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+")
 
 
 def _default_beat_file() -> str:
@@ -35,6 +44,9 @@ class Settings(BaseSettings):
     # --- services -------------------------------------------------------------------------------
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/verifier"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # How long the worker (and beat, for Redis) waits at start-up for a database or Redis that is
+    # still starting before it exits, naming the variable: running without them helps nobody.
+    startup_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
     # --- logs -----------------------------------------------------------------------------------
     # "auto": console lines on a terminal, JSON lines otherwise.
@@ -88,6 +100,11 @@ class Settings(BaseSettings):
     # Wave guard: at most this many connected -> failed with one error code per window.
     wave_threshold: int = Field(default=20, ge=1)
     wave_window_seconds: int = Field(default=600, ge=1)
+    # Stall: at least this many verifications across all workers in the window, every one of them
+    # transient with the same error code, is the platform failing (a wrong region, no route to
+    # STS), not bad luck: logged once per window as `verification.stalled`.
+    stall_min_verifications: int = Field(default=20, ge=1)
+    stall_window_seconds: int = Field(default=300, ge=5, le=_DAY)
     # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
     # 500 leaves a sixth of the quota to anything else using the platform's account and region.
     sts_rate_limit_per_second: float = Field(default=500.0, gt=0, le=600)
@@ -116,7 +133,7 @@ class Settings(BaseSettings):
         if not sep:
             raise ValueError("must be a URL such as postgresql://user@host:5432/dbname")
         if scheme in {"postgres", "postgresql", "postgresql+psycopg"}:
-            return f"postgresql+psycopg://{rest}"
+            return _parsed_database_url(f"postgresql+psycopg://{rest}")
         raise ValueError(
             f"scheme {scheme!r} is not supported; use postgres:// or postgresql:// (psycopg 3)"
         )
@@ -126,6 +143,19 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        _check_host_and_port(value)
+        try:
+            # redis-py's own parser: its messages name the option, never the URL.
+            redis.connection.parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as error:
+            raise ValueError(f"is not a valid Redis URL: {error}") from None
+        return value
+
+    @field_validator("aws_region", "sts_fallback_region")
+    @classmethod
+    def _region_name(cls, value: str) -> str:
+        if not _REGION.fullmatch(value):
+            raise ValueError("must be an AWS region name such as us-east-1 or eu-west-1")
         return value
 
     @field_validator("platform_account_ids", mode="before")
@@ -172,6 +202,29 @@ class Settings(BaseSettings):
     def redis_url_masked(self) -> str:
         """The Redis URL as it may be logged."""
         return mask_url(self.redis_url)
+
+
+def _check_host_and_port(url: str) -> None:
+    """Refuse a URL whose host or port cannot be parsed (found otherwise only at first use)."""
+    try:
+        port = urlsplit(url).port  # parses the host too
+    except ValueError as error:
+        # urllib's messages ("Port could not be cast to integer value as 'x'", "Invalid IPv6
+        # URL") name the part, never the password.
+        raise ValueError(f"is not a valid URL: {error}") from None
+    if port == 0:
+        raise ValueError("is not a valid URL: port 0")
+
+
+def _parsed_database_url(url: str) -> str:
+    """`url`, once SQLAlchemy and urllib can parse all of it (host and port included)."""
+    _check_host_and_port(url)
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        # SQLAlchemy's message quotes the whole URL, password included: not shown.
+        raise ValueError("is not a valid database URL") from None
+    return url
 
 
 def _describe(error: ValidationError) -> str:
