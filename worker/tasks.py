@@ -22,6 +22,7 @@ from worker.claims import release_leases
 from worker.db import session_factory
 from worker.dispatch import dispatch_due_accounts
 from worker.logging import bind_context, current_context, get_logger, unbind_account_context
+from worker.messages import MIN_ACCOUNTS_LIMIT, RejectedMessageError, parse_chunk_message
 from worker.ratelimit import StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
@@ -385,19 +386,41 @@ def _read_chunk(
 
 @app.task(bind=True, name="verifier.verify_accounts")
 def verify_accounts_task(
-    self: Task, account_ids: list[str], lease_id: str, actor: str = WORKER_ACTOR
+    self: Task,
+    account_ids: object = None,
+    lease_id: object = None,
+    actor: object = WORKER_ACTOR,
+    *extra_args: object,
+    **extra_kwargs: object,
 ) -> dict[str, int]:
     """Verify a chunk of accounts leased together: read them, then check each on the window.
 
     Returns once every account is in flight (or skipped); the last account checked writes the
-    chunk's results in one transaction.
+    chunk's results in one transaction. A malformed or oversized message is refused (any
+    arguments are accepted, so that even a wrong number of them is refused, not a traceback).
     """
+    try:
+        message = parse_chunk_message(
+            account_ids,
+            lease_id,
+            actor,
+            max_accounts=max(get_settings().dispatch_chunk_size, MIN_ACCOUNTS_LIMIT),
+            extra_args=extra_args,
+            extra_kwargs=extra_kwargs,
+        )
+    except RejectedMessageError as rejected:
+        log.error(  # noqa: TRY400 - a refusal: the reason says it all, a traceback would not
+            "task.rejected",
+            reason=rejected.reason,
+            accounts=rejected.accounts,
+            example=rejected.example,
+        )
+        return {"rejected": rejected.accounts or 0}
+    lease, ids = message.lease_id, message.account_ids
     if _redelivered_too_often(self):
-        log.error("task.dropped", reason="redelivered too often", accounts=len(account_ids))
-        return {"dropped": len(account_ids)}
+        log.error("task.dropped", reason="redelivered too often", accounts=len(ids))
+        return {"dropped": len(ids)}
     ctx = verification_context()
-    lease = uuid.UUID(lease_id)
-    ids = [uuid.UUID(account_id) for account_id in account_ids]
     attempts = _read_chunk(ctx, ids, lease)
     found = {attempt.account_id for attempt in attempts}
     missing = set(ids) - found
@@ -405,7 +428,7 @@ def verify_accounts_task(
         log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
     skipped = len(missing)
     window = verification_window()
-    chunk = ChunkInFlight(ctx, attempts, actor, current_context().get("correlation_id"))
+    chunk = ChunkInFlight(ctx, attempts, message.actor, current_context().get("correlation_id"))
     handed = 0
     # Waiting for slots is bounded well inside the task's time limits: when STS is so slow that
     # the window does not move, the rest of the chunk goes back to the queue of due accounts

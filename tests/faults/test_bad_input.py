@@ -9,19 +9,24 @@ leaves nothing behind.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypedDict
 
 import pytest
+from kombu.connection import Connection
 from sqlalchemy import select
 
 from models import AccountStatus, AuditEvent, AuditEventType
 from tests.faults.fleet import Fleet, Planned, unique_aws_account_id
 from tests.faults.harness import StandInProcess, log_events, running
 from tests.faults.invariants import check_invariants, wait_for
-from tests.processes import Service, start_beat, start_worker, wait_until
+from tests.processes import RedisServer, Service, start_beat, start_worker, wait_until
+from worker.app import app
+from worker.celeryconfig import SCHEDULED_QUEUE
+from worker.claims import claim_accounts
 
 pytestmark = pytest.mark.faults
 
@@ -333,3 +338,75 @@ def test_failure_counter_at_its_limit(
         wait_for(fleet, timeout=15)
         assert "raised unexpected" not in worker.output()
         check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(150)
+def test_poison_messages_are_refused_in_one_line_each(
+    services_env: Callable[..., dict[str, str]],
+    fleet: Fleet,
+    private_redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Messages with 10,000 ids, ids that are not UUIDs, a bad lease or actor, or the wrong
+    arguments are each refused with one `task.rejected` line (no line per id, no traceback, no
+    work), and the worker then verifies a normal message."""
+    control = fleet.add("ok-after-poison")
+    some_id = str(uuid.uuid4())
+    lease = str(uuid.uuid4())
+    poison: list[tuple[str, list[object], dict[str, object]]] = [
+        ("too many accounts", [[str(uuid.uuid4()) for _ in range(10_000)], lease], {}),
+        ("account ids are not a list", ["not a list", lease], {}),
+        ("1 account id(s) are not UUIDs", [[some_id, "\x1b[2Jnope"], lease], {}),
+        ("the lease id is not a UUID", [[some_id], "not-a-lease"], {}),
+        ("the actor is not a string", [[some_id], lease], {"actor": 12345}),
+        ("the actor is not a string", [[some_id], lease, "x" * 100_000], {}),
+        ("the lease id is not a UUID", [[some_id]], {}),
+        ("unexpected arguments", [[some_id], lease, "worker", "surplus"], {}),
+        ("unexpected arguments", [[some_id], lease], {"priority": 9}),
+    ]
+    env = services_env()
+    worker = start_worker(env, tmp_path)
+    with running(worker), Connection(private_redis.url) as connection:  # type: ignore[no-untyped-call]
+        wait_until(lambda: worker.events("worker.ready"), timeout=60, what="worker.ready")
+        for _, args, kwargs in poison:
+            app.send_task(
+                "verifier.verify_accounts",
+                args=args,
+                kwargs=kwargs,
+                queue=SCHEDULED_QUEUE,
+                connection=connection,
+            )
+        with fleet.sessions.begin() as session:
+            claim = claim_accounts(session, [control.id], lease_seconds=60)
+        app.send_task(
+            "verifier.verify_accounts",
+            args=[[str(control.id)], str(claim.lease_id)],
+            queue=SCHEDULED_QUEUE,
+            connection=connection,
+        )
+        wait_until(
+            lambda: fleet.statuses()[control.id] is CONNECTED,
+            timeout=60,
+            what="the normal message after the poison to be verified",
+        )
+        rejected = worker.events("task.rejected")
+        # Prefork processes take the messages concurrently: the order of the lines is not fixed.
+        by_reason = {
+            expected: [r for r in rejected if r["reason"].startswith(expected)]
+            for expected, _, _ in poison
+        }
+        assert {reason: len(lines) for reason, lines in by_reason.items()} == dict(
+            Counter(expected for expected, _, _ in poison)
+        ), [r["reason"] for r in rejected]
+        assert len(rejected) == len(poison)
+        assert {line["level"] for line in rejected} == {"error"}
+        assert [line["accounts"] for line in by_reason["too many accounts"]] == [10_000]
+        assert [line["example"] for line in by_reason["1 account id(s) are not UUIDs"]] == [
+            r"'\x1b[2Jnope'"
+        ]
+        output = worker.output()
+        assert "Traceback" not in output
+        assert "raised unexpected" not in output
+        assert worker.events("verification.skipped") == []
+        assert len(output.splitlines()) < 100, f"{len(output.splitlines())} lines"
+        assert worker.process.poll() is None
