@@ -26,6 +26,7 @@ from worker.messages import MIN_ACCOUNTS_LIMIT, RejectedMessageError, parse_chun
 from worker.ratelimit import StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
+from worker.stall import StallWatch
 from worker.sts import get_verifier
 from worker.verify import (
     WORKER_ACTOR,
@@ -70,6 +71,17 @@ def verification_context() -> Verification:
 def sts_rate_limiter() -> StsRateLimiter:
     """The worker process's handle on the global STS budget."""
     return StsRateLimiter(get_redis(), rate_per_second=get_settings().sts_rate_limit_per_second)
+
+
+@functools.cache
+def stall_watch() -> StallWatch:
+    """The worker process's handle on the fleet's outcome counters (`verification.stalled`)."""
+    settings = get_settings()
+    return StallWatch(
+        get_redis(),
+        window_seconds=settings.stall_window_seconds,
+        min_verifications=settings.stall_min_verifications,
+    )
 
 
 @functools.cache
@@ -291,6 +303,7 @@ class ChunkInFlight:
         if not checked and not paused:
             return
         count = len(checked) + len(paused)
+        stall_watch().record([item.outcome for item in checked])
         try:
             results = with_database_retry(lambda: self._apply(checked, paused), accounts=count)
         except DBAPIError as error:

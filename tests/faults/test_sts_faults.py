@@ -157,3 +157,35 @@ def test_platform_credentials_invalid_then_valid(
         )
         wait_for(fleet, timeout=60)
         check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
+
+
+@pytest.mark.timeout(150)
+def test_sts_failing_every_call_is_reported_as_a_fleet_wide_stall(
+    services_env: Callable[..., dict[str, str]],
+    fleet: Fleet,
+    standin: StandInProcess,
+    tmp_path: Path,
+) -> None:
+    """Every call answered 503: no account changes status, and `verification.stalled` says so at
+    error with the code and the count (each verification alone is only a transient at info);
+    once STS answers again, every account is verified."""
+    for n in range(10):
+        fleet.add(f"ok-stalled-{n}")
+    standin.configure(force_error="ServiceUnavailable", force_ratio=1.0, force_seconds=120)
+    env = services_env(STALL_MIN_VERIFICATIONS="10", STALL_WINDOW_SECONDS="5")
+    worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
+    with running(worker, beat):
+        wait_until(
+            lambda: log_events(worker, "verification.stalled"),
+            timeout=60,
+            what="verification.stalled",
+        )
+        assert _audit_events(fleet) == []
+        standin.configure(force_error=None)
+        wait_for(fleet, timeout=60)
+        stalled = log_events(worker, "verification.stalled")
+        assert {line["level"] for line in stalled} == {"error"}
+        assert {line["error_code"] for line in stalled} == {"ServiceUnavailable"}
+        assert {line["window_seconds"] for line in stalled} == {5}
+        assert min(line["verifications"] for line in stalled) >= 10
+        check_invariants(fleet, services=[worker, beat], workers=[worker], exact_logs=True)
