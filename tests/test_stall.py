@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -48,7 +48,7 @@ def _verified(count: int) -> list[Outcome]:
     return [Outcome(OutcomeKind.VERIFIED, "verified", "") for _ in range(count)]
 
 
-def _stalled(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _stalled(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [line for line in logs if line["event"] == "verification.stalled"]
 
 
