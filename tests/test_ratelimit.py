@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.ratelimit import KEY, StsRateLimiter
+from worker.ratelimit import KEY, REQUESTED_LANE, StsRateLimiter
 
 
 @pytest.fixture
@@ -84,3 +84,63 @@ def test_a_cut_rate_spreads_calls_then_recovers(client: redis.Redis) -> None:
     time.sleep(1.0)
     limiter.acquire()
     assert float(client.hget(KEY, "rate") or 0) >= rate_after_calls + 1.5
+
+
+def _saturate(limiter: StsRateLimiter, calls: int) -> float:
+    """Reserve `calls` scheduled slots without waiting for them, as a sweep's threads do; returns
+    the wait of the last one."""
+    wait = 0.0
+    for _ in range(calls):
+        wait = limiter.reserve()
+    return wait
+
+
+def test_a_requested_call_is_served_ahead_of_a_saturated_sweep(client: redis.Redis) -> None:
+    """With the sweep's calls booked three seconds ahead, a requested call goes at once while
+    the next scheduled call still waits its turn behind them."""
+    limiter = StsRateLimiter(client, rate_per_second=50, requested_share=0.1)
+    assert _saturate(limiter, 200) > 2.5  # 50 from the burst, 150 more at 50/s
+    assert limiter.reserve(requested=True) == 0.0
+    assert limiter.reserve() > 2.5
+
+
+def test_acquire_takes_the_requested_lane_from_its_context(client: redis.Redis) -> None:
+    """`acquire` (what the STS client calls) serves a call ahead of the sweep when its context
+    says it is for a requested verification, and in turn otherwise."""
+    limiter = StsRateLimiter(client, rate_per_second=50)
+    _saturate(limiter, 55)  # the burst, and 0.1 s of reservations beyond it
+    lane = REQUESTED_LANE.set(True)
+    try:
+        assert limiter.acquire() == 0.0
+    finally:
+        REQUESTED_LANE.reset(lane)
+    assert limiter.acquire() > 0.05
+
+
+def test_the_sweep_yields_a_slot_to_every_requested_call(client: redis.Redis) -> None:
+    """Requested calls are charged to the shared budget: each one pushes the sweep's next
+    reservation back by one slot, so together they keep to the rate."""
+    limiter = StsRateLimiter(client, rate_per_second=10, requested_share=0.5)
+    _saturate(limiter, 20)  # the burst, and a second of reservations beyond it
+    started = time.monotonic()
+    before = limiter.reserve()
+    for _ in range(4):
+        assert limiter.reserve(requested=True) == 0.0  # within the banked reserve (5)
+    after = limiter.reserve()
+    elapsed = time.monotonic() - started
+    # One slot for `before` itself and four for the requested calls, 0.1 s each, less whatever
+    # time passed between the two reservations.
+    assert after >= before + 0.5 - elapsed - 1e-6
+
+
+def test_the_requested_lane_is_bounded(client: redis.Redis) -> None:
+    """A flood of requested calls gets one second of the reserve's share at once, then the
+    reserve's pace; the sweep is never starved, and the budget is exceeded by the share at
+    most."""
+    limiter = StsRateLimiter(client, rate_per_second=100, requested_share=0.1)
+    _saturate(limiter, 400)  # three seconds of reservations beyond the burst
+    waits = [limiter.reserve(requested=True) for _ in range(12)]
+    immediate = sum(1 for wait in waits if wait == 0.0)
+    assert immediate <= 11  # the ten banked (one second of 10/s), one more if refilled meanwhile
+    assert waits[-1] > 0.05  # beyond the bank, requested calls wait for the reserve's pace
+    assert max(waits) < 1.0  # ...which is still far ahead of the sweep's three seconds

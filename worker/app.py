@@ -117,6 +117,10 @@ def _beat_init(**_: Any) -> None:
         redis_url=settings.redis_url_masked,
         dispatch_interval_seconds=settings.dispatch_interval_seconds,
     )
+    if settings.dispatch_on_notify:
+        from worker.listener import listen_for_due_accounts  # noqa: PLC0415 - beat only
+
+        listen_for_due_accounts(app, settings)
 
 
 @signals.task_prerun.connect

@@ -8,11 +8,20 @@ The configured rate is a ceiling, not a promise: the platform's other STS caller
 quota. When STS answers Throttling anyway, the shared rate is cut (multiplicatively, once per
 second at most however many calls saw it) and then regained a little every second (additively),
 so all workers together settle just under what STS actually grants instead of hammering it.
+
+Requested verifications (a customer waiting for a verdict) do not queue behind a sweep's calls.
+Every call is charged to the one shared bucket, but a requested call may instead take a slot of
+a small reserve lane (`requested_share` of the rate, one second's worth banked) when that comes
+sooner than its turn in the shared queue. The sweep yields: each requested call pushes every later
+scheduled reservation back by one slot, so over time all calls together still keep to the rate.
+Scheduled calls already waiting keep their slots, so while requested calls jump ahead the rate
+can briefly exceed the budget, by at most the reserve lane's share.
 """
 
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import redis
@@ -29,26 +38,50 @@ CUT_FACTOR = 0.7
 CUT_INTERVAL_SECONDS = 1.0
 FLOOR_SHARE = 0.05
 RECOVERY_SHARE = 0.02
+# Default share of the rate reserved for requested verifications ahead of scheduled ones.
+REQUESTED_SHARE = 0.1
+
+# Whether the STS calls made in this context are for a requested verification: set by the
+# verification task for its accounts (each runs in a copy of the task's context), read by
+# `acquire`, which the STS client calls without knowing which account it works for.
+REQUESTED_LANE: ContextVar[bool] = ContextVar("sts_requested_lane", default=False)
 
 # Reserve one token, letting the bucket go negative: the caller sleeps until its reservation is
 # due (no retry loop, no thundering herd). Time comes from Redis, so worker clocks do not matter.
-# The bucket holds at most one second's worth at the current rate.
+# The bucket holds at most one second's worth at the current rate. Every call is charged to it;
+# a requested call (ARGV[4] == '1') whose turn in it is not now may instead take a slot of the
+# reserve lane (refilled at `share` of the rate, one second's worth banked) if that comes sooner.
 _RESERVE = """
 local ceiling = tonumber(ARGV[1])
 local recovery = tonumber(ARGV[2])
+local share = tonumber(ARGV[3])
+local requested = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate', 'reserve')
 local rate = tonumber(state[3]) or ceiling
 local ts = tonumber(state[2]) or now
 rate = math.min(ceiling, rate + (now - ts) * recovery)
 local burst = math.max(1, rate)
 local tokens = tonumber(state[1]) or burst
 tokens = math.min(burst, tokens + (now - ts) * rate) - 1
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'rate', tostring(rate))
+local lane = math.max(1, rate * share)
+local reserve = tonumber(state[4]) or lane
+reserve = math.min(lane, reserve + (now - ts) * lane)
+local wait = 0
+if tokens < 0 then wait = -tokens / rate end
+if requested and wait > 0 then
+    local own = 0
+    if reserve < 1 then own = (1 - reserve) / lane end
+    if own < wait then
+        reserve = reserve - 1
+        wait = own
+    end
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'rate', tostring(rate),
+    'reserve', tostring(reserve))
 redis.call('EXPIRE', KEYS[1], 60)
-if tokens >= 0 then return '0' end
-return tostring(-tokens / rate)
+return tostring(wait)
 """
 
 # STS said Throttling: cut the shared rate, and spend whatever the bucket had banked. Returns the
@@ -60,13 +93,14 @@ local floor = tonumber(ARGV[3])
 local interval = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'rate', 'cut', 'tokens')
+local state = redis.call('HMGET', KEYS[1], 'rate', 'cut', 'tokens', 'reserve')
 local cut = tonumber(state[2]) or 0
 if now - cut < interval then return '' end
 local rate = math.max(floor, (tonumber(state[1]) or ceiling) * factor)
 local tokens = math.min(0, tonumber(state[3]) or 0)
+local reserve = math.min(0, tonumber(state[4]) or 0)
 redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'cut', tostring(now))
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'reserve', tostring(reserve))
 redis.call('EXPIRE', KEYS[1], 60)
 return tostring(rate)
 """
@@ -76,25 +110,46 @@ class StsRateLimiter:
     """`acquire()` blocks until this call may go to STS under the shared rate; `throttled()`
     tells every worker that STS wants less."""
 
-    def __init__(self, client: redis.Redis, *, rate_per_second: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        rate_per_second: float,
+        requested_share: float = REQUESTED_SHARE,
+    ) -> None:
         self._redis = client
         self._rate = rate_per_second
+        self._requested_share = requested_share
         self._reserve: Any = client.register_script(_RESERVE)
         self._throttled: Any = client.register_script(_THROTTLED)
         self._down_until = 0.0
 
     def acquire(self) -> float:
-        """Reserve a slot and sleep until it is due; returns the seconds waited."""
-        if time.monotonic() < self._down_until:
-            return 0.0
-        try:
-            wait = float(self._reserve(keys=[KEY], args=[self._rate, self._rate * RECOVERY_SHARE]))
-        except redis.RedisError as error:
-            self._unavailable(error)
-            return 0.0
+        """Reserve a slot (in the requested lane if `REQUESTED_LANE` is set in this context) and
+        sleep until it is due; returns the seconds waited."""
+        wait = self.reserve(requested=REQUESTED_LANE.get())
         if wait > 0:
             time.sleep(wait)
         return wait
+
+    def reserve(self, *, requested: bool = False) -> float:
+        """Reserve a slot without waiting for it: the seconds until it is due (one Redis call)."""
+        if time.monotonic() < self._down_until:
+            return 0.0
+        try:
+            answer = self._reserve(
+                keys=[KEY],
+                args=[
+                    self._rate,
+                    self._rate * RECOVERY_SHARE,
+                    self._requested_share,
+                    "1" if requested else "0",
+                ],
+            )
+        except redis.RedisError as error:
+            self._unavailable(error)
+            return 0.0
+        return float(answer)
 
     def throttled(self) -> float | None:
         """STS answered Throttling: cut the shared rate. Returns the new rate, or None if it was

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
 
     # --- scheduling (all in seconds) ------------------------------------------------------------
     dispatch_interval_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # Beat also LISTENs for rows that became due (inserted or edited) and dispatches at once.
+    dispatch_on_notify: bool = True
     dispatch_batch_size: int = Field(default=500, ge=1, le=10_000)
     # Claims stop while the verification queue holds this many messages: a backlog waits in the
     # database, where no lease can expire while it waits.
@@ -108,6 +110,9 @@ class Settings(BaseSettings):
     # Global STS request budget shared by every worker through Redis (AWS quota: 600/s).
     # 500 leaves a sixth of the quota to anything else using the platform's account and region.
     sts_rate_limit_per_second: float = Field(default=500.0, gt=0, le=600)
+    # Share of that budget requested verifications may take ahead of the scheduled sweep's
+    # calls (worker/ratelimit.py): a customer waiting for a verdict does not queue behind it.
+    sts_requested_share: float = Field(default=0.1, gt=0, le=0.5)
     verify_time_limit_seconds: int = Field(default=60, ge=2)
 
     # --- worker process -------------------------------------------------------------------------

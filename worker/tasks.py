@@ -23,7 +23,7 @@ from worker.db import session_factory
 from worker.dispatch import dispatch_due_accounts
 from worker.logging import bind_context, current_context, get_logger, unbind_account_context
 from worker.messages import MIN_ACCOUNTS_LIMIT, RejectedMessageError, parse_chunk_message
-from worker.ratelimit import StsRateLimiter
+from worker.ratelimit import REQUESTED_LANE, StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
 from worker.stall import StallWatch
@@ -70,7 +70,12 @@ def verification_context() -> Verification:
 @functools.cache
 def sts_rate_limiter() -> StsRateLimiter:
     """The worker process's handle on the global STS budget."""
-    return StsRateLimiter(get_redis(), rate_per_second=get_settings().sts_rate_limit_per_second)
+    settings = get_settings()
+    return StsRateLimiter(
+        get_redis(),
+        rate_per_second=settings.sts_rate_limit_per_second,
+        requested_share=settings.sts_requested_share,
+    )
 
 
 @functools.cache
@@ -137,13 +142,18 @@ def _queued_verifications() -> int:
 def dispatch_due_accounts_task() -> dict[str, Any]:
     """Claim due accounts and enqueue their verification (run by beat)."""
     ctx = verification_context()
-    report = dispatch_due_accounts(
-        sessions=ctx.sessions,
-        settings=ctx.settings,
-        send=send_verifications,
-        queued=_queued_verifications,
-        circuit=platform_circuit(),
-        verifier=ctx.verifier,
+    # Beat's listener dispatches as soon as the database is back after a restart, when this
+    # process's pooled connections are dead: claim again on fresh ones, not at the next tick.
+    report = with_database_retry(
+        lambda: dispatch_due_accounts(
+            sessions=ctx.sessions,
+            settings=ctx.settings,
+            send=send_verifications,
+            queued=_queued_verifications,
+            circuit=platform_circuit(),
+            verifier=ctx.verifier,
+        ),
+        accounts=0,
     )
     return {"claimed": report.claimed, "sent": report.sent, "paused": report.paused}
 
@@ -447,6 +457,9 @@ def verify_accounts_task(
     # the window does not move, the rest of the chunk goes back to the queue of due accounts
     # (another process may have room) instead of the task being killed with work in flight.
     deadline = time.monotonic() + ctx.settings.verify_time_limit_seconds / 2
+    # A requested verification's STS calls go ahead of the sweep's in the shared budget; each
+    # account runs in a copy of this context, so the copies carry the lane.
+    lane = REQUESTED_LANE.set(actor != WORKER_ACTOR)
     try:
         for attempt in attempts:
             if not window.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -469,4 +482,6 @@ def verify_accounts_task(
         # is done; the rest is left to its lease.
         chunk.abandon(attempts[handed:])
         raise
+    finally:
+        REQUESTED_LANE.reset(lane)
     return {"accepted": len(attempts), "skipped": skipped}
