@@ -8,6 +8,7 @@ import uuid
 from base64 import b64decode
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 import redis
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -130,3 +131,23 @@ class _DriverError(Exception):
 def test_only_a_database_that_is_away_is_waited_for(error: DBAPIError, away: bool) -> None:
     """Connection loss and server shutdown are retried; timeouts and refusals are not."""
     assert tasks.database_away(error) is away
+
+
+# Celery warns, when the task is first used in-process, about its `queue` attribute.
+@pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
+def test_a_dispatch_after_the_database_cut_its_connections_claims_on_fresh_ones(
+    broker: redis.Redis, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a database restart the process's pooled connections are dead: the dispatch beat's
+    listener sends at once claims on fresh ones instead of failing until the next tick."""
+    monkeypatch.setattr(tasks, "DATABASE_RETRY_DELAYS", (0.0,))
+    tasks.dispatch_due_accounts_task()  # the process's pool now holds a connection
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'account-verifier' AND datname = %s",
+            (database_url.rpartition("/")[2],),
+        ).fetchone()
+    assert cut is not None
+    assert cut[0] >= 1
+    assert tasks.dispatch_due_accounts_task()["claimed"] == 0
