@@ -181,9 +181,7 @@ class Wakes:
 
 
 def _listener(database: str, wake: Wakes) -> DueAccountsListener:
-    listener = DueAccountsListener(
-        listen_conninfo(Settings(database_url=database)), wake
-    ).start()
+    listener = DueAccountsListener(listen_conninfo(Settings(database_url=database)), wake).start()
     assert listener.listening.wait(timeout=30)
     return listener
 

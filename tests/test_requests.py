@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
 from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SandboxSts, create_customer_role
+from sandbox.standin import StsStandIn
 from tests.factories import make_account, make_organization
-from tests.processes import running, service_env, start_worker, wait_until
+from tests.processes import running, service_env, start_beat, start_worker, wait_until
 from worker import UnknownAccountsError, request_verification
 from worker.celeryconfig import REQUESTED_QUEUE
 from worker.claims import claim_due_accounts
@@ -185,3 +187,58 @@ def test_a_committed_request_is_verified_by_a_real_worker(
             select(AuditEvent).where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
         ).one()
     assert change.actor == "api:user:9"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_a_request_during_a_sweep_is_verified_ahead_of_it(
+    api_sessions: sessionmaker[Session],
+    queue: redis.Redis,
+    scratch_database: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """With a sweep filling the worker's window and its STS budget (20 calls/s for 150 new
+    accounts: 15 s), a requested account is verified while most of the sweep still waits: the
+    scheduled chunk being handed over yields its process to the request."""
+    with api_sessions.begin() as session:
+        organization = make_organization(session)
+        sweep = [make_account(session, organization=organization).id for _ in range(150)]
+        # Not due: only the request sends it (the sweep would claim a due one first).
+        account_id = make_account(
+            session, organization=organization, next_due_at=datetime.now(UTC) + timedelta(days=1)
+        ).id
+    with StsStandIn(median_ms=20, seed=5) as sts:
+        env = service_env(
+            database_url=scratch_database,
+            redis_url=redis_url,
+            sts_url=sts.endpoint_url,
+            STS_RATE_LIMIT_PER_SECOND="20",
+            WORKER_CONCURRENCY="4",
+        )
+        with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
+
+            def connected(ids: list[uuid.UUID]) -> int:
+                with api_sessions() as session:
+                    return int(
+                        session.scalar(
+                            select(func.count())
+                            .select_from(AwsAccount)
+                            .where(
+                                AwsAccount.id.in_(ids),
+                                AwsAccount.status == AccountStatus.CONNECTED,
+                            )
+                        )
+                        or 0
+                    )
+
+            wait_until(lambda: connected(sweep) >= 5, timeout=90, what="the sweep under way")
+            request_verification([account_id], requested_by="api:user:7")
+            wait_until(lambda: connected([account_id]), timeout=60, what="the request verified")
+            assert connected(sweep) <= 100
+            yielded = [
+                event
+                for event in worker.events("verification.deferred")
+                if event["reason"] == "requested_waiting"
+            ]
+            assert yielded

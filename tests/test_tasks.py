@@ -4,6 +4,8 @@ eager mode)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from base64 import b64decode
 from collections.abc import Iterator
@@ -16,7 +18,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from worker import tasks
 from worker.celeryconfig import REQUESTED_QUEUE
 from worker.settings import get_settings
-from worker.tasks import _redelivered_too_often, send_verifications, verify_accounts_task
+from worker.tasks import (
+    _redelivered_too_often,
+    send_verifications,
+    verify_accounts_task,
+    wait_for_slot,
+)
 
 
 @pytest.fixture
@@ -151,3 +158,39 @@ def test_a_dispatch_after_the_database_cut_its_connections_claims_on_fresh_ones(
     assert cut is not None
     assert cut[0] >= 1
     assert tasks.dispatch_due_accounts_task()["claimed"] == 0
+
+
+@pytest.fixture
+def full_window() -> Iterator[tasks.VerificationWindow]:
+    """A window of one slot, taken."""
+    window = tasks.VerificationWindow(1)
+    assert window.slots.acquire(timeout=0)
+    yield window
+    window.drain()
+
+
+def test_a_scheduled_chunk_waiting_for_room_yields_to_a_request(
+    broker: redis.Redis, full_window: tasks.VerificationWindow
+) -> None:
+    """A scheduled chunk waiting for a slot gives up as soon as a requested verification waits
+    for this process, long before its deadline."""
+    broker.lpush(REQUESTED_QUEUE, "{}")
+    deadline = time.monotonic() + 120
+    assert wait_for_slot(full_window, deadline, scheduled=True) == "requested_waiting"
+
+
+def test_a_requested_chunk_waits_for_room_until_its_deadline(
+    broker: redis.Redis, full_window: tasks.VerificationWindow
+) -> None:
+    """A requested chunk never yields, not even to another request."""
+    broker.lpush(REQUESTED_QUEUE, "{}")
+    deadline = time.monotonic() + 0.3
+    assert wait_for_slot(full_window, deadline, scheduled=False) == "window_full"
+
+
+def test_a_scheduled_chunk_with_nothing_requested_waits_for_room(
+    broker: redis.Redis, full_window: tasks.VerificationWindow
+) -> None:
+    """Without a request waiting, a scheduled chunk takes the slot freed meanwhile."""
+    threading.Timer(0.2, full_window.slots.release).start()
+    assert wait_for_slot(full_window, time.monotonic() + 60, scheduled=True) is None

@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import redis
 from celery import Task, signals
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker.app import CORRELATION_HEADER, app
-from worker.celeryconfig import DISPATCH_QUEUE, SCHEDULED_QUEUE
+from worker.celeryconfig import DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE
 from worker.circuit import PlatformCircuit
 from worker.claims import release_leases
 from worker.db import session_factory
@@ -387,14 +388,48 @@ def check_in_window(
 
 
 def _give_back(
-    ctx: Verification, chunk: ChunkInFlight, attempts: Sequence[Attempt], lease_id: uuid.UUID
+    ctx: Verification,
+    chunk: ChunkInFlight,
+    attempts: Sequence[Attempt],
+    lease_id: uuid.UUID,
+    reason: str,
 ) -> None:
-    """Release accounts that found no room in the window: due again now, for any process."""
+    """Release accounts not handed over: due again now, for any process."""
     chunk.abandon(attempts)
     ids = [attempt.account_id for attempt in attempts]
     with ctx.sessions.begin() as session:
         release_leases(session, ids, lease_id, due_in_seconds=0)
-    log.warning("verification.deferred", reason="window_full", accounts=len(ids))
+    log.warning("verification.deferred", reason=reason, accounts=len(ids))
+
+
+# How often a scheduled chunk waiting for room looks for a requested verification waiting for
+# this process (one LLEN, only while it waits).
+YIELD_CHECK_SECONDS = 0.02
+
+
+def _requested_waiting() -> bool:
+    try:
+        return bool(get_redis().llen(REQUESTED_QUEUE))
+    except redis.RedisError:
+        return False
+
+
+def wait_for_slot(window: VerificationWindow, deadline: float, *, scheduled: bool) -> str | None:
+    """Take a slot of the window; None once taken, else why the rest of the chunk goes back.
+
+    While a sweep keeps the window full, a process spends most of its time here, handing its
+    chunk over account by account, and takes no message meanwhile: a requested verification
+    would wait for the whole hand-over. So a scheduled chunk gives the rest of its accounts back
+    (due at once, claimed again in a moment) as soon as a requested one is waiting.
+    """
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "window_full"
+        if window.slots.acquire(timeout=min(left, YIELD_CHECK_SECONDS) if scheduled else left):
+            return None
+        if scheduled and _requested_waiting():
+            return "requested_waiting"
 
 
 def _read_chunk(
@@ -462,8 +497,9 @@ def verify_accounts_task(
     lane = REQUESTED_LANE.set(actor != WORKER_ACTOR)
     try:
         for attempt in attempts:
-            if not window.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                _give_back(ctx, chunk, attempts[handed:], lease)
+            reason = wait_for_slot(window, deadline, scheduled=actor == WORKER_ACTOR)
+            if reason is not None:
+                _give_back(ctx, chunk, attempts[handed:], lease, reason)
                 return {"accepted": handed, "skipped": skipped, "deferred": len(attempts) - handed}
             queued = False
             try:
