@@ -196,3 +196,52 @@ def test_claims_bench_runs_and_explains(tmp_path: Path) -> None:
         assert scenario["repeat"] == 3
         assert scenario["explain"]
         assert all("Execution Time" in plan for plan in scenario["explain"])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_latency_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    """A tiny `scripts/bench latency` run completes, prints its table and writes its JSON with
+    every figure of issue 13, and cleans up."""
+    out = tmp_path / "latency.json"
+    options = [
+        ("--requests", "3"),
+        ("--inserts", "3"),
+        ("--sweep", "200"),
+        ("--median-ms", "5"),
+        ("--idle-seconds", "1"),
+        ("--database-url", ADMIN_URL),
+        ("--redis-url", BENCH_REDIS_URL),
+        ("--json-out", str(out)),
+        ("--worker-env", "TRANSIENT_RETRY_INITIAL_SECONDS=1"),
+        ("--worker-env", "PENDING_RETRY_SECONDS=1"),
+    ]
+    help_text = _run(["-m", "scripts.bench_latency", "--help"], timeout=30).stdout
+    for option in ("--requests", "--inserts", "--sweep", "--idle-seconds", "--worker-env"):
+        assert option in help_text
+    completed = _run(
+        ["-m", "scripts.bench_latency", *(part for pair in options for part in pair)], timeout=230
+    )
+    for label in (
+        "time to verdict, idle: p50 / p99 (ms)",
+        "time to verdict under a 200-account sweep (ms)",
+        "ratio of p99s, under sweep / idle",
+        "insert-only: time to verdict (ms)",
+        "to the attempt starting (pickup)",
+        "idle cost: worker / beat CPU, database commits/s",
+    ):
+        assert label in completed.stdout
+    results: dict[str, Any] = json.loads(out.read_text())
+    assert {"idle", "under_sweep", "insert_only", "idle_cost", "ratio_of_p99s", "targets"} <= set(
+        results
+    )
+    assert results["idle"]["count"] == 3
+    assert results["insert_only"]["count"] == 3
+    assert results["idle"]["verdict_ms"].keys() == {"p50", "p99", "max"}
+    assert results["under_sweep"]["sweep"]["requests_measured"] == 3
+    assert {t["name"] for t in results["targets"]} == {
+        "under-sweep p99 / idle p99",
+        "insert-only time to verdict p50 (ms)",
+    }
+    assert not _database_exists(results["config"]["database"])
+    assert redis.Redis.from_url(BENCH_REDIS_URL).dbsize() == 0

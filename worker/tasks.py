@@ -399,7 +399,9 @@ def _give_back(
     ids = [attempt.account_id for attempt in attempts]
     with ctx.sessions.begin() as session:
         release_leases(session, ids, lease_id, due_in_seconds=0)
-    log.warning("verification.deferred", reason=reason, accounts=len(ids))
+    # Yielding to a request is the design working; a full window is worth a look.
+    emit = log.info if reason == "requested_waiting" else log.warning
+    emit("verification.deferred", reason=reason, accounts=len(ids))
 
 
 # How often a scheduled chunk waiting for room looks for a requested verification waiting for
