@@ -91,7 +91,7 @@ class DueAccountsListener:
                         self._safe_wake()
                     failures = 0
                     self._listen(conn)
-            except psycopg.Error as error:
+            except Exception as error:  # noqa: BLE001 - a listener that dies would go unnoticed
                 self.listening.clear()
                 if self._stopped.is_set():
                     break
