@@ -501,7 +501,7 @@ class LatencyBench:
             with contextlib.suppress(redis.RedisError):
                 self.broker.flushdb()
             self.broker.close()
-            if self.succeeded:
+            if self.succeeded and not self.opts.keep:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
             else:
                 print(f"logs of the processes kept in {self.log_dir}", file=sys.stderr)
@@ -614,7 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="another environment variable for worker and beat (repeatable), e.g. "
         "DISPATCH_ON_NOTIFY=false DISPATCH_INTERVAL_SECONDS=0.2; recorded in the results",
     )
-    add("--keep", action="store_true", help="keep the scratch database (its URL is printed)")
+    add(
+        "--keep",
+        action="store_true",
+        help="keep the scratch database and the processes' logs (their places are printed)",
+    )
     add(
         "--json-out",
         type=Path,

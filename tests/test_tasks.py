@@ -179,6 +179,21 @@ def test_a_scheduled_chunk_waiting_for_room_yields_to_a_request(
     assert wait_for_slot(full_window, deadline, scheduled=True) == "requested_waiting"
 
 
+def test_a_scheduled_chunk_with_room_yields_to_a_request_too(broker: redis.Redis) -> None:
+    """The hand-over itself is slow under a sweep (the process's main thread shares the
+    interpreter with every verification thread): a scheduled chunk yields before its next
+    account even when a slot is free."""
+    window = tasks.VerificationWindow(1)
+    try:
+        broker.lpush(REQUESTED_QUEUE, "{}")
+        time.sleep(tasks.YIELD_CHECK_SECONDS)  # past the last answer this process cached
+        deadline = time.monotonic() + 120
+        assert wait_for_slot(window, deadline, scheduled=True) == "requested_waiting"
+        assert wait_for_slot(window, deadline, scheduled=False) is None
+    finally:
+        window.drain()
+
+
 def test_a_requested_chunk_waits_for_room_until_its_deadline(
     broker: redis.Redis, full_window: tasks.VerificationWindow
 ) -> None:

@@ -404,34 +404,52 @@ def _give_back(
     emit("verification.deferred", reason=reason, accounts=len(ids))
 
 
-# How often a scheduled chunk waiting for room looks for a requested verification waiting for
-# this process (one LLEN, only while it waits).
+# How often a scheduled chunk being handed over asks Redis whether a requested verification
+# waits for a process: one LLEN per process at most this often.
 YIELD_CHECK_SECONDS = 0.02
 
 
-def _requested_waiting() -> bool:
-    try:
-        return bool(get_redis().llen(REQUESTED_QUEUE))
-    except redis.RedisError:
-        return False
+class RequestedWaiting:
+    """Whether a requested verification waits in its queue, asked of Redis at most once per
+    `YIELD_CHECK_SECONDS` (a scheduled chunk's hand-over asks before each account)."""
+
+    def __init__(self) -> None:
+        self._checked = -YIELD_CHECK_SECONDS
+        self._waiting = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked >= YIELD_CHECK_SECONDS:
+            self._checked = now
+            try:
+                self._waiting = bool(get_redis().llen(REQUESTED_QUEUE))
+            except redis.RedisError:
+                self._waiting = False
+        return self._waiting
+
+
+requested_waiting = RequestedWaiting()
 
 
 def wait_for_slot(window: VerificationWindow, deadline: float, *, scheduled: bool) -> str | None:
     """Take a slot of the window; None once taken, else why the rest of the chunk goes back.
 
-    While a sweep keeps the window full, a process spends most of its time here, handing its
-    chunk over account by account, and takes no message meanwhile: a requested verification
-    would wait for the whole hand-over. So a scheduled chunk gives the rest of its accounts back
-    (due at once, claimed again in a moment) as soon as a requested one is waiting.
+    During a sweep a process spends most of its time handing chunks over account by account, as
+    slots free up and as its main thread gets the interpreter between the verification threads,
+    and takes no message meanwhile: a requested verification would wait for the whole hand-over.
+    So before each account a scheduled chunk looks whether a requested one is waiting, and if
+    so gives the rest of its accounts back (due at once, claimed again in a moment).
     """
     while True:
+        if scheduled and requested_waiting():
+            return "requested_waiting"
+        if window.slots.acquire(blocking=False):
+            return None
         left = deadline - time.monotonic()
         if left <= 0:
             return "window_full"
         if window.slots.acquire(timeout=min(left, YIELD_CHECK_SECONDS) if scheduled else left):
             return None
-        if scheduled and _requested_waiting():
-            return "requested_waiting"
 
 
 def _read_chunk(
