@@ -190,6 +190,11 @@ def test_a_scheduled_chunk_with_room_yields_to_a_request_too(broker: redis.Redis
         deadline = time.monotonic() + 120
         assert wait_for_slot(window, deadline, scheduled=True) == "requested_waiting"
         assert wait_for_slot(window, deadline, scheduled=False) is None
+        window.slots.release()
+        # Another process took the request: the next scheduled chunk asks again, it does not
+        # yield on what this process saw a moment ago.
+        broker.delete(REQUESTED_QUEUE)
+        assert wait_for_slot(window, deadline, scheduled=True) is None
     finally:
         window.drain()
 

@@ -427,6 +427,10 @@ class RequestedWaiting:
                 self._waiting = False
         return self._waiting
 
+    def forget(self) -> None:
+        """Ask Redis next time: the request this process yielded to may be taken already."""
+        self._checked = -YIELD_CHECK_SECONDS
+
 
 requested_waiting = RequestedWaiting()
 
@@ -442,6 +446,7 @@ def wait_for_slot(window: VerificationWindow, deadline: float, *, scheduled: boo
     """
     while True:
         if scheduled and requested_waiting():
+            requested_waiting.forget()
             return "requested_waiting"
         if window.slots.acquire(blocking=False):
             return None
