@@ -519,10 +519,10 @@ def verify_accounts_task(
     deadline = time.monotonic() + ctx.settings.verify_time_limit_seconds / 2
     # A requested verification's STS calls go ahead of the sweep's in the shared budget; each
     # account runs in a copy of this context, so the copies carry the lane.
-    lane = REQUESTED_LANE.set(actor != WORKER_ACTOR)
+    lane = REQUESTED_LANE.set(message.actor != WORKER_ACTOR)
     try:
         for attempt in attempts:
-            reason = wait_for_slot(window, deadline, scheduled=actor == WORKER_ACTOR)
+            reason = wait_for_slot(window, deadline, scheduled=message.actor == WORKER_ACTOR)
             if reason is not None:
                 _give_back(ctx, chunk, attempts[handed:], lease, reason)
                 return {"accepted": handed, "skipped": skipped, "deferred": len(attempts) - handed}
