@@ -11,6 +11,7 @@ from models.api import (
 from models.audit import AuditEvent, AuditEventType
 from models.base import Base
 from models.organization import Organization
+from models.webhooks import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "AccountDetail",
@@ -22,6 +23,8 @@ __all__ = [
     "Base",
     "Organization",
     "OutcomeKind",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "format_timestamp",
     "render_account_detail",
     "render_account_list_item",

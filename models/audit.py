@@ -31,6 +31,8 @@ class AuditEventType(enum.StrEnum):
     STATUS_CHANGED = "status_changed"
     VERIFICATION_REQUESTED = "verification_requested"
     EXTERNAL_ID_NOT_ENFORCED = "external_id_not_enforced"
+    # About a webhook endpoint, not an account (account_id is NULL): docs/webhooks.md.
+    WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint_disabled"
 
 
 def _status_enum(name: str) -> Enum:
@@ -59,6 +61,10 @@ class AuditEvent(Base):
             "OR (from_status IS NOT NULL AND to_status IS NOT NULL AND from_status <> to_status)",
             name="status_change_has_from_and_to",
         ),
+        CheckConstraint(
+            "account_id IS NOT NULL OR event_type = 'webhook_endpoint_disabled'",
+            name="account_id_unless_webhook_event",
+        ),
         Index("ix_audit_events_account_id_occurred_at", "account_id", "occurred_at"),
         # Serves the wave guard's "how many accounts failed with this code lately" without
         # scanning the whole history.
@@ -75,7 +81,8 @@ class AuditEvent(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     organization_id: Mapped[uuid.UUID] = mapped_column(index=True)
-    account_id: Mapped[uuid.UUID] = mapped_column()
+    # NULL only for events about a webhook endpoint.
+    account_id: Mapped[uuid.UUID | None] = mapped_column()
     event_type: Mapped[AuditEventType] = mapped_column(
         Enum(
             AuditEventType,

@@ -63,7 +63,7 @@ class QuietBeat(celery.apps.beat.Beat):  # type: ignore[misc]
         super().__init__(*args, quiet=quiet or not _banner_wanted(), **kwargs)
 
 
-app = VerifierCelery("worker", include=["worker.tasks"])
+app = VerifierCelery("worker", include=["worker.tasks", "worker.webhooks.tasks"])
 app.config_from_object("worker.celeryconfig")
 
 log = get_logger("worker.app")

@@ -16,6 +16,9 @@ _settings = get_settings_or_exit()
 DISPATCH_QUEUE = "verifier.dispatch"
 REQUESTED_QUEUE = "verifier.requested"
 SCHEDULED_QUEUE = "verifier.scheduled"
+# Webhook delivery claims: tiny tasks (the HTTP attempts run on threads), ahead of verifications
+# so an event reaches its endpoint within a second even while a backlog is verified.
+WEBHOOKS_QUEUE = "verifier.webhooks"
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
@@ -36,7 +39,7 @@ broker_heartbeat = 0
 # One direct exchange per queue, so a message reaches exactly the queue it is sent to.
 task_queues = tuple(
     Queue(name, Exchange(name, type="direct"), routing_key=name)
-    for name in (DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE)
+    for name in (DISPATCH_QUEUE, WEBHOOKS_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE)
 )
 task_default_queue = SCHEDULED_QUEUE
 task_serializer = "json"
@@ -73,5 +76,13 @@ beat_schedule = {
         "schedule": _settings.dispatch_interval_seconds,
         # A dispatch that could not run in time is pointless: the next one is coming.
         "options": {"queue": DISPATCH_QUEUE, "expires": _settings.dispatch_interval_seconds * 2},
+    },
+    "deliver-webhooks": {
+        "task": "verifier.deliver_webhooks",
+        "schedule": _settings.webhook_dispatch_interval_seconds,
+        "options": {
+            "queue": WEBHOOKS_QUEUE,
+            "expires": _settings.webhook_dispatch_interval_seconds * 2,
+        },
     },
 }

@@ -12,7 +12,14 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import redis.connection
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -130,6 +137,39 @@ class Settings(BaseSettings):
     # A message redelivered more often than this (its worker died each time) is dropped.
     max_redeliveries: int = Field(default=3, ge=0)
     beat_schedule_file: str = Field(default_factory=_default_beat_file)
+
+    # --- webhooks (docs/webhooks.md) ------------------------------------------------------------
+    # Encrypts the endpoints' signing secrets at rest: a Fernet key (`scripts/webhooks new-key`).
+    # Without it no endpoint can be created and no delivery signed.
+    webhook_secret_key: SecretStr | None = None
+    # Off in production: endpoints on loopback, private, link-local, ... addresses (and plain
+    # http://) are refused. On for tests and the local demo, whose receiver is on 127.0.0.1.
+    webhook_allow_private_networks: bool = False
+    # Delay before each retry after a failed attempt (Standard Webhooks' example schedule); a
+    # delivery failing once more after the last one is given up.
+    webhook_retry_schedule_seconds: tuple[float, ...] = (
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        50400,
+        72000,
+        86400,
+    )
+    webhook_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    webhook_read_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
+    webhook_dispatch_interval_seconds: float = Field(default=0.5, gt=0, le=3600)
+    webhook_batch_size: int = Field(default=200, ge=1, le=10_000)
+    # Deliveries to one endpoint per claim: one slow or hanging endpoint holds at most this many
+    # of the delivery threads.
+    webhook_per_endpoint_limit: int = Field(default=4, ge=1, le=1000)
+    webhook_concurrency: int = Field(default=16, ge=1, le=500)
+    # An endpoint none of whose deliveries succeeded for this long is disabled.
+    webhook_disable_after_seconds: int = Field(default=5 * _DAY, ge=1)
+    # How long the previous secret keeps signing after a rotation.
+    webhook_rotation_grace_seconds: int = Field(default=_DAY, ge=0)
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,246 @@
+"""A customer's webhook receiver, for tests and the local demo: verifies every message's
+signature with the `standardwebhooks` package (not with the worker's own code) and records it.
+
+    python -m sandbox.webhook_receiver [--port N] [--organization UUID|demo]
+
+As a command it listens on 127.0.0.1, registers itself as an endpoint of the organization (the
+demo organization by default; an endpoint already registered for its URL gets a new secret) and
+prints one line per message. The worker must run with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true to
+deliver to it, and the same WEBHOOK_SECRET_KEY as this command.
+
+In tests, `WebhookReceiver` runs in a thread; its `behaviour` makes it answer like a healthy
+receiver, a broken one (500), one that is gone (410), one that throttles (429 with Retry-After)
+or one that hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+
+class Behaviour(enum.StrEnum):
+    """How the receiver answers."""
+
+    OK = "ok"  # 204
+    ERROR = "error"  # 500
+    GONE = "gone"  # 410
+    THROTTLE = "throttle"  # 429 with Retry-After
+    HANG = "hang"  # answers nothing for `hang_seconds`
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One request the receiver got."""
+
+    webhook_id: str
+    verified: bool
+    payload: dict[str, Any] | None
+    answered: int | None  # the status code sent back (None: hung up)
+    at: float  # time.time()
+
+    @property
+    def event_type(self) -> str | None:
+        """The payload's `type`."""
+        return None if self.payload is None else str(self.payload.get("type"))
+
+
+@dataclass
+class WebhookReceiver:
+    """An HTTP server in a thread that verifies and records webhook messages."""
+
+    secrets: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    behaviour: Behaviour = Behaviour.OK
+    hang_seconds: float = 30.0
+    retry_after: str = "1"
+    received: list[Received] = field(default_factory=list)
+    on_receive: Any = None  # called with each Received (the command prints it)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((self.host, self.port), _handler(self))
+        self._server.daemon_threads = True  # a hanging answer never holds up stop()
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Where to send messages."""
+        return f"http://{self.host}:{self.port}/webhooks"
+
+    def start(self) -> WebhookReceiver:
+        """Start serving in a thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def record(self, item: Received) -> None:
+        """Keep a request (thread-safe)."""
+        with self._lock:
+            self.received.append(item)
+        if self.on_receive is not None:
+            self.on_receive(item)
+
+    def accepted(self) -> list[Received]:
+        """Verified requests answered with 2xx: the messages the customer processed."""
+        with self._lock:
+            return [r for r in self.received if r.verified and r.answered in range(200, 300)]
+
+    def accepted_ids(self) -> Counter[str]:
+        """How often each `webhook-id` was accepted."""
+        return Counter(r.webhook_id for r in self.accepted())
+
+    def snapshot(self) -> list[Received]:
+        """Every request so far."""
+        with self._lock:
+            return list(self.received)
+
+    def verify(self, body: bytes, headers: dict[str, str]) -> dict[str, Any] | None:
+        """The payload if one of the secrets verifies the signature, else None."""
+        for secret in list(self.secrets):
+            try:
+                payload: dict[str, Any] = Webhook(secret).verify(body, headers)
+            except WebhookVerificationError:
+                continue
+            return payload
+        return None
+
+
+def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            payload = receiver.verify(body, headers)
+            webhook_id = headers.get("webhook-id", "")
+            behaviour = receiver.behaviour
+            if behaviour is Behaviour.HANG:
+                receiver.record(
+                    Received(webhook_id, payload is not None, payload, None, time.time())
+                )
+                time.sleep(receiver.hang_seconds)
+                return
+            status = {
+                Behaviour.OK: 204 if payload is not None else 401,
+                Behaviour.ERROR: 500,
+                Behaviour.GONE: 410,
+                Behaviour.THROTTLE: 429,
+            }[behaviour]
+            receiver.record(Received(webhook_id, payload is not None, payload, status, time.time()))
+            self.send_response(status)
+            if behaviour is Behaviour.THROTTLE:
+                self.send_header("retry-after", receiver.retry_after)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet: the command prints its own lines."""
+
+    return Handler
+
+
+def _escape(value: object) -> str:
+    """Customer-controlled text (aliases) with control characters escaped for the terminal."""
+    text = str(value)
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def describe(item: Received) -> str:
+    """One printed line per message."""
+    if not item.verified or item.payload is None:
+        return f"{_escape(item.webhook_id)} REJECTED: no valid signature"
+    data = item.payload.get("data") or {}
+    account = data.get("account") or {}
+    parts = [item.webhook_id, _escape(item.event_type)]
+    if account:
+        parts.append(f"account {_escape(account.get('alias'))} ({_escape(account.get('id'))})")
+    if "from" in data:
+        parts.append(f"{_escape(data.get('from'))} -> {_escape(data.get('to'))}")
+    if data.get("reason"):
+        parts.append(f"reason {_escape(data['reason'])}")
+    return "  ".join(parts) + "  (signature verified)"
+
+
+def register(url: str, organization_id: uuid.UUID) -> str:
+    """Register `url` for the organization (or give its endpoint a new secret); the secret."""
+    from worker.db import session_factory  # noqa: PLC0415 - only the command needs the database
+    from worker.settings import get_settings_or_exit  # noqa: PLC0415
+    from worker.webhooks import create_endpoint, list_endpoints, rotate_secret  # noqa: PLC0415
+
+    settings = get_settings_or_exit()
+    with session_factory().begin() as session:
+        for endpoint in list_endpoints(session, organization_id=organization_id):
+            if endpoint.url == url and endpoint.enabled:
+                return rotate_secret(session, endpoint.id, settings=settings)
+        created = create_endpoint(
+            session,
+            organization_id=organization_id,
+            url=url,
+            settings=settings,
+            description="local demo receiver (sandbox.webhook_receiver)",
+        )
+        return created.secret
+
+
+def _print(item: Received) -> None:
+    print(describe(item), flush=True)  # noqa: T201 - a command's output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the receiver as a command until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sandbox.webhook_receiver",
+        description=(__doc__ or "").strip().split("\n\n")[0],
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
+    parser.add_argument(
+        "--organization", default="demo", help="organization id to register for (default: demo)"
+    )
+    args = parser.parse_args(argv)
+    if args.organization == "demo":
+        from sandbox.demo import DEMO_ORGANIZATION_ID  # noqa: PLC0415
+
+        organization_id = DEMO_ORGANIZATION_ID
+    else:
+        organization_id = uuid.UUID(args.organization)
+    receiver = WebhookReceiver(port=args.port, on_receive=_print)
+    receiver.secrets.append(register(receiver.url, organization_id))
+    print(  # noqa: T201 - a command's output
+        f"webhook receiver on {receiver.url}, registered for organization {organization_id}",
+        flush=True,
+    )
+    receiver.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

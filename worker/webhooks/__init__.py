@@ -1,0 +1,43 @@
+"""Signed webhooks announcing audit events to customers' endpoints (docs/webhooks.md).
+
+The API and `scripts/webhooks` call the functions re-exported here; the worker's delivery tasks
+live in `worker.webhooks.tasks`.
+"""
+
+from worker.webhooks.addresses import UnsafeUrlError
+from worker.webhooks.endpoints import (
+    EVENT_TYPES,
+    TEST_EVENT_TYPE,
+    CreatedEndpoint,
+    DeliveryInfo,
+    EndpointInfo,
+    EndpointNotFoundError,
+    create_endpoint,
+    disable,
+    enable,
+    list_deliveries,
+    list_endpoints,
+    replay_event,
+    rotate_secret,
+    send_test_event,
+)
+from worker.webhooks.signing import SecretKeyError
+
+__all__ = [
+    "EVENT_TYPES",
+    "TEST_EVENT_TYPE",
+    "CreatedEndpoint",
+    "DeliveryInfo",
+    "EndpointInfo",
+    "EndpointNotFoundError",
+    "SecretKeyError",
+    "UnsafeUrlError",
+    "create_endpoint",
+    "disable",
+    "enable",
+    "list_deliveries",
+    "list_endpoints",
+    "replay_event",
+    "rotate_secret",
+    "send_test_event",
+]

@@ -1,0 +1,565 @@
+"""Delivering webhook messages: claim due deliveries, send one signed POST each, record the result.
+
+A claim leases deliveries like the accounts' claims (worker/claims.py): `FOR UPDATE SKIP LOCKED`
+so claimers never wait for each other, and a lease that outlives the claim's transaction and
+simply expires if the worker dies, making the delivery due again with the same `webhook-id`.
+The HTTP request happens outside any transaction; its result is recorded only if the lease is
+still the attempt's own.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import AuditEvent, AuditEventType
+from models.webhooks import message_id
+from worker.logging import get_logger
+from worker.settings import Settings
+from worker.webhooks.addresses import Resolver, UnsafeUrlError, resolve_allowed
+from worker.webhooks.signing import SecretBox, sign
+
+log = get_logger("worker.webhooks")
+
+USER_AGENT = "account-verifier-webhooks/1"
+# Kept of a response body: enough to recognise an error page, never a customer's whole answer.
+SNIPPET_CHARS = 200
+_READ_AT_MOST = 1024
+# Fraction of a retry delay added or removed at random, so retries after an outage spread out.
+JITTER_RATIO = 0.1
+# A Retry-After beyond this is read as this: the schedule's own longest wait.
+MAX_RETRY_AFTER_SECONDS = 24 * 3600
+WORKER_ACTOR = "worker"
+
+
+def lease_seconds(settings: Settings) -> int:
+    """A delivery's lease: longer than one attempt can take (connect, send, read the answer)."""
+    return int(settings.webhook_connect_timeout_seconds + 2 * settings.webhook_read_timeout_seconds)
+
+
+# Due deliveries, oldest first, at most `per_endpoint` per endpoint counting those already in
+# flight: one slow or hanging endpoint can never take every slot of a claim. FOR UPDATE cannot
+# sit next to a window function, hence the inner selection and the outer locking pass.
+CLAIM_DUE_DELIVERIES = text(
+    """
+    WITH in_flight AS (
+        SELECT endpoint_id, count(*) AS n
+          FROM webhook_deliveries
+         WHERE next_attempt_at IS NOT NULL AND lease_expires_at > now()
+         GROUP BY endpoint_id
+    ), candidates AS (
+        SELECT id, next_attempt_at
+          FROM (SELECT d.id, d.next_attempt_at,
+                       row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at)
+                       + coalesce(f.n, 0) AS place
+                  FROM webhook_deliveries AS d
+                  LEFT JOIN in_flight AS f ON f.endpoint_id = d.endpoint_id
+                 WHERE d.next_attempt_at <= now()
+                   AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= now())) AS ranked
+         WHERE place <= :per_endpoint
+         ORDER BY next_attempt_at
+         LIMIT :limit
+    )
+    UPDATE webhook_deliveries
+       SET lease_id = :lease_id,
+           lease_expires_at = now() + make_interval(secs => :lease_seconds)
+     WHERE id = ANY(ARRAY(
+            SELECT d.id
+              FROM webhook_deliveries AS d
+             WHERE d.id IN (SELECT id FROM candidates)
+               AND d.next_attempt_at <= now()
+               AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= now())
+               FOR UPDATE SKIP LOCKED))
+    RETURNING id
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryClaim:
+    """Deliveries leased together under one lease id."""
+
+    lease_id: uuid.UUID
+    delivery_ids: list[uuid.UUID]
+
+
+def claim_due_deliveries(
+    session: Session, *, limit: int, per_endpoint: int, lease_seconds: int
+) -> DeliveryClaim:
+    """Lease up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint."""
+    lease_id = uuid.uuid4()
+    if limit <= 0:
+        return DeliveryClaim(lease_id=lease_id, delivery_ids=[])
+    claimed = session.scalars(
+        CLAIM_DUE_DELIVERIES,
+        {
+            "lease_id": lease_id,
+            "lease_seconds": lease_seconds,
+            "limit": limit,
+            "per_endpoint": per_endpoint,
+        },
+    ).all()
+    return DeliveryClaim(lease_id=lease_id, delivery_ids=list(claimed))
+
+
+class AttemptKind(enum.StrEnum):
+    """How one HTTP attempt ended."""
+
+    DELIVERED = "delivered"  # 2xx
+    FAILED = "failed"  # any other answer, a timeout, a refused connection
+    GONE = "gone"  # 410: the receiver wants no more
+    REFUSED = "refused"  # the URL resolves to an address the worker must not reach
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one HTTP attempt produced."""
+
+    kind: AttemptKind
+    status_code: int | None = None
+    error: str | None = None
+    retry_after_seconds: float | None = None
+
+
+def escape_snippet(raw: str, limit: int = SNIPPET_CHARS) -> str:
+    """The first `limit` characters with control characters escaped (`\\x1b`, `\\n`, ...)."""
+    cut = raw[:limit]
+    shown = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in cut
+    )
+    return shown + ("…" if len(raw) > limit else "")
+
+
+def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return min(max((moment - now).total_seconds(), 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def build_client(settings: Settings) -> httpx.Client:
+    """The HTTP client of a worker process: bounded waits, no redirects, no proxies from the
+    environment (a proxy would connect to whatever the name resolves to there)."""
+    return httpx.Client(
+        timeout=httpx.Timeout(
+            connect=settings.webhook_connect_timeout_seconds,
+            read=settings.webhook_read_timeout_seconds,
+            write=settings.webhook_read_timeout_seconds,
+            pool=settings.webhook_connect_timeout_seconds,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(
+            max_connections=settings.webhook_concurrency * 2,
+            max_keepalive_connections=settings.webhook_concurrency,
+        ),
+    )
+
+
+def post_signed(
+    client: httpx.Client,
+    url: str,
+    *,
+    body: bytes,
+    headers: dict[str, str],
+    allow_private: bool,
+    resolver: Resolver | None = None,
+) -> AttemptResult:
+    """POST `body` to `url`, connecting only to an address checked just now.
+
+    The request goes to the checked IP address; the URL's host name still names the server for
+    TLS (SNI and certificate check) and in the Host header.
+    """
+    try:
+        addresses = (
+            resolve_allowed(url, allow_private=allow_private)
+            if resolver is None
+            else resolve_allowed(url, allow_private=allow_private, resolver=resolver)
+        )
+    except UnsafeUrlError as error:
+        return AttemptResult(AttemptKind.REFUSED, error=str(error))
+    target = httpx.URL(url)
+    host = target.host
+    pinned = target.copy_with(host=str(addresses[0]))
+    request_headers = {**headers, "host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    try:
+        with client.stream(
+            "POST", pinned, content=body, headers=request_headers, extensions=extensions
+        ) as response:
+            snippet = b""
+            for chunk in response.iter_bytes():
+                snippet += chunk
+                if len(snippet) >= _READ_AT_MOST:
+                    break
+    except httpx.TimeoutException as error:
+        return AttemptResult(AttemptKind.FAILED, error=f"timeout: {type(error).__name__}")
+    except httpx.HTTPError as error:
+        return AttemptResult(
+            AttemptKind.FAILED, error=escape_snippet(f"{type(error).__name__}: {error}")
+        )
+    status = response.status_code
+    shown = escape_snippet(snippet.decode("utf-8", errors="replace")) or None
+    if 200 <= status < 300:
+        return AttemptResult(AttemptKind.DELIVERED, status_code=status)
+    if status == 410:
+        return AttemptResult(AttemptKind.GONE, status_code=status, error=shown)
+    retry_after = None
+    if status in (429, 503):
+        retry_after = parse_retry_after(response.headers.get("retry-after"), now=datetime.now(UTC))
+    return AttemptResult(
+        AttemptKind.FAILED, status_code=status, error=shown, retry_after_seconds=retry_after
+    )
+
+
+def retry_delay(
+    attempts: int, settings: Settings, *, rng: random.Random, retry_after: float | None = None
+) -> float | None:
+    """Seconds until the next attempt after `attempts` failed ones; None: give up.
+
+    The schedule's delay with jitter; a Retry-After that asks for longer wins.
+    """
+    schedule = settings.webhook_retry_schedule_seconds
+    if attempts > len(schedule):
+        return None
+    base = schedule[attempts - 1]
+    delay = base * rng.uniform(1 - JITTER_RATIO, 1 + JITTER_RATIO)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A leased delivery ready to send: where, what, and the secrets to sign it with."""
+
+    delivery_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    organization_id: uuid.UUID
+    url: str
+    event_type: str
+    payload: dict[str, Any]
+    attempts: int
+    secrets: list[str]
+
+    @property
+    def message_id(self) -> str:
+        """The `webhook-id` header."""
+        return message_id(self.delivery_id)
+
+    def body(self) -> bytes:
+        """The exact bytes sent and signed: compact JSON, the same on every attempt."""
+        return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_message(
+    session: Session, delivery_id: uuid.UUID, lease_id: uuid.UUID, box: SecretBox
+) -> Message | None:
+    """The delivery if it is still leased to `lease_id` and pending, with its endpoint's secrets
+    (the previous one while its grace period lasts)."""
+    row = session.execute(
+        text(
+            """
+            SELECT d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, w.url,
+                   w.organization_id, w.enabled, w.secret_encrypted,
+                   CASE WHEN w.previous_secret_expires_at > now()
+                        THEN w.previous_secret_encrypted END AS previous_secret_encrypted
+              FROM webhook_deliveries AS d
+              JOIN webhook_endpoints AS w ON w.id = d.endpoint_id
+             WHERE d.id = :id AND d.lease_id = :lease_id AND d.next_attempt_at IS NOT NULL
+            """
+        ),
+        {"id": delivery_id, "lease_id": lease_id},
+    ).one_or_none()
+    if row is None:
+        return None
+    if not row.enabled:
+        _finish(session, delivery_id, lease_id, given_up=True, error="endpoint disabled")
+        return None
+    secrets = [box.decrypt(row.secret_encrypted)]
+    if row.previous_secret_encrypted is not None:
+        secrets.append(box.decrypt(row.previous_secret_encrypted))
+    return Message(
+        delivery_id=row.id,
+        endpoint_id=row.endpoint_id,
+        organization_id=row.organization_id,
+        url=row.url,
+        event_type=row.event_type,
+        payload=row.payload,
+        attempts=row.attempts,
+        secrets=secrets,
+    )
+
+
+def signed_headers(message: Message, *, now: float | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers for one attempt (its own timestamp, the same id)."""
+    timestamp = int(time.time() if now is None else now)
+    return {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": message.message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(message.message_id, timestamp, message.body(), message.secrets),
+    }
+
+
+_FINISH = text(
+    """
+    UPDATE webhook_deliveries
+       SET attempts = attempts + :counted,
+           last_attempt_at = CASE WHEN :counted = 1 THEN now() ELSE last_attempt_at END,
+           last_status_code = coalesce(:status_code, last_status_code),
+           last_error = :error,
+           delivered_at = CASE WHEN :delivered THEN now() END,
+           given_up_at = CASE WHEN :given_up THEN now() END,
+           next_attempt_at = CASE
+               WHEN :delivered OR :given_up THEN NULL
+               ELSE now() + make_interval(secs => :delay) END,
+           lease_id = NULL,
+           lease_expires_at = NULL
+     WHERE id = :id AND lease_id = :lease_id
+    RETURNING attempts
+    """
+)
+
+
+def _finish(
+    session: Session,
+    delivery_id: uuid.UUID,
+    lease_id: uuid.UUID,
+    *,
+    delivered: bool = False,
+    given_up: bool = False,
+    delay: float = 0.0,
+    status_code: int | None = None,
+    error: str | None = None,
+    counted: bool = True,
+) -> bool:
+    row = session.execute(
+        _FINISH,
+        {
+            "id": delivery_id,
+            "lease_id": lease_id,
+            "delivered": delivered,
+            "given_up": given_up,
+            "delay": delay,
+            "status_code": status_code,
+            "error": error,
+            "counted": 1 if counted else 0,
+        },
+    ).one_or_none()
+    return row is not None
+
+
+def disable_endpoint(session: Session, endpoint_id: uuid.UUID, *, reason: str, actor: str) -> bool:
+    """Disable an endpoint, give up its pending deliveries, and record an audit event.
+
+    Returns False if it was already disabled (nothing is recorded twice).
+    """
+    row = session.execute(
+        text(
+            """
+            UPDATE webhook_endpoints
+               SET enabled = false, disabled_reason = :reason, disabled_at = now()
+             WHERE id = :id AND enabled
+            RETURNING organization_id
+            """
+        ),
+        {"id": endpoint_id, "reason": reason[:255]},
+    ).one_or_none()
+    if row is None:
+        return False
+    # Leased deliveries finish their attempt; the rest stop here (a replay can revive them).
+    session.execute(
+        text(
+            """
+            UPDATE webhook_deliveries
+               SET next_attempt_at = NULL, given_up_at = now(), last_error = 'endpoint disabled'
+             WHERE endpoint_id = :id AND next_attempt_at IS NOT NULL
+               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+            """
+        ),
+        {"id": endpoint_id},
+    )
+    session.add(
+        AuditEvent(
+            organization_id=row.organization_id,
+            account_id=None,
+            event_type=AuditEventType.WEBHOOK_ENDPOINT_DISABLED,
+            actor=actor,
+            reason=reason[:128],
+            details={"endpoint_id": str(endpoint_id)},
+        )
+    )
+    session.flush()
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What became of a delivery after one attempt."""
+
+    result: AttemptResult
+    delivered: bool
+    given_up: bool
+    next_attempt_in: float | None
+    endpoint_disabled: bool
+
+
+def record_attempt(
+    session: Session,
+    message: Message,
+    lease_id: uuid.UUID,
+    result: AttemptResult,
+    *,
+    settings: Settings,
+    rng: random.Random,
+) -> Recorded | None:
+    """Write one attempt's result, if the lease is still ours; None otherwise.
+
+    Success clears the endpoint's failing streak. A failure schedules the next attempt (or gives
+    up after the schedule's last); 410 Gone disables the endpoint; so does an endpoint none of
+    whose deliveries succeeded for WEBHOOK_DISABLE_AFTER_SECONDS.
+    """
+    attempts = message.attempts + 1
+    fields = {
+        "delivery_id": str(message.delivery_id),
+        "endpoint_id": str(message.endpoint_id),
+        "organization_id": str(message.organization_id),
+        "webhook_id": message.message_id,
+        "event_type": message.event_type,
+        "attempt": attempts,
+        "host": httpx.URL(message.url).host,
+    }
+    if result.kind is AttemptKind.DELIVERED:
+        if not _finish(
+            session, message.delivery_id, lease_id, delivered=True, status_code=result.status_code
+        ):
+            return None
+        session.execute(
+            text("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = :id"),
+            {"id": message.endpoint_id},
+        )
+        log.info("webhook.delivered", **fields, status_code=result.status_code)
+        return Recorded(result, True, False, None, False)
+    delay = (
+        None
+        if result.kind is AttemptKind.GONE
+        else retry_delay(attempts, settings, rng=rng, retry_after=result.retry_after_seconds)
+    )
+    given_up = delay is None
+    if not _finish(
+        session,
+        message.delivery_id,
+        lease_id,
+        given_up=given_up,
+        delay=delay or 0.0,
+        status_code=result.status_code,
+        error=result.error,
+    ):
+        return None
+    failing_since = session.scalar(
+        text(
+            """
+            UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now())
+             WHERE id = :id RETURNING failing_since
+            """
+        ),
+        {"id": message.endpoint_id},
+    )
+    (log.warning if given_up else log.info)(
+        "webhook.given_up" if given_up else "webhook.attempt_failed",
+        **fields,
+        status_code=result.status_code,
+        outcome=result.kind.value,
+        error=result.error,
+        next_attempt_in_seconds=None if delay is None else round(delay, 1),
+    )
+    reason = None
+    if result.kind is AttemptKind.GONE:
+        reason = "the endpoint answered 410 Gone"
+    elif failing_since is not None and failing_since <= session.scalar(
+        text("SELECT now() - make_interval(secs => :s)"),
+        {"s": settings.webhook_disable_after_seconds},
+    ):
+        days = settings.webhook_disable_after_seconds / 86400
+        reason = f"no delivery succeeded for {days:g} days"
+    disabled = False
+    if reason is not None:
+        disabled = disable_endpoint(session, message.endpoint_id, reason=reason, actor=WORKER_ACTOR)
+        if disabled:
+            log.warning(
+                "webhook.endpoint_disabled",
+                endpoint_id=str(message.endpoint_id),
+                organization_id=str(message.organization_id),
+                host=fields["host"],
+                reason=reason,
+            )
+    return Recorded(result, False, given_up, delay, disabled)
+
+
+@dataclass
+class Deliverer:
+    """Everything a worker process needs to deliver: sessions, key, HTTP client, settings."""
+
+    sessions: sessionmaker[Session]
+    settings: Settings
+    box: SecretBox
+    client: httpx.Client
+    rng: random.Random
+    resolver: Resolver | None = None
+
+    def deliver(self, delivery_id: uuid.UUID, lease_id: uuid.UUID) -> Recorded | None:
+        """One attempt of one leased delivery; None if it is no longer ours (or done)."""
+        with self.sessions.begin() as session:
+            message = read_message(session, delivery_id, lease_id, self.box)
+        if message is None:
+            return None
+        result = post_signed(
+            self.client,
+            message.url,
+            body=message.body(),
+            headers=signed_headers(message),
+            allow_private=self.settings.webhook_allow_private_networks,
+            resolver=self.resolver,
+        )
+        with self.sessions.begin() as session:
+            return record_attempt(
+                session, message, lease_id, result, settings=self.settings, rng=self.rng
+            )
+
+    def claim(self, limit: int) -> DeliveryClaim:
+        """Lease due deliveries (its own short transaction)."""
+        with self.sessions.begin() as session:
+            return claim_due_deliveries(
+                session,
+                limit=limit,
+                per_endpoint=self.settings.webhook_per_endpoint_limit,
+                lease_seconds=lease_seconds(self.settings),
+            )
+
+    def deliver_due(self) -> list[Recorded | None]:
+        """Claim due deliveries and attempt each, one after the other (scripts and tests; the
+        worker attempts them concurrently)."""
+        claim = self.claim(self.settings.webhook_batch_size)
+        return [self.deliver(i, claim.lease_id) for i in claim.delivery_ids]
