@@ -37,6 +37,7 @@ class Behaviour(enum.StrEnum):
     GONE = "gone"  # 410
     THROTTLE = "throttle"  # 429 with Retry-After
     HANG = "hang"  # answers nothing for `hang_seconds`
+    REDIRECT = "redirect"  # 302 to the cloud metadata service
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +148,14 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 Behaviour.ERROR: 500,
                 Behaviour.GONE: 410,
                 Behaviour.THROTTLE: 429,
+                Behaviour.REDIRECT: 302,
             }[behaviour]
             receiver.record(Received(webhook_id, payload is not None, payload, status, time.time()))
             self.send_response(status)
             if behaviour is Behaviour.THROTTLE:
                 self.send_header("retry-after", receiver.retry_after)
+            if behaviour is Behaviour.REDIRECT:
+                self.send_header("location", "http://169.254.169.254/latest/meta-data/")
             self.send_header("content-length", "0")
             self.end_headers()
 

@@ -183,10 +183,9 @@ def rotate_secret(session: Session, endpoint_id: uuid.UUID, *, settings: Setting
     secret = generate_secret()
     grace = settings.webhook_rotation_grace_seconds
     if grace > 0:
+        expires = session.scalar(text("SELECT now() + make_interval(secs => :s)"), {"s": grace})
         endpoint.previous_secret_encrypted = endpoint.secret_encrypted
-        endpoint.previous_secret_expires_at = session.scalar(
-            text("SELECT now() + make_interval(secs => :s)"), {"s": grace}
-        )
+        endpoint.previous_secret_expires_at = expires
     else:
         endpoint.previous_secret_encrypted = None
         endpoint.previous_secret_expires_at = None
@@ -205,7 +204,7 @@ def send_test_event(session: Session, endpoint_id: uuid.UUID) -> str:
         text(
             """
             INSERT INTO webhook_deliveries (endpoint_id, event_type, payload)
-            VALUES (:endpoint_id, :type, jsonb_build_object(
+            VALUES (:endpoint_id, CAST(:type AS text), jsonb_build_object(
                 'type', CAST(:type AS text),
                 'timestamp',
                 to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),

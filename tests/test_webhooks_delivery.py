@@ -1,0 +1,413 @@
+"""Delivering webhook messages to a real HTTP receiver that verifies them with `standardwebhooks`.
+
+No Celery here: `Deliverer` holds the plain functions the delivery task runs on its threads.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
+
+from models import (
+    AccountStatus,
+    AuditEvent,
+    AuditEventType,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+from sandbox.webhook_receiver import Behaviour, WebhookReceiver
+from tests.factories import make_account, make_organization
+from worker.settings import Settings
+from worker.webhooks import create_endpoint, rotate_secret
+from worker.webhooks.delivery import (
+    AttemptKind,
+    Deliverer,
+    build_client,
+    claim_due_deliveries,
+    escape_snippet,
+    parse_retry_after,
+)
+from worker.webhooks.signing import SecretBox, generate_key
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Fast retries, short timeouts, loopback allowed (the receiver is on 127.0.0.1)."""
+    return Settings(
+        webhook_secret_key=generate_key(),
+        webhook_allow_private_networks=True,
+        webhook_retry_schedule_seconds=(0.2, 0.2),
+        webhook_read_timeout_seconds=1.0,
+        webhook_connect_timeout_seconds=1.0,
+    )
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A receiver on a free port of 127.0.0.1."""
+    with WebhookReceiver(hang_seconds=3) as running:
+        yield running
+
+
+@pytest.fixture
+def deliverer(scratch_sessions: sessionmaker[Session], settings: Settings) -> Iterator[Deliverer]:
+    """The worker's delivery steps on the scratch database."""
+    client = build_client(settings)
+    yield Deliverer(
+        sessions=scratch_sessions,
+        settings=settings,
+        box=SecretBox.from_settings(settings),
+        client=client,
+        rng=random.Random(0),
+    )
+    client.close()
+
+
+def _subscribe(
+    sessions: sessionmaker[Session], settings: Settings, url: str, *, events: int = 1
+) -> tuple[uuid.UUID, str]:
+    """An endpoint for `url` and `events` status changes of one account; (endpoint id, secret)."""
+    with sessions.begin() as session:
+        organization = make_organization(session)
+        created = create_endpoint(
+            session, organization_id=organization.id, url=url, settings=settings
+        )
+        account = make_account(session, organization=organization, status=AccountStatus.FAILED)
+        session.add_all(
+            AuditEvent(
+                organization_id=organization.id,
+                account_id=account.id,
+                event_type=AuditEventType.STATUS_CHANGED,
+                actor="worker",
+                from_status=AccountStatus.PENDING,
+                to_status=AccountStatus.FAILED,
+                reason="AccessDenied",
+                details={"error_message": "denied"},
+            )
+            for _ in range(events)
+        )
+    return created.endpoint.id, created.secret
+
+
+def _delivery(sessions: sessionmaker[Session], endpoint_id: uuid.UUID) -> WebhookDelivery:
+    with sessions() as session:
+        return session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+        ).one()
+
+
+def _endpoint(sessions: sessionmaker[Session], endpoint_id: uuid.UUID) -> WebhookEndpoint:
+    with sessions() as session:
+        found = session.get(WebhookEndpoint, endpoint_id)
+        assert found is not None
+        return found
+
+
+def _make_due(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_deliveries SET next_attempt_at = now() "
+                "WHERE next_attempt_at IS NOT NULL"
+            )
+        )
+
+
+def test_a_message_arrives_signed_and_is_delivered_once(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """The receiver verifies the Standard Webhooks signature; the delivery is then done."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.delivered
+    assert deliverer.deliver_due() == []
+    delivery = _delivery(scratch_sessions, endpoint_id)
+    assert receiver.accepted_ids() == {delivery.message_id: 1}
+    (received,) = receiver.accepted()
+    assert received.payload == delivery.payload
+    assert (delivery.attempts, delivery.last_status_code, delivery.next_attempt_at) == (
+        1,
+        204,
+        None,
+    )
+    assert delivery.delivered_at is not None
+
+
+def test_a_failing_receiver_gets_the_same_message_again_later(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """A 500 schedules the next attempt by the schedule (with jitter); it carries the same
+    webhook-id and a fresh signature."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    receiver.behaviour = Behaviour.ERROR
+    with capture_logs() as logs:
+        (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.result.status_code == 500
+    assert recorded.next_attempt_in is not None
+    assert 0.18 <= recorded.next_attempt_in <= 0.22
+    assert [entry["event"] for entry in logs] == ["webhook.attempt_failed"]
+    assert deliverer.deliver_due() == []  # not due yet
+    receiver.behaviour = Behaviour.OK
+    time.sleep(0.3)
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.delivered
+    first, second = receiver.snapshot()
+    assert (
+        first.webhook_id == second.webhook_id == _delivery(scratch_sessions, endpoint_id).message_id
+    )
+    assert (first.answered, second.answered) == (500, 204)
+    assert _endpoint(scratch_sessions, endpoint_id).failing_since is None
+
+
+def test_a_delivery_is_given_up_after_the_last_retry(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """One attempt plus one per schedule entry, then given up with a warning."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    receiver.behaviour = Behaviour.ERROR
+    with capture_logs() as logs:
+        for _ in range(3):
+            _make_due(scratch_sessions)
+            deliverer.deliver_due()
+    _make_due(scratch_sessions)
+    assert deliverer.deliver_due() == []
+    delivery = _delivery(scratch_sessions, endpoint_id)
+    assert (delivery.attempts, delivery.next_attempt_at) == (3, None)
+    assert delivery.given_up_at is not None
+    assert len(receiver.snapshot()) == 3
+    assert [e["log_level"] for e in logs if e["event"] == "webhook.given_up"] == ["warning"]
+
+
+def test_410_gone_disables_the_endpoint(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """The receiver's 410 disables its endpoint, gives up the rest and audits it."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url, events=3)
+    receiver.secrets.append(secret)
+    receiver.behaviour = Behaviour.GONE
+    claim_limit = settings.model_copy(update={"webhook_batch_size": 1})
+    deliverer.settings = claim_limit
+    with capture_logs() as logs:
+        (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert (recorded.result.kind, recorded.endpoint_disabled) == (AttemptKind.GONE, True)
+    endpoint = _endpoint(scratch_sessions, endpoint_id)
+    assert (endpoint.enabled, endpoint.disabled_reason) == (False, "the endpoint answered 410 Gone")
+    deliverer.settings = settings
+    assert deliverer.deliver_due() == []
+    assert len(receiver.snapshot()) == 1
+    with scratch_sessions() as session:
+        disabled = session.scalars(
+            select(AuditEvent).where(
+                AuditEvent.event_type == AuditEventType.WEBHOOK_ENDPOINT_DISABLED
+            )
+        ).one()
+    assert disabled.details == {"endpoint_id": str(endpoint_id)}
+    assert [e["log_level"] for e in logs if e["event"] == "webhook.endpoint_disabled"] == [
+        "warning"
+    ]
+
+
+def test_an_endpoint_failing_for_days_is_disabled(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """A failure when nothing succeeded for WEBHOOK_DISABLE_AFTER_SECONDS disables the endpoint."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    receiver.behaviour = Behaviour.ERROR
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days' "
+                "WHERE id = :id"
+            ),
+            {"id": endpoint_id},
+        )
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.endpoint_disabled
+    endpoint = _endpoint(scratch_sessions, endpoint_id)
+    assert (endpoint.enabled, endpoint.disabled_reason) == (
+        False,
+        "no delivery succeeded for 5 days",
+    )
+
+
+def test_retry_after_is_honoured(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """A 429 with Retry-After: 30 waits 30 s, not the schedule's 0.2 s."""
+    _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.THROTTLE
+    receiver.retry_after = "30"
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.result.status_code == 429
+    assert recorded.next_attempt_in == 30.0
+
+
+def test_a_hanging_receiver_times_out(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """No answer within the read timeout is a failed attempt, retried later."""
+    endpoint_id, _ = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.HANG
+    started = time.monotonic()
+    (recorded,) = deliverer.deliver_due()
+    assert time.monotonic() - started < 2.9  # the read timeout (1 s), not the 3 s hang
+    assert recorded is not None
+    assert recorded.result.kind is AttemptKind.FAILED
+    assert recorded.result.error == "timeout: ReadTimeout"
+    assert _delivery(scratch_sessions, endpoint_id).next_attempt_at is not None
+
+
+def test_rotation_signs_with_both_secrets_during_the_grace_period(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """After a rotation a receiver that knows only the old secret, or only the new one, verifies."""
+    endpoint_id, old = _subscribe(scratch_sessions, settings, receiver.url, events=2)
+    with scratch_sessions.begin() as session:
+        new = rotate_secret(session, endpoint_id, settings=settings)
+    deliverer.settings = settings.model_copy(update={"webhook_batch_size": 1})
+    receiver.secrets[:] = [old]
+    deliverer.deliver_due()
+    receiver.secrets[:] = [new]
+    deliverer.deliver_due()
+    assert [r.verified for r in receiver.snapshot()] == [True, True]
+    receiver.secrets[:] = [generate_key()]  # any other secret fails
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text("UPDATE webhook_deliveries SET next_attempt_at = now(), delivered_at = NULL")
+        )
+    deliverer.deliver_due()
+    assert receiver.snapshot()[-1].verified is False
+
+
+def test_an_address_that_became_private_is_not_connected_to(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """The check runs at every attempt on what the name resolves to then: `localhost` (a name
+    that now resolves to loopback) is refused without a connection."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text("UPDATE webhook_endpoints SET url = :url WHERE id = :id"),
+            {"url": f"https://localhost:{receiver.port}/webhooks", "id": endpoint_id},
+        )
+    deliverer.settings = settings.model_copy(update={"webhook_allow_private_networks": False})
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.result.kind is AttemptKind.REFUSED
+    assert "loopback" in (recorded.result.error or "")
+    assert receiver.snapshot() == []
+
+
+def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
+    scratch_sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A backlog on one endpoint never fills a claim: at most `per_endpoint` in flight each, and
+    concurrent claimers skip each other's rows."""
+    busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
+    quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
+    with scratch_sessions.begin() as session:
+        first = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60)
+    with scratch_sessions.begin() as session:
+        second = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60)
+    with scratch_sessions() as session:
+        owners = {
+            row.id: row.endpoint_id
+            for row in session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.endpoint_id).where(
+                    WebhookDelivery.lease_id.is_not(None)
+                )
+            )
+        }
+    assert sorted(owners[i] == busy for i in first.delivery_ids) == [False, True, True]
+    assert quiet in {owners[i] for i in first.delivery_ids}
+    assert second.delivery_ids == []
+    with scratch_sessions() as one, scratch_sessions() as two:
+        with one.begin(), two.begin():
+            one.execute(
+                text("UPDATE webhook_deliveries SET lease_id = NULL, lease_expires_at = NULL")
+            )
+            one.commit()
+        one.begin()
+        two.begin()
+        a = claim_due_deliveries(one, limit=100, per_endpoint=10, lease_seconds=60)
+        b = claim_due_deliveries(two, limit=100, per_endpoint=10, lease_seconds=60)
+        assert set(a.delivery_ids).isdisjoint(b.delivery_ids)
+        assert len(a.delivery_ids) + len(b.delivery_ids) == 7
+        one.commit()
+        two.commit()
+
+
+def test_response_text_is_cut_and_escaped() -> None:
+    """A receiver's body is kept as a short snippet with control characters escaped."""
+    assert escape_snippet("ok\x1b[31m\nred") == "ok\\x1b[31m\\nred"
+    assert len(escape_snippet("x" * 5000)) == 201
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    """Seconds and HTTP dates are understood and capped at a day; nonsense is ignored."""
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert parse_retry_after("120", now=now) == 120.0
+    assert parse_retry_after("Tue, 01 Dec 2026 12:01:00 GMT", now=now) == 60.0
+    assert parse_retry_after("99999999", now=now) == 86400.0
+    assert parse_retry_after("soon", now=now) is None
+
+
+def test_redirects_are_not_followed(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """A 3xx (here to the metadata service) is a failed attempt; the Location is not requested."""
+    _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.REDIRECT
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert (recorded.result.kind, recorded.result.status_code) == (AttemptKind.FAILED, 302)
+    assert len(receiver.snapshot()) == 1
