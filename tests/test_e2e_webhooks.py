@@ -8,6 +8,7 @@ import signal
 import statistics
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,31 +46,51 @@ def clean_redis(redis_url: str) -> str:
     return redis_url
 
 
+@dataclass(frozen=True)
+class Stack:
+    """The services a test's worker and beat use, and the WEBHOOK_SECRET_KEY they share with the
+    test (which registers endpoints)."""
+
+    sts_url: str
+    database: str
+    redis_url: str
+    sessions: sessionmaker[Session]
+    key: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Worker and beat environment: fast retries, short timeouts, loopback allowed."""
+        webhooks = {
+            "WEBHOOK_SECRET_KEY": self.key,
+            "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+            "WEBHOOK_RETRY_SCHEDULE_SECONDS": "[1, 1, 1, 1, 1, 1, 1, 1, 1]",
+            "WEBHOOK_CONNECT_TIMEOUT_SECONDS": "1",
+            "WEBHOOK_READ_TIMEOUT_SECONDS": "1",
+            "WEBHOOK_DISPATCH_INTERVAL_SECONDS": "0.2",
+        }
+        return service_env(
+            database_url=self.database,
+            redis_url=self.redis_url,
+            sts_url=self.sts_url,
+            **{**webhooks, **extra},
+        )
+
+
 @pytest.fixture
-def key() -> str:
-    """The WEBHOOK_SECRET_KEY shared by the test (registering) and the worker (signing)."""
-    return generate_key()
-
-
-def _env(database: str, redis_url: str, sts_url: str, key: str, **extra: str) -> dict[str, str]:
-    webhooks = {
-        "WEBHOOK_SECRET_KEY": key,
-        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-        "WEBHOOK_RETRY_SCHEDULE_SECONDS": "[1, 1, 1, 1, 1, 1, 1, 1, 1]",
-        "WEBHOOK_CONNECT_TIMEOUT_SECONDS": "1",
-        "WEBHOOK_READ_TIMEOUT_SECONDS": "1",
-        "WEBHOOK_DISPATCH_INTERVAL_SECONDS": "0.2",
-    }
-    return service_env(
-        database_url=database, redis_url=redis_url, sts_url=sts_url, **{**webhooks, **extra}
+def stack(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+) -> Stack:
+    """PostgreSQL, Redis, the sandbox STS and a fresh WEBHOOK_SECRET_KEY."""
+    return Stack(
+        sandbox.endpoint_url, scratch_database, clean_redis, scratch_sessions, generate_key()
     )
 
 
-def _register(
-    sessions: sessionmaker[Session], key: str, organization_id: uuid.UUID, url: str
-) -> tuple[uuid.UUID, str]:
-    settings = Settings(webhook_secret_key=key, webhook_allow_private_networks=True)  # type: ignore[arg-type]
-    with sessions.begin() as session:
+def _register(stack: Stack, organization_id: uuid.UUID, url: str) -> tuple[uuid.UUID, str]:
+    settings = Settings(webhook_secret_key=stack.key, webhook_allow_private_networks=True)
+    with stack.sessions.begin() as session:
         created = create_endpoint(
             session, organization_id=organization_id, url=url, settings=settings
         )
@@ -95,35 +116,28 @@ def _deliveries(sessions: sessionmaker[Session], endpoint_id: uuid.UUID) -> list
         )
 
 
-def test_every_status_change_arrives_once_per_endpoint(
-    sandbox: SandboxSts,
-    scratch_database: str,
-    scratch_sessions: sessionmaker[Session],
-    clean_redis: str,
-    key: str,
-    tmp_path: Path,
-) -> None:
+def test_every_status_change_arrives_once_per_endpoint(stack: Stack, tmp_path: Path) -> None:
     """A sweep's status changes reach two endpoints exactly once each (by webhook-id), one of
     them after answering 500 for a while; the payloads match the audit log."""
     steady = WebhookReceiver().start()
     flaky = WebhookReceiver(behaviour=Behaviour.ERROR).start()
-    with scratch_sessions.begin() as session:
+    with stack.sessions.begin() as session:
         organization = make_organization(session)
         ids = [
             make_sandbox_account(
                 session,
-                sandbox.endpoint_url,
+                stack.sts_url,
                 organization=organization,
                 trusted=DENYING_PRINCIPAL if n % 2 else None,
                 role_changed_at=LONG_AGO,
             ).id
             for n in range(8)
         ]
-    steady_id, secret = _register(scratch_sessions, key, organization.id, steady.url)
+    steady_id, secret = _register(stack, organization.id, steady.url)
     steady.secrets.append(secret)
-    flaky_id, secret = _register(scratch_sessions, key, organization.id, flaky.url)
+    flaky_id, secret = _register(stack, organization.id, flaky.url)
     flaky.secrets.append(secret)
-    env = _env(scratch_database, clean_redis, sandbox.endpoint_url, key)
+    env = stack.env()
     try:
         with running(start_worker(env, tmp_path), start_beat(env, tmp_path)):
             wait_until(
@@ -138,7 +152,7 @@ def test_every_status_change_arrives_once_per_endpoint(
                 timeout=60,
                 what="8 status changes at the flaky receiver after its recovery",
             )
-            with scratch_sessions() as session:
+            with stack.sessions() as session:
                 events = list(
                     session.scalars(
                         select(AuditEvent).where(
@@ -153,8 +167,8 @@ def test_every_status_change_arrives_once_per_endpoint(
     assert len(events) == 8
     assert set(steady.accepted_ids().values()) == {1}
     assert set(flaky.accepted_ids().values()) == {1}
-    assert set(steady.accepted_ids()) == _webhook_ids(scratch_sessions, steady_id)
-    assert set(flaky.accepted_ids()) == _webhook_ids(scratch_sessions, flaky_id)
+    assert set(steady.accepted_ids()) == _webhook_ids(stack.sessions, steady_id)
+    assert set(flaky.accepted_ids()) == _webhook_ids(stack.sessions, flaky_id)
     assert all(r.verified for r in steady.snapshot() + flaky.snapshot())
     announced = {
         (r.payload["data"]["account"]["id"], r.payload["data"]["to"])
@@ -178,39 +192,32 @@ def test_every_status_change_arrives_once_per_endpoint(
     )
 
 
-def test_down_gone_and_hanging_receivers(
-    sandbox: SandboxSts,
-    scratch_database: str,
-    scratch_sessions: sessionmaker[Session],
-    clean_redis: str,
-    key: str,
-    tmp_path: Path,
-) -> None:
+def test_down_gone_and_hanging_receivers(stack: Stack, tmp_path: Path) -> None:
     """A receiver that is down gets the message once it is up, a hanging one after it stops
     hanging (same webhook-id), and one answering 410 is disabled with an audit event and a
     warning line."""
     down_port = free_port()
     hanging = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=5).start()
     gone = WebhookReceiver(behaviour=Behaviour.GONE).start()
-    with scratch_sessions.begin() as session:
+    with stack.sessions.begin() as session:
         organization = make_organization(session)
         make_sandbox_account(
-            session, sandbox.endpoint_url, organization=organization, role_changed_at=LONG_AGO
+            session, stack.sts_url, organization=organization, role_changed_at=LONG_AGO
         )
     down_id, down_secret = _register(
-        scratch_sessions, key, organization.id, f"http://127.0.0.1:{down_port}/webhooks"
+        stack, organization.id, f"http://127.0.0.1:{down_port}/webhooks"
     )
-    hanging_id, secret = _register(scratch_sessions, key, organization.id, hanging.url)
+    hanging_id, secret = _register(stack, organization.id, hanging.url)
     hanging.secrets.append(secret)
-    gone_id, secret = _register(scratch_sessions, key, organization.id, gone.url)
+    gone_id, secret = _register(stack, organization.id, gone.url)
     gone.secrets.append(secret)
-    env = _env(scratch_database, clean_redis, sandbox.endpoint_url, key)
+    env = stack.env()
     down: WebhookReceiver | None = None
     try:
         with running(worker := start_worker(env, tmp_path), start_beat(env, tmp_path)):
             wait_until(
                 lambda: (
-                    all(d.attempts >= 2 for d in _deliveries(scratch_sessions, down_id))
+                    all(d.attempts >= 2 for d in _deliveries(stack.sessions, down_id))
                     and len(hanging.snapshot()) >= 2
                 ),
                 timeout=90,
@@ -231,11 +238,11 @@ def test_down_gone_and_hanging_receivers(
         gone.stop()
         if down is not None:
             down.stop()
-    assert set(down.accepted_ids()) == _webhook_ids(scratch_sessions, down_id)
+    assert set(down.accepted_ids()) == _webhook_ids(stack.sessions, down_id)
     hung_ids = {r.webhook_id for r in hanging.snapshot()}
-    assert hung_ids == set(hanging.accepted_ids()) == _webhook_ids(scratch_sessions, hanging_id)
+    assert hung_ids == set(hanging.accepted_ids()) == _webhook_ids(stack.sessions, hanging_id)
     assert len(gone.snapshot()) == 1
-    with scratch_sessions() as session:
+    with stack.sessions() as session:
         endpoint = session.get(WebhookEndpoint, gone_id)
         assert endpoint is not None
         assert (endpoint.enabled, endpoint.disabled_reason) == (
@@ -252,44 +259,33 @@ def test_down_gone_and_hanging_receivers(
     assert line["level"] == "warning"
 
 
-def test_a_killed_worker_loses_no_message(
-    sandbox: SandboxSts,
-    scratch_database: str,
-    scratch_sessions: sessionmaker[Session],
-    clean_redis: str,
-    key: str,
-    tmp_path: Path,
-) -> None:
+def test_a_killed_worker_loses_no_message(stack: Stack, tmp_path: Path) -> None:
     """SIGKILL (the whole worker) while a delivery is in flight: once its lease expires another
     worker delivers it with the same webhook-id."""
     receiver = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=60).start()
-    with scratch_sessions.begin() as session:
+    with stack.sessions.begin() as session:
         organization = make_organization(session)
         make_sandbox_account(
-            session, sandbox.endpoint_url, organization=organization, role_changed_at=LONG_AGO
+            session, stack.sts_url, organization=organization, role_changed_at=LONG_AGO
         )
-    endpoint_id, secret = _register(scratch_sessions, key, organization.id, receiver.url)
+    endpoint_id, secret = _register(stack, organization.id, receiver.url)
     receiver.secrets.append(secret)
     # A read timeout longer than the test waits: the kill, not a timeout, ends the attempt.
-    env = _env(
-        scratch_database, clean_redis, sandbox.endpoint_url, key, WEBHOOK_READ_TIMEOUT_SECONDS="4"
-    )
+    env = stack.env(WEBHOOK_READ_TIMEOUT_SECONDS="4")
     try:
         beat = start_beat(env, tmp_path)
         first = start_worker(env, tmp_path, name="first")
         with running(beat, first):
-            wait_until(lambda: receiver.snapshot(), timeout=90, what="the first attempt")
+            wait_until(receiver.snapshot, timeout=90, what="the first attempt")
             os.killpg(first.process.pid, signal.SIGKILL)
             first.process.wait(timeout=10)
-            (in_flight,) = _deliveries(scratch_sessions, endpoint_id)
+            (in_flight,) = _deliveries(stack.sessions, endpoint_id)
             assert in_flight.lease_id is not None
             assert in_flight.attempts == 0
             receiver.behaviour = Behaviour.OK
             second = start_worker(env, tmp_path, name="second")
             with running(second):
-                wait_until(
-                    lambda: receiver.accepted_ids(), timeout=60, what="delivery after the kill"
-                )
+                wait_until(receiver.accepted_ids, timeout=60, what="delivery after the kill")
     finally:
         receiver.stop()
     first_attempt, *later = receiver.snapshot()
