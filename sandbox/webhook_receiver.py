@@ -22,8 +22,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -187,6 +189,22 @@ def describe(item: Received) -> str:
     return "  ".join(parts) + "  (signature verified)"
 
 
+def demo_environment(data_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """What the demo's worker and receiver need: loopback allowed, and WEBHOOK_SECRET_KEY as
+    given or else kept in DATA_DIR/webhook-secret-key (made once, readable by its owner only), so
+    secrets stored by one run still decrypt in the next."""
+    key = env.get("WEBHOOK_SECRET_KEY")
+    if not key:
+        from worker.webhooks.signing import generate_key  # noqa: PLC0415
+
+        path = data_dir / "webhook-secret-key"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(generate_key())
+        key = path.read_text().strip()
+    return {"WEBHOOK_SECRET_KEY": key, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
+
+
 def register(url: str, organization_id: uuid.UUID) -> str:
     """Register `url` for the organization (or give its endpoint a new secret); the secret."""
     from worker.db import session_factory  # noqa: PLC0415 - only the command needs the database
@@ -232,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     receiver = WebhookReceiver(port=args.port, on_receive=_print)
     receiver.secrets.append(register(receiver.url, organization_id))
     print(  # noqa: T201 - a command's output
-        f"webhook receiver on {receiver.url}, registered for organization {organization_id}",
+        f"webhook receiver listening on {receiver.url}, registered for organization "
+        f"{organization_id}; signatures checked with standardwebhooks",
         flush=True,
     )
     receiver.start()

@@ -15,6 +15,8 @@ usage: scripts/run [--sandbox] [--data-dir DIR] [--postgres-port N] [--redis-por
   migrate    `alembic upgrade head` on DATABASE_URL
   sandbox    the sandbox STS (`python -m sandbox serve`), unless AWS is configured (below)
   demo       `python -m scripts.demo_data --sandbox-url URL`: the demo accounts and their roles
+  webhooks   `python -m sandbox.webhook_receiver`: a webhook receiver registered for the demo
+             organization, printing every status change it gets (signatures checked)
   worker     `celery -A worker worker`
   beat       `celery -A worker beat`
 
@@ -992,6 +994,7 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
             supervisor.run_once("migrate", [str(VENV_BIN / "alembic"), "upgrade", "head"], env=env)
             if sandbox_port is not None:
                 env = use_sandbox(supervisor, sandbox_port, env, summary, aws)
+                env = use_webhook_receiver(supervisor, data_dir, env, summary)
             else:
                 endpoint = os.environ.get("AWS_ENDPOINT_URL_STS") or "AWS STS"
                 summary.append(("STS", masked(endpoint), f"real AWS ({aws.reason})"))
@@ -1088,6 +1091,34 @@ def checked_external(variable: str, probe: Callable[..., str | None]) -> str:
     if reason:
         raise RunError(f"cannot reach {variable} ({masked(url)}): {reason}")
     return url
+
+
+def use_webhook_receiver(
+    supervisor: Supervisor, data_dir: Path, env: Mapping[str, str], summary: Summary
+) -> dict[str, str]:
+    """Start the demo's webhook receiver, registered for the demo organization; returns the
+    environment that lets the worker deliver to it (docs/webhooks.md)."""
+    from sandbox.webhook_receiver import demo_environment  # noqa: PLC0415 - needs the venv
+
+    receiver_env = {**env, **demo_environment(data_dir, env)}
+    port = free_port()
+    receiver = supervisor.start(
+        "webhooks",
+        [sys.executable, "-m", "sandbox.webhook_receiver", "--port", str(port)],
+        env=receiver_env,
+        tier=2,
+        watch_for="webhook receiver listening on",
+    )
+    supervisor.wait_ready(
+        receiver,
+        receiver.ready.is_set,
+        what="the webhook receiver",
+        timeout=START_TIMEOUT["sandbox"],
+    )
+    summary.append(
+        ("webhooks", f"http://127.0.0.1:{port}/webhooks", "demo receiver, checks signatures")
+    )
+    return receiver_env
 
 
 def start_sandbox(supervisor: Supervisor, port: int, env: Mapping[str, str]) -> Child:

@@ -247,6 +247,7 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
     try:
         first.wait_for(r"account\.status_changed .*to_status=connected", timeout=150)
         first.wait_for(r"account\.status_changed .*to_status=failed", timeout=60, count=4)
+        first.wait_for(r"msg_\w+  account\.status_changed .*\(signature verified\)", timeout=30)
         took = time.monotonic() - started
         first.wait_for(r"^run +\| .*5 of 5 account\(s\) due now", timeout=5)
         assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
