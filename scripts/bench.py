@@ -47,10 +47,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import psycopg
 import redis
+
+if TYPE_CHECKING:
+    from scripts.bench_webhooks import WebhookBench
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 VENV_BIN: Final = Path(sys.executable).parent
@@ -468,7 +471,13 @@ def make_accounts(count: int, *, tag: str, per_org: int = 100) -> list[Account]:
     return accounts
 
 
-def seed_accounts(url: str, accounts: Sequence[Account], *, due_now: bool = True) -> datetime:
+def seed_accounts(
+    url: str,
+    accounts: Sequence[Account],
+    *,
+    due_now: bool = True,
+    also: Callable[[psycopg.Cursor[Any]], None] | None = None,
+) -> datetime:
     """COPY the accounts (status pending) in one transaction; return when they became due.
 
     They are due from the moment the COPY commits (before it, no dispatcher can see them), so
@@ -499,6 +508,8 @@ def seed_accounts(url: str, accounts: Sequence[Account], *, due_now: bool = True
                             due if due_now else due.replace(year=due.year + 1),
                         )
                     )
+            if also is not None:  # more rows in the same transaction (--webhooks' endpoints)
+                also(cur)
         conn.commit()
         committed = conn.execute("SELECT now()").fetchone()
         assert committed is not None  # noqa: S101 - SELECT returns a row
@@ -1104,6 +1115,7 @@ class Options:
     py_spy: Path | None
     cores: int
     workers: int
+    webhooks: bool = False
 
 
 @dataclass
@@ -1142,6 +1154,12 @@ class Bench:
         self.broker_db = redis_db(opts.redis_url)
         self.succeeded = False
         self.keep_logs = False
+        self.webhooks: WebhookBench | None = None
+        if opts.webhooks:
+            from scripts.bench_webhooks import WebhookBench  # noqa: PLC0415 - imports the worker
+
+            self.webhooks = WebhookBench()
+        self.webhook_results: dict[str, Any] | None = None
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -1166,6 +1184,8 @@ class Bench:
                 stats_loaded=pg_stat_statements_loaded(self.admin),
                 scratch=self.scratch,
             )
+            if self.webhook_results is not None:
+                results["webhooks"] = self.webhook_results
             self.succeeded = True
             return results, run.completed
         finally:
@@ -1232,7 +1252,7 @@ class Bench:
             sts_url=sts_url,
             concurrency=opts.concurrency,
             dispatch_interval=opts.dispatch_interval,
-            extra=opts.worker_env,
+            extra={**opts.worker_env, **(self.webhooks.env() if self.webhooks else {})},
             log_dir=self.log_dir,
         )
         settings = settings_from(env)  # what the worker reads from the same environment
@@ -1287,7 +1307,11 @@ class Bench:
             )
 
         before = sample()
-        due = seed_accounts(scratch, accounts)
+        if self.webhooks is not None:
+            self.webhooks.start()
+        due = seed_accounts(
+            scratch, accounts, also=self.webhooks.register if self.webhooks else None
+        )
         with psycopg.connect(scratch, autocommit=True) as conn:
             conn.execute("ANALYZE aws_accounts")  # as after any bulk load
         own_transactions = 3  # the seed, its commit time and ANALYZE; the poller counts its own
@@ -1307,6 +1331,10 @@ class Bench:
         if progress.verified < len(accounts):
             unverified = poller.unverified()
             self.report_timeout(unverified, workers)
+        if self.webhooks is not None:
+            self.webhook_results = self.webhooks.measure(scratch, timeout=opts.timeout)
+            self.webhooks.stop()
+            print(f"webhooks: {self.webhook_results}", file=sys.stderr)
         beat.stop()
         for worker in workers:
             worker.stop()
@@ -2038,6 +2066,12 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput scales past one process's GIL; the ceiling counts all their threads)",
     )
     add(
+        "--webhooks",
+        action="store_true",
+        help="an endpoint per organization (100 accounts each), all on a local receiver that "
+        "verifies signatures; reports deliveries and event -> delivery latency",
+    )
+    add(
         "--cores",
         type=_positive_int,
         default=os.cpu_count() or 1,
@@ -2076,6 +2110,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         py_spy=args.py_spy,
         cores=args.cores,
         workers=args.workers,
+        webhooks=args.webhooks,
     )
 
 

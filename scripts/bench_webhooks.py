@@ -1,0 +1,84 @@
+"""`scripts/bench --webhooks`: an endpoint per organization, all pointing at one local receiver.
+
+Every seeded account's first status change (pending -> connected) is then announced to its
+organization's endpoint. The receiver (a thread of the bench process) verifies each signature
+with `standardwebhooks`; after the run the bench waits for every delivery and reports how many
+arrived, duplicates by webhook-id, and the event -> delivery latency (audit event's time to the
+delivery's `delivered_at`, both the database's clock).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from sandbox.webhook_receiver import WebhookReceiver
+from worker.webhooks.signing import SecretBox, generate_key, generate_secret
+
+
+class WebhookBench:
+    """The receiver, the key and the secret shared by every endpoint of a bench run."""
+
+    def __init__(self) -> None:
+        self.key = generate_key()
+        self.secret = generate_secret()
+        self.receiver = WebhookReceiver(secrets=[self.secret])
+
+    def env(self) -> dict[str, str]:
+        """For worker and beat: the key, and loopback allowed (the receiver's)."""
+        return {"WEBHOOK_SECRET_KEY": self.key, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
+
+    def start(self) -> None:
+        """Start receiving."""
+        self.receiver.start()
+
+    def stop(self) -> None:
+        """Stop receiving."""
+        self.receiver.stop()
+
+    def register(self, cursor: psycopg.Cursor[Any]) -> None:
+        """One endpoint per organization (inside the seed's transaction, before any is due)."""
+        cursor.execute(
+            "INSERT INTO webhook_endpoints (id, organization_id, url, event_types, "
+            "secret_encrypted) SELECT gen_random_uuid(), id, %s, %s, %s FROM organizations",
+            (
+                self.receiver.url,
+                ["account.status_changed"],
+                SecretBox(self.key).encrypt(self.secret),
+            ),
+        )
+
+    def measure(self, url: str, *, timeout: float) -> dict[str, Any]:
+        """Wait (up to `timeout`) for every delivery to finish; the figures."""
+        query = (
+            "SELECT count(*), count(*) FILTER (WHERE d.next_attempt_at IS NULL),"
+            " count(*) FILTER (WHERE d.delivered_at IS NOT NULL),"
+            " percentile_cont(0.5) WITHIN GROUP"
+            "  (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)),"
+            " percentile_cont(0.99) WITHIN GROUP"
+            "  (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)),"
+            " (SELECT count(*) FROM audit_events WHERE event_type = 'status_changed')"
+            " FROM webhook_deliveries AS d JOIN audit_events AS e ON e.id = d.event_id"
+        )
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(query).fetchone()
+                assert row is not None  # noqa: S101 - an aggregate returns a row
+                total, finished, delivered, p50, p99, events = row
+                if (total == events and finished == total) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        accepted = self.receiver.accepted_ids()
+        return {
+            "status_changes": events,
+            "deliveries": total,
+            "delivered": delivered,
+            "received_verified": len(accepted),
+            "duplicates": sum(n - 1 for n in accepted.values()),
+            "unverified": sum(1 for r in self.receiver.snapshot() if not r.verified),
+            "event_to_delivery_p50_seconds": None if p50 is None else round(p50, 3),
+            "event_to_delivery_p99_seconds": None if p99 is None else round(p99, 3),
+        }
