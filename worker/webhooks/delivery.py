@@ -48,9 +48,11 @@ def lease_seconds(settings: Settings) -> int:
     return int(settings.webhook_connect_timeout_seconds + 2 * settings.webhook_read_timeout_seconds)
 
 
-# Due deliveries, oldest first, at most `per_endpoint` per endpoint counting those already in
-# flight: one slow or hanging endpoint can never take every slot of a claim. FOR UPDATE cannot
-# sit next to a window function, hence the inner selection and the outer locking pass.
+# Due deliveries of enabled endpoints, oldest first, at most `per_endpoint` per endpoint counting
+# those already in flight: one slow or hanging endpoint can never take every slot of a claim.
+# FOR UPDATE cannot sit next to a window function, hence the selection first and the locking
+# pass after it. The claim returns everything an attempt needs, so an attempt costs one more
+# statement (its result) and no read.
 CLAIM_DUE_DELIVERIES = text(
     """
     WITH in_flight AS (
@@ -64,6 +66,7 @@ CLAIM_DUE_DELIVERIES = text(
                        row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at)
                        + coalesce(f.n, 0) AS place
                   FROM webhook_deliveries AS d
+                  JOIN webhook_endpoints AS w ON w.id = d.endpoint_id AND w.enabled
                   LEFT JOIN in_flight AS f ON f.endpoint_id = d.endpoint_id
                  WHERE d.next_attempt_at <= now()
                    AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= now())) AS ranked
@@ -71,19 +74,47 @@ CLAIM_DUE_DELIVERIES = text(
          ORDER BY next_attempt_at
          LIMIT :limit
     )
-    UPDATE webhook_deliveries
+    UPDATE webhook_deliveries AS d
        SET lease_id = :lease_id,
            lease_expires_at = now() + make_interval(secs => :lease_seconds)
-     WHERE id = ANY(ARRAY(
-            SELECT d.id
-              FROM webhook_deliveries AS d
-             WHERE d.id IN (SELECT id FROM candidates)
-               AND d.next_attempt_at <= now()
-               AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= now())
+      FROM webhook_endpoints AS w
+     WHERE w.id = d.endpoint_id
+       AND d.id = ANY(ARRAY(
+            SELECT c.id
+              FROM webhook_deliveries AS c
+             WHERE c.id IN (SELECT id FROM candidates)
+               AND c.next_attempt_at <= now()
+               AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= now())
                FOR UPDATE SKIP LOCKED))
-    RETURNING id
+    RETURNING d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, w.url,
+              w.organization_id, w.secret_encrypted,
+              CASE WHEN w.previous_secret_expires_at > now()
+                   THEN w.previous_secret_encrypted END AS previous_secret_encrypted
     """
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A leased delivery ready to send: where, what, and the secrets to sign it with."""
+
+    delivery_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    organization_id: uuid.UUID
+    url: str
+    event_type: str
+    payload: dict[str, Any]
+    attempts: int
+    secrets: list[str]
+
+    @property
+    def message_id(self) -> str:
+        """The `webhook-id` header."""
+        return message_id(self.delivery_id)
+
+    def body(self) -> bytes:
+        """The exact bytes sent and signed: compact JSON, the same on every attempt."""
+        return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +122,22 @@ class DeliveryClaim:
     """Deliveries leased together under one lease id."""
 
     lease_id: uuid.UUID
-    delivery_ids: list[uuid.UUID]
+    messages: list[Message]
+
+    @property
+    def delivery_ids(self) -> list[uuid.UUID]:
+        """The leased deliveries' ids."""
+        return [m.delivery_id for m in self.messages]
 
 
 def claim_due_deliveries(
-    session: Session, *, limit: int, per_endpoint: int, lease_seconds: int
+    session: Session, *, limit: int, per_endpoint: int, lease_seconds: int, box: SecretBox
 ) -> DeliveryClaim:
     """Lease up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint."""
     lease_id = uuid.uuid4()
     if limit <= 0:
-        return DeliveryClaim(lease_id=lease_id, delivery_ids=[])
-    claimed = session.scalars(
+        return DeliveryClaim(lease_id=lease_id, messages=[])
+    rows = session.execute(
         CLAIM_DUE_DELIVERIES,
         {
             "lease_id": lease_id,
@@ -110,7 +146,34 @@ def claim_due_deliveries(
             "per_endpoint": per_endpoint,
         },
     ).all()
-    return DeliveryClaim(lease_id=lease_id, delivery_ids=list(claimed))
+    decrypted: dict[bytes, str] = {}
+
+    def secret(stored: bytes) -> str:
+        if stored not in decrypted:
+            decrypted[stored] = box.decrypt(stored)
+        return decrypted[stored]
+
+    return DeliveryClaim(
+        lease_id=lease_id,
+        messages=[
+            Message(
+                delivery_id=row.id,
+                endpoint_id=row.endpoint_id,
+                organization_id=row.organization_id,
+                url=row.url,
+                event_type=row.event_type,
+                payload=row.payload,
+                attempts=row.attempts,
+                secrets=[secret(row.secret_encrypted)]
+                + (
+                    []
+                    if row.previous_secret_encrypted is None
+                    else [secret(row.previous_secret_encrypted)]
+                ),
+            )
+            for row in rows
+        ],
+    )
 
 
 class AttemptKind(enum.StrEnum):
@@ -249,68 +312,6 @@ def retry_delay(
     return delay
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A leased delivery ready to send: where, what, and the secrets to sign it with."""
-
-    delivery_id: uuid.UUID
-    endpoint_id: uuid.UUID
-    organization_id: uuid.UUID
-    url: str
-    event_type: str
-    payload: dict[str, Any]
-    attempts: int
-    secrets: list[str]
-
-    @property
-    def message_id(self) -> str:
-        """The `webhook-id` header."""
-        return message_id(self.delivery_id)
-
-    def body(self) -> bytes:
-        """The exact bytes sent and signed: compact JSON, the same on every attempt."""
-        return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def read_message(
-    session: Session, delivery_id: uuid.UUID, lease_id: uuid.UUID, box: SecretBox
-) -> Message | None:
-    """The delivery if it is still leased to `lease_id` and pending, with its endpoint's secrets
-    (the previous one while its grace period lasts)."""
-    row = session.execute(
-        text(
-            """
-            SELECT d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, w.url,
-                   w.organization_id, w.enabled, w.secret_encrypted,
-                   CASE WHEN w.previous_secret_expires_at > now()
-                        THEN w.previous_secret_encrypted END AS previous_secret_encrypted
-              FROM webhook_deliveries AS d
-              JOIN webhook_endpoints AS w ON w.id = d.endpoint_id
-             WHERE d.id = :id AND d.lease_id = :lease_id AND d.next_attempt_at IS NOT NULL
-            """
-        ),
-        {"id": delivery_id, "lease_id": lease_id},
-    ).one_or_none()
-    if row is None:
-        return None
-    if not row.enabled:
-        _finish(session, delivery_id, lease_id, given_up=True, error="endpoint disabled")
-        return None
-    secrets = [box.decrypt(row.secret_encrypted)]
-    if row.previous_secret_encrypted is not None:
-        secrets.append(box.decrypt(row.previous_secret_encrypted))
-    return Message(
-        delivery_id=row.id,
-        endpoint_id=row.endpoint_id,
-        organization_id=row.organization_id,
-        url=row.url,
-        event_type=row.event_type,
-        payload=row.payload,
-        attempts=row.attempts,
-        secrets=secrets,
-    )
-
-
 def signed_headers(message: Message, *, now: float | None = None) -> dict[str, str]:
     """The Standard Webhooks headers for one attempt (its own timestamp, the same id)."""
     timestamp = int(time.time() if now is None else now)
@@ -323,52 +324,41 @@ def signed_headers(message: Message, *, now: float | None = None) -> dict[str, s
     }
 
 
-_FINISH = text(
+# One attempt's result and the endpoint's failing streak, in one statement: the delivery only if
+# the lease is still the attempt's own; the streak ends on success and starts (if it had not) on
+# a failure, written only when it changes. Returns nothing when the lease was lost.
+_RECORD = text(
     """
-    UPDATE webhook_deliveries
-       SET attempts = attempts + :counted,
-           last_attempt_at = CASE WHEN :counted = 1 THEN now() ELSE last_attempt_at END,
-           last_status_code = coalesce(:status_code, last_status_code),
-           last_error = :error,
-           delivered_at = CASE WHEN :delivered THEN now() END,
-           given_up_at = CASE WHEN :given_up THEN now() END,
-           next_attempt_at = CASE
-               WHEN :delivered OR :given_up THEN NULL
-               ELSE now() + make_interval(secs => :delay) END,
-           lease_id = NULL,
-           lease_expires_at = NULL
-     WHERE id = :id AND lease_id = :lease_id
-    RETURNING attempts
+    WITH finished AS (
+        UPDATE webhook_deliveries
+           SET attempts = attempts + 1,
+               last_attempt_at = now(),
+               last_status_code = :status_code,
+               last_error = :error,
+               delivered_at = CASE WHEN :delivered THEN now() END,
+               given_up_at = CASE WHEN :given_up THEN now() END,
+               next_attempt_at = CASE
+                   WHEN :delivered OR :given_up THEN NULL
+                   ELSE now() + make_interval(secs => :delay) END,
+               lease_id = NULL,
+               lease_expires_at = NULL
+         WHERE id = :id AND lease_id = :lease_id
+        RETURNING endpoint_id
+    ), streak AS (
+        UPDATE webhook_endpoints AS w
+           SET failing_since = CASE WHEN :delivered THEN NULL
+                                    ELSE coalesce(w.failing_since, now()) END
+          FROM finished
+         WHERE w.id = finished.endpoint_id
+           AND (CASE WHEN :delivered THEN w.failing_since IS NOT NULL
+                     ELSE w.failing_since IS NULL END)
+        RETURNING w.id
+    )
+    SELECT coalesce(w.failing_since, now())
+           <= now() - make_interval(secs => :disable_after) AS failing_too_long
+      FROM finished JOIN webhook_endpoints AS w ON w.id = finished.endpoint_id
     """
 )
-
-
-def _finish(
-    session: Session,
-    delivery_id: uuid.UUID,
-    lease_id: uuid.UUID,
-    *,
-    delivered: bool = False,
-    given_up: bool = False,
-    delay: float = 0.0,
-    status_code: int | None = None,
-    error: str | None = None,
-    counted: bool = True,
-) -> bool:
-    row = session.execute(
-        _FINISH,
-        {
-            "id": delivery_id,
-            "lease_id": lease_id,
-            "delivered": delivered,
-            "given_up": given_up,
-            "delay": delay,
-            "status_code": status_code,
-            "error": error,
-            "counted": 1 if counted else 0,
-        },
-    ).one_or_none()
-    return row is not None
 
 
 def disable_endpoint(session: Session, endpoint_id: uuid.UUID, *, reason: str, actor: str) -> bool:
@@ -451,42 +441,31 @@ def record_attempt(
         "attempt": attempts,
         "host": httpx.URL(message.url).host,
     }
-    if result.kind is AttemptKind.DELIVERED:
-        if not _finish(
-            session, message.delivery_id, lease_id, delivered=True, status_code=result.status_code
-        ):
-            return None
-        session.execute(
-            text("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = :id"),
-            {"id": message.endpoint_id},
-        )
-        log.info("webhook.delivered", **fields, status_code=result.status_code)
-        return Recorded(result, True, False, None, False)
+    delivered = result.kind is AttemptKind.DELIVERED
     delay = (
         None
-        if result.kind is AttemptKind.GONE
+        if delivered or result.kind is AttemptKind.GONE
         else retry_delay(attempts, settings, rng=rng, retry_after=result.retry_after_seconds)
     )
-    given_up = delay is None
-    if not _finish(
-        session,
-        message.delivery_id,
-        lease_id,
-        given_up=given_up,
-        delay=delay or 0.0,
-        status_code=result.status_code,
-        error=result.error,
-    ):
+    given_up = not delivered and delay is None
+    row = session.execute(
+        _RECORD,
+        {
+            "id": message.delivery_id,
+            "lease_id": lease_id,
+            "delivered": delivered,
+            "given_up": given_up,
+            "delay": delay or 0.0,
+            "status_code": result.status_code,
+            "error": result.error,
+            "disable_after": settings.webhook_disable_after_seconds,
+        },
+    ).one_or_none()
+    if row is None:
         return None
-    failing_since = session.scalar(
-        text(
-            """
-            UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now())
-             WHERE id = :id RETURNING failing_since
-            """
-        ),
-        {"id": message.endpoint_id},
-    )
+    if delivered:
+        log.info("webhook.delivered", **fields, status_code=result.status_code)
+        return Recorded(result, True, False, None, False)
     (log.warning if given_up else log.info)(
         "webhook.given_up" if given_up else "webhook.attempt_failed",
         **fields,
@@ -498,10 +477,7 @@ def record_attempt(
     reason = None
     if result.kind is AttemptKind.GONE:
         reason = "the endpoint answered 410 Gone"
-    elif failing_since is not None and failing_since <= session.scalar(
-        text("SELECT now() - make_interval(secs => :s)"),
-        {"s": settings.webhook_disable_after_seconds},
-    ):
+    elif row.failing_too_long:
         days = settings.webhook_disable_after_seconds / 86400
         reason = f"no delivery succeeded for {days:g} days"
     disabled = False
@@ -529,12 +505,8 @@ class Deliverer:
     rng: random.Random
     resolver: Resolver | None = None
 
-    def deliver(self, delivery_id: uuid.UUID, lease_id: uuid.UUID) -> Recorded | None:
-        """One attempt of one leased delivery; None if it is no longer ours (or done)."""
-        with self.sessions.begin() as session:
-            message = read_message(session, delivery_id, lease_id, self.box)
-        if message is None:
-            return None
+    def deliver(self, message: Message, lease_id: uuid.UUID) -> Recorded | None:
+        """One attempt of one leased delivery; None if the lease was lost meanwhile."""
         result = post_signed(
             self.client,
             message.url,
@@ -556,10 +528,11 @@ class Deliverer:
                 limit=limit,
                 per_endpoint=self.settings.webhook_per_endpoint_limit,
                 lease_seconds=lease_seconds(self.settings),
+                box=self.box,
             )
 
     def deliver_due(self) -> list[Recorded | None]:
         """Claim due deliveries and attempt each, one after the other (scripts and tests; the
         worker attempts them concurrently)."""
         claim = self.claim(self.settings.webhook_batch_size)
-        return [self.deliver(i, claim.lease_id) for i in claim.delivery_ids]
+        return [self.deliver(m, claim.lease_id) for m in claim.messages]

@@ -55,7 +55,8 @@ SELECT jsonb_build_object(
 $$;
 """
 
-# One INSERT ... SELECT per audit INSERT statement, whatever the number of events in it.
+# One INSERT ... SELECT per audit INSERT statement, whatever the number of events in it, and a
+# notification for the workers' listeners (worker/webhooks/tasks.py) when it inserted any.
 ENQUEUE_WEBHOOKS = """
 CREATE FUNCTION audit_events_enqueue_webhooks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -68,6 +69,11 @@ BEGIN
        AND 'account.' || e.event_type = ANY (w.event_types)
      WHERE e.account_id IS NOT NULL
     ON CONFLICT (event_id, endpoint_id) DO NOTHING;
+    IF FOUND THEN
+        -- Delivered to listening workers only if the transaction commits (one per transaction:
+        -- PostgreSQL folds identical notifications), so they claim the new deliveries at once.
+        PERFORM pg_notify('webhook_deliveries', '');
+    END IF;
     RETURN NULL;
 END
 $$;
