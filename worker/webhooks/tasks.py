@@ -1,10 +1,14 @@
-"""The delivery task: claim due deliveries and hand them to this process's delivery threads.
+"""Delivering in the worker: claims hand due deliveries to this process's delivery threads.
 
-The task itself only claims (milliseconds), so a slow or hanging endpoint never holds a worker
-process that verifications need; the HTTP attempts run on a thread pool of the process, each
-bounded by its timeouts, at most WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that
-dies loses only leases, which expire: the deliveries are attempted again with the same
-`webhook-id`.
+Three things claim, all through `claim_and_submit`: beat's `verifier.deliver_webhooks` task on
+its own queue (the schedule's floor: retries falling due), a listener thread per worker process
+woken by PostgreSQL when a transaction that created deliveries commits (an event reaches its
+endpoint in well under a second even while verifications keep every process busy), and each
+finished attempt (a burst to one endpoint drains at its concurrency limit, not once per tick).
+A claim takes milliseconds, so a slow or hanging endpoint never holds a worker process that
+verifications need; the HTTP attempts run on WEBHOOK_CONCURRENCY threads, each bounded by its
+timeouts, at most WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that dies loses
+only leases, which expire: the deliveries are attempted again with the same `webhook-id`.
 """
 
 from __future__ import annotations
