@@ -16,8 +16,8 @@ _settings = get_settings_or_exit()
 DISPATCH_QUEUE = "verifier.dispatch"
 REQUESTED_QUEUE = "verifier.requested"
 SCHEDULED_QUEUE = "verifier.scheduled"
-# Webhook delivery claims: tiny tasks (the HTTP attempts run on threads), ahead of verifications
-# so an event reaches its endpoint within a second even while a backlog is verified.
+# Beat's webhook delivery claims: tiny tasks (the HTTP attempts run on threads of the process),
+# ahead of verifications so retries are not stuck behind a backlog.
 WEBHOOKS_QUEUE = "verifier.webhooks"
 
 broker_url = _settings.redis_url
@@ -77,12 +77,13 @@ beat_schedule = {
         # A dispatch that could not run in time is pointless: the next one is coming.
         "options": {"queue": DISPATCH_QUEUE, "expires": _settings.dispatch_interval_seconds * 2},
     },
-    "deliver-webhooks": {
+}
+if _settings.webhook_secret_key is not None:  # no key, no webhooks: no ticks either
+    beat_schedule["deliver-webhooks"] = {
         "task": "verifier.deliver_webhooks",
         "schedule": _settings.webhook_dispatch_interval_seconds,
         "options": {
             "queue": WEBHOOKS_QUEUE,
             "expires": _settings.webhook_dispatch_interval_seconds * 2,
         },
-    },
-}
+    }

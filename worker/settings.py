@@ -160,7 +160,9 @@ class Settings(BaseSettings):
     )
     webhook_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     webhook_read_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
-    webhook_dispatch_interval_seconds: float = Field(default=0.5, gt=0, le=3600)
+    # Beat's claim of due deliveries (retries); new events are claimed when their transaction
+    # commits, by each worker process's listener, without waiting for it.
+    webhook_dispatch_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     webhook_batch_size: int = Field(default=200, ge=1, le=10_000)
     # Deliveries to one endpoint per claim: one slow or hanging endpoint holds at most this many
     # of the delivery threads.
