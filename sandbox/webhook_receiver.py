@@ -125,7 +125,7 @@ class WebhookReceiver:
         for secret in list(self.secrets):
             try:
                 payload: dict[str, Any] = Webhook(secret).verify(body, headers)
-            except WebhookVerificationError:
+            except (WebhookVerificationError, ValueError):  # ValueError: malformed headers
                 continue
             return payload
         return None

@@ -35,7 +35,7 @@ from worker.webhooks.delivery import (
     escape_snippet,
     parse_retry_after,
 )
-from worker.webhooks.signing import SecretBox, generate_key
+from worker.webhooks.signing import SecretBox, generate_key, generate_secret
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ def test_rotation_signs_with_both_secrets_during_the_grace_period(
     receiver.secrets[:] = [new]
     deliverer.deliver_due()
     assert [r.verified for r in receiver.snapshot()] == [True, True]
-    receiver.secrets[:] = [generate_key()]  # any other secret fails
+    receiver.secrets[:] = [generate_secret()]  # any other secret fails
     with scratch_sessions.begin() as session:
         session.execute(
             text("UPDATE webhook_deliveries SET next_attempt_at = now(), delivered_at = NULL")
