@@ -149,3 +149,12 @@ def test_a_region_that_is_not_a_region_name_names_the_variable(
     monkeypatch.setenv(variable, region)
     with pytest.raises(SettingsError, match=f"{variable}: must be an AWS region name"):
         load_settings()
+
+
+def test_a_retry_schedule_with_a_non_positive_delay_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WEBHOOK_RETRY_SCHEDULE_SECONDS is a JSON list of positive seconds; the error names it."""
+    monkeypatch.setenv("WEBHOOK_RETRY_SCHEDULE_SECONDS", "[5, 0]")
+    with pytest.raises(SettingsError, match="WEBHOOK_RETRY_SCHEDULE_SECONDS"):
+        load_settings()

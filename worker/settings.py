@@ -185,6 +185,13 @@ class Settings(BaseSettings):
             f"scheme {scheme!r} is not supported; use postgres:// or postgresql:// (psycopg 3)"
         )
 
+    @field_validator("webhook_retry_schedule_seconds")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every delay must be positive (seconds), e.g. [5, 300, 1800]")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
