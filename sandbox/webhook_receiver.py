@@ -51,6 +51,7 @@ class Received:
     payload: dict[str, Any] | None
     answered: int | None  # the status code sent back (None: hung up)
     at: float  # time.time()
+    host: str = ""  # the Host header
 
     @property
     def event_type(self) -> str | None:
@@ -138,6 +139,7 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
             headers = {k.lower(): v for k, v in self.headers.items()}
             payload = receiver.verify(body, headers)
             webhook_id = headers.get("webhook-id", "")
+            host = headers.get("host", "")
             behaviour = receiver.behaviour
             if behaviour is Behaviour.HANG:
                 receiver.record(
@@ -152,7 +154,9 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 Behaviour.THROTTLE: 429,
                 Behaviour.REDIRECT: 302,
             }[behaviour]
-            receiver.record(Received(webhook_id, payload is not None, payload, status, time.time()))
+            receiver.record(
+                Received(webhook_id, payload is not None, payload, status, time.time(), host)
+            )
             self.send_response(status)
             if behaviour is Behaviour.THROTTLE:
                 self.send_header("retry-after", receiver.retry_after)

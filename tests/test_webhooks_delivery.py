@@ -344,6 +344,30 @@ def test_an_address_that_became_private_is_not_connected_to(
     assert receiver.snapshot() == []
 
 
+def test_the_connection_goes_to_the_address_that_was_checked(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """The request is sent to the address resolved and checked for this attempt (the host name
+    only in the Host header), so a second DNS answer cannot redirect it: here a name no DNS
+    knows reaches the receiver through the checked 127.0.0.1."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text("UPDATE webhook_endpoints SET url = :url WHERE id = :id"),
+            {"url": f"http://hooks.invalid:{receiver.port}/webhooks", "id": endpoint_id},
+        )
+    deliverer.resolver = lambda host, port: ["127.0.0.1"] if host == "hooks.invalid" else []
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.delivered
+    (received,) = receiver.snapshot()
+    assert (received.host, received.verified) == (f"hooks.invalid:{receiver.port}", True)
+
+
 def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     scratch_sessions: sessionmaker[Session], settings: Settings
 ) -> None:
