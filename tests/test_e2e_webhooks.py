@@ -292,3 +292,46 @@ def test_a_killed_worker_loses_no_message(stack: Stack, tmp_path: Path) -> None:
     assert receiver.accepted_ids() == {first_attempt.webhook_id: 1}
     assert first_attempt.webhook_id == in_flight.message_id
     assert later
+
+
+def test_a_hanging_endpoint_delays_neither_verifications_nor_other_endpoints(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """While one organization's endpoint hangs on every request, another organization's
+    accounts are verified and announced as usual."""
+    hanging = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=60).start()
+    steady = WebhookReceiver().start()
+    with stack.sessions.begin() as session:
+        slow_org, fast_org = make_organization(session), make_organization(session)
+        for _ in range(6):
+            make_sandbox_account(
+                session, stack.sts_url, organization=slow_org, role_changed_at=LONG_AGO
+            )
+        fast = [
+            make_sandbox_account(
+                session, stack.sts_url, organization=fast_org, role_changed_at=LONG_AGO
+            ).id
+            for _ in range(6)
+        ]
+    _, secret = _register(stack, slow_org.id, hanging.url)
+    hanging.secrets.append(secret)
+    _, secret = _register(stack, fast_org.id, steady.url)
+    steady.secrets.append(secret)
+    # Attempts to the hanging endpoint last the whole test: its threads stay busy.
+    env = stack.env(WEBHOOK_READ_TIMEOUT_SECONDS="50", WEBHOOK_CONCURRENCY="8")
+    try:
+        with running(start_worker(env, tmp_path), start_beat(env, tmp_path)):
+            wait_until(
+                lambda: len(steady.accepted_ids()) == 6,
+                timeout=90,
+                what="the steady endpoint's six messages",
+            )
+            in_flight = len(hanging.snapshot())
+    finally:
+        hanging.stop()
+        steady.stop()
+    assert {r.payload["data"]["account"]["id"] for r in steady.accepted() if r.payload} == {
+        str(i) for i in fast
+    }
+    # The hanging endpoint holds at most its per-endpoint share of the delivery threads.
+    assert 1 <= in_flight <= 4
