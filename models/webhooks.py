@@ -61,8 +61,9 @@ class WebhookEndpoint(Base):
     )
     url: Mapped[str] = mapped_column(String(2048))
     description: Mapped[str | None] = mapped_column(String(255))
-    # Webhook event types, e.g. {account.status_changed}.
-    event_types: Mapped[list[str]] = mapped_column(ARRAY(String(64)))
+    # Webhook event types, e.g. {account.status_changed}; NULL: every type, including types
+    # added after the endpoint was registered.
+    event_types: Mapped[list[str] | None] = mapped_column(ARRAY(String(64)))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     disabled_reason: Mapped[str | None] = mapped_column(String(255))
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -74,6 +75,8 @@ class WebhookEndpoint(Base):
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Since when no delivery has succeeded (NULL: the last attempt succeeded, or none yet).
     failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The last failed attempt: a failure long after it starts a new streak (see delivery.py).
+    last_failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -9,8 +9,9 @@ prints one line per message. The worker must run with WEBHOOK_ALLOW_PRIVATE_NETW
 deliver to it, and the same WEBHOOK_SECRET_KEY as this command.
 
 In tests, `WebhookReceiver` runs in a thread; its `behaviour` makes it answer like a healthy
-receiver, a broken one (500), one that is gone (410), one that throttles (429 with Retry-After)
-or one that hangs.
+receiver, a broken one (500), one that is gone (410), one that throttles (429 with Retry-After),
+one that hangs, or one that trickles its answer a byte at a time (every read is quick, the
+answer never ends).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Behaviour(enum.StrEnum):
     GONE = "gone"  # 410
     THROTTLE = "throttle"  # 429 with Retry-After
     HANG = "hang"  # answers nothing for `hang_seconds`
+    TRICKLE = "trickle"  # sends its headers a byte every 0.2 s for `hang_seconds`
     REDIRECT = "redirect"  # 302 to the cloud metadata service
 
 
@@ -52,6 +54,8 @@ class Received:
     answered: int | None  # the status code sent back (None: hung up)
     at: float  # time.time()
     host: str = ""  # the Host header
+    peer_port: int = 0  # the client's port: one per connection
+    accept_encoding: str = ""  # the Accept-Encoding header
 
     @property
     def event_type(self) -> str | None:
@@ -70,6 +74,11 @@ class WebhookReceiver:
     hang_seconds: float = 30.0
     retry_after: str = "1"
     received: list[Received] = field(default_factory=list)
+    # HTTP/1.1 with keep-alive, as most real servers (a client may then reuse the connection).
+    keep_alive: bool = False
+    # Behaviour.ERROR's body and its Content-Encoding header (none when empty).
+    error_body: bytes = b""
+    error_encoding: str = ""
     on_receive: Any = None  # called with each Received (the command prints it)
 
     def __post_init__(self) -> None:
@@ -134,6 +143,8 @@ class WebhookReceiver:
 
 def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
@@ -147,6 +158,12 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 )
                 time.sleep(receiver.hang_seconds)
                 return
+            if behaviour is Behaviour.TRICKLE:
+                receiver.record(
+                    Received(webhook_id, payload is not None, payload, None, time.time())
+                )
+                self._trickle(receiver.hang_seconds)
+                return
             status = {
                 Behaviour.OK: 204 if payload is not None else 401,
                 Behaviour.ERROR: 500,
@@ -155,15 +172,39 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 Behaviour.REDIRECT: 302,
             }[behaviour]
             receiver.record(
-                Received(webhook_id, payload is not None, payload, status, time.time(), host)
+                Received(
+                    webhook_id,
+                    payload is not None,
+                    payload,
+                    status,
+                    time.time(),
+                    host,
+                    int(self.client_address[1]),
+                    headers.get("accept-encoding", ""),
+                )
             )
+            body = receiver.error_body if behaviour is Behaviour.ERROR else b""
             self.send_response(status)
             if behaviour is Behaviour.THROTTLE:
                 self.send_header("retry-after", receiver.retry_after)
             if behaviour is Behaviour.REDIRECT:
                 self.send_header("location", "http://169.254.169.254/latest/meta-data/")
-            self.send_header("content-length", "0")
+            if body and receiver.error_encoding:
+                self.send_header("content-encoding", receiver.error_encoding)
+            self.send_header("content-length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
+
+        def _trickle(self, seconds: float) -> None:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-trickle: ")
+            ends = time.monotonic() + seconds
+            try:
+                while time.monotonic() < ends:
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                return  # the client hung up
 
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet: the command prints its own lines."""
@@ -219,7 +260,9 @@ def register(url: str, organization_id: uuid.UUID) -> str:
     with session_factory().begin() as session:
         for endpoint in list_endpoints(session, organization_id=organization_id):
             if endpoint.url == url and endpoint.enabled:
-                return rotate_secret(session, endpoint.id, settings=settings)
+                return rotate_secret(
+                    session, endpoint.id, organization_id=organization_id, settings=settings
+                )
         created = create_endpoint(
             session,
             organization_id=organization_id,

@@ -11,6 +11,9 @@ Examples:
   webhooks replay EVENT_ID [--endpoint ENDPOINT_ID]
   webhooks new-key
 
+An operator's tool: it acts on any organization's endpoint, looking up the organization of
+the endpoint (or event) given (the API's calls always take the caller's organization).
+
 `create` and `rotate` print the signing secret once: it is stored encrypted with
 WEBHOOK_SECRET_KEY and cannot be shown again. After `rotate` the old secret keeps signing for
 WEBHOOK_ROTATION_GRACE_SECONDS. `test` and `replay` queue messages that the worker delivers.
@@ -46,6 +49,9 @@ from worker.webhooks import (
     enable,
     list_deliveries,
     list_endpoints,
+    operator_endpoint_organization,
+    operator_event_organization,
+    operator_list_all_endpoints,
     replay_event,
     rotate_secret,
     send_test_event,
@@ -121,13 +127,19 @@ def _endpoint_lines(endpoints: Sequence[EndpointInfo]) -> list[str]:
     lines = []
     for e in endpoints:
         state = "enabled" if e.enabled else f"DISABLED ({_escape(e.disabled_reason)})"
-        lines.append(f"{e.id}  {state:<10} {_escape(e.url)}  [{', '.join(e.event_types)}]")
+        types = "all" if e.event_types is None else ", ".join(e.event_types)
+        lines.append(f"{e.id}  {state:<10} {_escape(e.url)}  [{types}]")
     return lines or ["no endpoint"]
 
 
 def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Run the command; returns what --json prints (and the text lines under "lines")."""
     command = args.command
+    endpoint_id: uuid.UUID | None = getattr(args, "endpoint", None)
+    # The operator's path: the organization is looked up, not given by a caller.
+    organization_id = (
+        operator_endpoint_organization(session, endpoint_id) if endpoint_id is not None else None
+    )
     if command == "create":
         created = create_endpoint(
             session,
@@ -146,10 +158,17 @@ def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict
             ],
         }
     if command == "list":
-        endpoints = list_endpoints(session, organization_id=args.organization)
+        endpoints = (
+            operator_list_all_endpoints(session)
+            if args.organization is None
+            else list_endpoints(session, organization_id=args.organization)
+        )
         return {"endpoints": [e.as_json() for e in endpoints], "lines": _endpoint_lines(endpoints)}
     if command == "deliveries":
-        found = list_deliveries(session, args.endpoint, limit=args.limit)
+        assert organization_id is not None  # noqa: S101 - the argument is required
+        found = list_deliveries(
+            session, args.endpoint, organization_id=organization_id, limit=args.limit
+        )
         return {
             "deliveries": [d.as_json() for d in found],
             "lines": [
@@ -169,11 +188,26 @@ def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict
             ]
             or ["no delivery"],
         }
+    if command == "replay":
+        ids = replay_event(
+            session,
+            args.event,
+            organization_id=operator_event_organization(session, args.event),
+            endpoint_id=args.endpoint,
+        )
+        return {
+            "webhookIds": ids,
+            "lines": [f"queued {i}" for i in ids] or ["no enabled endpoint wants this event"],
+        }
+    if organization_id is None:
+        raise UsageError(f"unknown command {command}")
     if command == "test":
-        webhook_id = send_test_event(session, args.endpoint)
+        webhook_id = send_test_event(session, args.endpoint, organization_id=organization_id)
         return {"webhookId": webhook_id, "lines": [f"queued {webhook_id}"]}
     if command == "rotate":
-        secret = rotate_secret(session, args.endpoint, settings=settings)
+        secret = rotate_secret(
+            session, args.endpoint, organization_id=organization_id, settings=settings
+        )
         grace = settings.webhook_rotation_grace_seconds
         return {
             "secret": secret,
@@ -184,17 +218,17 @@ def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict
             ],
         }
     if command == "disable":
-        info = disable(session, args.endpoint, reason=args.reason, actor=_actor())
+        info = disable(
+            session,
+            args.endpoint,
+            organization_id=organization_id,
+            reason=args.reason,
+            actor=_actor(),
+        )
         return {"endpoint": info.as_json(), "lines": _endpoint_lines([info])}
     if command == "enable":
-        info = enable(session, args.endpoint)
+        info = enable(session, args.endpoint, organization_id=organization_id)
         return {"endpoint": info.as_json(), "lines": _endpoint_lines([info])}
-    if command == "replay":
-        ids = replay_event(session, args.event, endpoint_id=args.endpoint)
-        return {
-            "webhookIds": ids,
-            "lines": [f"queued {i}" for i in ids] or ["no enabled endpoint wants this event"],
-        }
     raise UsageError(f"unknown command {command}")
 
 

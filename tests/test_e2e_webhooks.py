@@ -270,8 +270,9 @@ def test_a_killed_worker_loses_no_message(stack: Stack, tmp_path: Path) -> None:
         )
     endpoint_id, secret = _register(stack, organization.id, receiver.url)
     receiver.secrets.append(secret)
-    # A read timeout longer than the test waits: the kill, not a timeout, ends the attempt.
-    env = stack.env(WEBHOOK_READ_TIMEOUT_SECONDS="4")
+    # A read timeout longer than the test waits: the kill, not a timeout, ends the attempt. The
+    # attempt's limit sets the lease (8 + 16 s) the second worker waits out.
+    env = stack.env(WEBHOOK_READ_TIMEOUT_SECONDS="4", WEBHOOK_ATTEMPT_TIMEOUT_SECONDS="8")
     try:
         beat = start_beat(env, tmp_path)
         first = start_worker(env, tmp_path, name="first")
@@ -318,7 +319,11 @@ def test_a_hanging_endpoint_delays_neither_verifications_nor_other_endpoints(
     _, secret = _register(stack, fast_org.id, steady.url)
     steady.secrets.append(secret)
     # Attempts to the hanging endpoint last the whole test: its threads stay busy.
-    env = stack.env(WEBHOOK_READ_TIMEOUT_SECONDS="50", WEBHOOK_CONCURRENCY="8")
+    env = stack.env(
+        WEBHOOK_READ_TIMEOUT_SECONDS="50",
+        WEBHOOK_ATTEMPT_TIMEOUT_SECONDS="60",
+        WEBHOOK_CONCURRENCY="8",
+    )
     try:
         with running(start_worker(env, tmp_path), start_beat(env, tmp_path)):
             wait_until(

@@ -206,3 +206,24 @@ def test_editing_the_role_makes_the_account_due_and_forgets_its_history(
     session.refresh(account)
     assert account.next_due_at < future
     assert (account.consecutive_failures, account.last_error_code) == (0, None)
+
+
+def test_every_audit_event_type_passes_the_database_check(session: Session) -> None:
+    """Each AuditEventType value can be written: a migration whose CHECK list drops one (or
+    a new type without a migration) fails here, not in production."""
+    account = make_account(session)
+    for event_type in AuditEventType:
+        with session.begin_nested():
+            session.add(
+                AuditEvent(
+                    organization_id=account.organization_id,
+                    account_id=account.id,
+                    event_type=event_type,
+                    actor="test",
+                    from_status=AccountStatus.PENDING,
+                    to_status=AccountStatus.CONNECTED,
+                    reason="test",
+                    details={},
+                )
+            )
+            session.flush()

@@ -5,13 +5,15 @@ No Celery here: `Deliverer` holds the plain functions the delivery task runs on 
 
 from __future__ import annotations
 
+import gzip
 import random
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
@@ -26,13 +28,14 @@ from models import (
 from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
-from worker.webhooks import create_endpoint, rotate_secret
+from worker.webhooks import create_endpoint, replay_event, rotate_secret
 from worker.webhooks.delivery import (
     AttemptKind,
     Deliverer,
     build_client,
     claim_due_deliveries,
     escape_snippet,
+    lease_seconds,
     parse_retry_after,
 )
 from worker.webhooks.signing import SecretBox, generate_key, generate_secret
@@ -247,8 +250,8 @@ def test_an_endpoint_failing_for_days_is_disabled(
     with scratch_sessions.begin() as session:
         session.execute(
             text(
-                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days' "
-                "WHERE id = :id"
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days', "
+                "last_failure_at = now() - interval '10 seconds' WHERE id = :id"
             ),
             {"id": endpoint_id},
         )
@@ -305,7 +308,10 @@ def test_rotation_signs_with_both_secrets_during_the_grace_period(
     """After a rotation a receiver that knows only the old secret, or only the new one, verifies."""
     endpoint_id, old = _subscribe(scratch_sessions, settings, receiver.url, events=2)
     with scratch_sessions.begin() as session:
-        new = rotate_secret(session, endpoint_id, settings=settings)
+        organization_id = _endpoint(scratch_sessions, endpoint_id).organization_id
+        new = rotate_secret(
+            session, endpoint_id, organization_id=organization_id, settings=settings
+        )
     deliverer.settings = settings.model_copy(update={"webhook_batch_size": 1})
     receiver.secrets[:] = [old]
     deliverer.deliver_due()
@@ -375,11 +381,10 @@ def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     concurrent claimers skip each other's rows."""
     busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
     quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
-    box = SecretBox.from_settings(settings)
     with scratch_sessions.begin() as session:
-        first = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60, box=box)
+        first = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60)
     with scratch_sessions.begin() as session:
-        second = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60, box=box)
+        second = claim_due_deliveries(session, limit=100, per_endpoint=2, lease_seconds=60)
     assert sorted(m.endpoint_id == busy for m in first.messages) == [False, True, True]
     assert quiet in {m.endpoint_id for m in first.messages}
     assert second.messages == []
@@ -388,8 +393,8 @@ def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
             text("UPDATE webhook_deliveries SET lease_id = NULL, lease_expires_at = NULL")
         )
     with scratch_sessions.begin() as one, scratch_sessions.begin() as two:
-        a = claim_due_deliveries(one, limit=100, per_endpoint=10, lease_seconds=60, box=box)
-        b = claim_due_deliveries(two, limit=100, per_endpoint=10, lease_seconds=60, box=box)
+        a = claim_due_deliveries(one, limit=100, per_endpoint=10, lease_seconds=60)
+        b = claim_due_deliveries(two, limit=100, per_endpoint=10, lease_seconds=60)
         assert set(a.delivery_ids).isdisjoint(b.delivery_ids)
         assert len(a.delivery_ids) + len(b.delivery_ids) == 7
 
@@ -407,6 +412,8 @@ def test_retry_after_reads_seconds_and_dates() -> None:
     assert parse_retry_after("Tue, 01 Dec 2026 12:01:00 GMT", now=now) == 60.0
     assert parse_retry_after("99999999", now=now) == 86400.0
     assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after("\N{SUPERSCRIPT TWO}", now=now) is None
+    assert parse_retry_after("\N{ARABIC-INDIC DIGIT THREE}0", now=now) is None
 
 
 def test_redirects_are_not_followed(
@@ -422,3 +429,252 @@ def test_redirects_are_not_followed(
     assert recorded is not None
     assert (recorded.result.kind, recorded.result.status_code) == (AttemptKind.FAILED, 302)
     assert len(receiver.snapshot()) == 1
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_attempt_limit(
+    scratch_sessions: sessionmaker[Session], settings: Settings, deliverer: Deliverer
+) -> None:
+    """A server sending a header byte every 0.2 s never trips the 1 s read timeout; the attempt's
+    hard limit (2 s) ends it anyway, well inside the delivery's lease."""
+    deliverer.settings = settings.model_copy(update={"webhook_attempt_timeout_seconds": 2.0})
+    assert lease_seconds(deliverer.settings) > 2.0
+    with WebhookReceiver(behaviour=Behaviour.TRICKLE, hang_seconds=20) as trickling:
+        endpoint_id, _ = _subscribe(scratch_sessions, settings, trickling.url)
+        started = time.monotonic()
+        (recorded,) = deliverer.deliver_due()
+        took = time.monotonic() - started
+    assert took < 10, f"the attempt took {took:.1f} s"
+    assert recorded is not None
+    assert recorded.result.kind is AttemptKind.FAILED
+    assert recorded.result.error == "timeout: the attempt took longer than 2 s"
+    delivery = _delivery(scratch_sessions, endpoint_id)
+    assert (delivery.attempts, delivery.last_error) == (1, recorded.result.error)
+
+
+def test_connections_are_not_reused_across_host_names(
+    scratch_sessions: sessionmaker[Session], settings: Settings, deliverer: Deliverer
+) -> None:
+    """Two endpoints whose names resolve to one address get a connection each: a keep-alive
+    connection made for one host (pooled by IP address) never carries the other's message."""
+    with WebhookReceiver(keep_alive=True) as shared:
+        first, secret_a = _subscribe(scratch_sessions, settings, shared.url)
+        second, secret_b = _subscribe(scratch_sessions, settings, shared.url)
+        shared.secrets.extend([secret_a, secret_b])
+        with scratch_sessions.begin() as session:
+            for endpoint_id, name in ((first, "a.invalid"), (second, "b.invalid")):
+                session.execute(
+                    text("UPDATE webhook_endpoints SET url = :url WHERE id = :id"),
+                    {"url": f"http://{name}:{shared.port}/webhooks", "id": endpoint_id},
+                )
+        deliverer.resolver = lambda host, port: ["127.0.0.1"]
+        recorded = deliverer.deliver_due()
+        received = shared.snapshot()
+    assert [r is not None and r.delivered for r in recorded] == [True, True]
+    assert sorted(r.host.split(":")[0] for r in received) == ["a.invalid", "b.invalid"]
+    assert received[0].peer_port != received[1].peer_port
+
+
+def test_an_undecryptable_secret_disables_only_its_endpoint(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """A secret stored under a key the worker no longer has fails and disables its own endpoint
+    ("secret unreadable"); the claim and every other endpoint's delivery go on."""
+    old_key = settings.model_copy(update={"webhook_secret_key": SecretStr(generate_key())})
+    lost, _ = _subscribe(scratch_sessions, old_key, receiver.url)
+    fine, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    with capture_logs() as logs:
+        recorded = deliverer.deliver_due()
+    outcomes = {r.result.kind: r.endpoint_disabled for r in recorded if r is not None}
+    assert outcomes == {AttemptKind.DELIVERED: False, AttemptKind.UNSIGNABLE: True}
+    assert _endpoint(scratch_sessions, lost).disabled_reason == "secret unreadable"
+    assert _endpoint(scratch_sessions, fine).enabled
+    assert _delivery(scratch_sessions, lost).given_up_at is not None
+    assert receiver.accepted_ids() == {_delivery(scratch_sessions, fine).message_id: 1}
+    assert [e["reason"] for e in logs if e["event"] == "webhook.endpoint_disabled"] == [
+        "secret unreadable"
+    ]
+
+
+def test_secrets_stored_under_a_previous_key_still_sign(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """After the key changes, WEBHOOK_PREVIOUS_SECRET_KEYS decrypts the secrets stored before;
+    rotating then stores the secrets under the new key."""
+    old_settings = settings.model_copy(update={"webhook_secret_key": SecretStr(generate_key())})
+    assert old_settings.webhook_secret_key is not None
+    endpoint_id, secret = _subscribe(scratch_sessions, old_settings, receiver.url)
+    receiver.secrets.append(secret)
+    both = settings.model_copy(
+        update={
+            "webhook_previous_secret_keys": SecretStr(
+                f"{generate_key()},{old_settings.webhook_secret_key.get_secret_value()}"
+            )
+        }
+    )
+    deliverer.box = SecretBox.from_settings(both)
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.delivered
+    organization_id = _endpoint(scratch_sessions, endpoint_id).organization_id
+    with scratch_sessions.begin() as session:
+        rotate_secret(session, endpoint_id, organization_id=organization_id, settings=both)
+    endpoint = _endpoint(scratch_sessions, endpoint_id)
+    new_key_only = SecretBox.from_settings(settings)
+    new_key_only.decrypt(endpoint.secret_encrypted)
+    assert endpoint.previous_secret_encrypted is not None
+    assert new_key_only.decrypt(endpoint.previous_secret_encrypted) == secret
+
+
+def test_rotating_an_unreadable_secret_keeps_no_previous_secret(
+    scratch_sessions: sessionmaker[Session], settings: Settings, receiver: WebhookReceiver
+) -> None:
+    """The old secret, undecryptable with every configured key, is dropped: it could never
+    sign, and keeping it would fail every attempt of the grace period."""
+    old_key = settings.model_copy(update={"webhook_secret_key": SecretStr(generate_key())})
+    endpoint_id, _ = _subscribe(scratch_sessions, old_key, receiver.url)
+    organization_id = _endpoint(scratch_sessions, endpoint_id).organization_id
+    with scratch_sessions.begin() as session:
+        new = rotate_secret(
+            session, endpoint_id, organization_id=organization_id, settings=settings
+        )
+    endpoint = _endpoint(scratch_sessions, endpoint_id)
+    assert (endpoint.previous_secret_encrypted, endpoint.previous_secret_expires_at) == (None, None)
+    assert SecretBox.from_settings(settings).decrypt(endpoint.secret_encrypted) == new
+
+
+def test_a_retry_after_with_a_non_ascii_digit_is_a_recorded_failure(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """`Retry-After: ²` ("²".isdigit() is True, float() refuses it) is ignored: the attempt is
+    recorded as a 429 on the normal schedule, not lost to an exception."""
+    endpoint_id, _ = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.THROTTLE
+    receiver.retry_after = "\N{SUPERSCRIPT TWO}"
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert (recorded.result.status_code, recorded.result.retry_after_seconds) == (429, None)
+    assert _delivery(scratch_sessions, endpoint_id).attempts == 1
+
+
+def test_any_error_of_an_attempt_is_recorded_as_a_failure(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """An exception nobody foresaw inside the attempt (here from name resolution) becomes a
+    failed attempt with its type, retried on the schedule, instead of an unrecorded crash."""
+    endpoint_id, _ = _subscribe(scratch_sessions, settings, receiver.url)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text("UPDATE webhook_endpoints SET url = :url WHERE id = :id"),
+            {"url": f"http://hooks.invalid:{receiver.port}/webhooks", "id": endpoint_id},
+        )
+
+    def broken(host: str, port: int) -> list[str]:
+        raise RuntimeError("resolver exploded")
+
+    deliverer.resolver = broken
+    with capture_logs() as logs:
+        (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.result.kind is AttemptKind.FAILED
+    assert recorded.result.error == "internal error (RuntimeError)"
+    assert recorded.next_attempt_in is not None
+    assert "webhook.attempt_error" in [e["event"] for e in logs]
+
+
+def test_a_compressed_answer_is_not_inflated(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """The request asks for `identity`; a gzip answer anyway is counted and kept as raw bytes,
+    never decompressed (a small body can inflate to gigabytes)."""
+    _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.ERROR
+    receiver.error_body = gzip.compress(b"A" * 1_000_000)
+    receiver.error_encoding = "gzip"
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert recorded.result.status_code == 500
+    assert "AAAA" not in (recorded.result.error or "")
+    assert [r.accept_encoding for r in receiver.snapshot()] == ["identity"]
+
+
+def test_a_failure_long_after_the_last_one_starts_a_new_streak(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """An endpoint whose last failure was days ago (no events since) is not "failing for six
+    days" at its next failure: the streak restarts instead of disabling it."""
+    endpoint_id, _ = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.behaviour = Behaviour.ERROR
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days', "
+                "last_failure_at = now() - interval '3 days' WHERE id = :id"
+            ),
+            {"id": endpoint_id},
+        )
+    (recorded,) = deliverer.deliver_due()
+    assert recorded is not None
+    assert not recorded.endpoint_disabled
+    endpoint = _endpoint(scratch_sessions, endpoint_id)
+    assert endpoint.enabled
+    assert endpoint.failing_since is not None
+    assert endpoint.last_failure_at is not None
+    assert endpoint.last_failure_at - endpoint.failing_since < timedelta(seconds=1)
+
+
+def test_a_message_repr_shows_no_secret(
+    scratch_sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A message in a traceback or log line never carries its (encrypted) secrets."""
+    _subscribe(scratch_sessions, settings, "https://93.184.215.14/a")
+    with scratch_sessions.begin() as session:
+        (message,) = claim_due_deliveries(
+            session, limit=10, per_endpoint=10, lease_seconds=60
+        ).messages
+    assert message.stored_secrets
+    assert all(repr(s) not in repr(message) for s in message.stored_secrets)
+    assert "secret" not in repr(message)
+
+
+def test_a_replay_of_a_delivery_in_flight_is_not_lost(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: WebhookReceiver,
+    deliverer: Deliverer,
+) -> None:
+    """Replaying a leased delivery takes the lease away: the attempt in flight records nothing
+    (logged as a lost lease) and the replay is claimable at once."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    claim = deliverer.claim(10)
+    (message,) = claim.messages
+    with scratch_sessions.begin() as session:
+        event_id = session.scalar(text("SELECT max(id) FROM audit_events"))
+        assert event_id is not None
+        replay_event(session, event_id, organization_id=message.organization_id)
+    with capture_logs() as logs:
+        assert deliverer.deliver(message, claim.lease_id) is None
+    assert [e["event"] for e in logs] == ["webhook.lease_lost"]
+    (again,) = deliverer.deliver_due()
+    assert again is not None
+    assert again.delivered
+    assert _delivery(scratch_sessions, endpoint_id).attempts == 1

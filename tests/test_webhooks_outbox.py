@@ -7,9 +7,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import func, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import (
@@ -35,6 +36,7 @@ from worker.webhooks import (
     create_endpoint,
     disable,
     enable,
+    list_deliveries,
     list_endpoints,
     replay_event,
     rotate_secret,
@@ -97,7 +99,7 @@ def test_an_audit_event_creates_one_delivery_per_subscribed_endpoint(
     also = _endpoint(session, organization, settings)
     _endpoint(session, organization, settings, event_types=["account.external_id_not_enforced"])
     off = _endpoint(session, organization, settings)
-    disable(session, off.id, reason="test", actor="test")
+    disable(session, off.id, organization_id=organization.id, reason="test", actor="test")
     _endpoint(session, make_organization(session), settings)  # another organization's
     account = make_account(session, organization=organization, status=AccountStatus.FAILED)
     session.add(_status_event(account))
@@ -273,13 +275,13 @@ def test_rotation_keeps_the_old_secret_for_the_grace_period(
     endpoint = _endpoint(session, organization, settings)
     box = SecretBox.from_settings(settings)
     old = box.decrypt(endpoint.secret_encrypted)
-    new = rotate_secret(session, endpoint.id, settings=settings)
+    new = rotate_secret(session, endpoint.id, organization_id=organization.id, settings=settings)
     session.refresh(endpoint)
     assert box.decrypt(endpoint.secret_encrypted) == new
     assert endpoint.previous_secret_encrypted is not None
     assert box.decrypt(endpoint.previous_secret_encrypted) == old
     no_grace = settings.model_copy(update={"webhook_rotation_grace_seconds": 0})
-    rotate_secret(session, endpoint.id, settings=no_grace)
+    rotate_secret(session, endpoint.id, organization_id=organization.id, settings=no_grace)
     session.refresh(endpoint)
     assert endpoint.previous_secret_encrypted is None
 
@@ -293,7 +295,13 @@ def test_disable_records_an_audit_event_and_enable_resumes(
     account = make_account(session, organization=organization, status=AccountStatus.FAILED)
     session.add(_status_event(account))
     session.flush()
-    info = disable(session, endpoint.id, reason="customer asked", actor="api:user:7")
+    info = disable(
+        session,
+        endpoint.id,
+        organization_id=organization.id,
+        reason="customer asked",
+        actor="api:user:7",
+    )
     assert (info.enabled, info.disabled_reason) == (False, "customer asked")
     (delivery,) = _deliveries(session)
     session.refresh(delivery)
@@ -303,7 +311,7 @@ def test_disable_records_an_audit_event_and_enable_resumes(
     ).one()
     assert audit.account_id is None
     assert audit.details == {"endpoint_id": str(endpoint.id)}
-    assert enable(session, endpoint.id).enabled
+    assert enable(session, endpoint.id, organization_id=organization.id).enabled
     session.add(_status_event(account))
     session.flush()
     assert len(_deliveries(session)) == 2
@@ -326,7 +334,7 @@ def test_replay_resets_a_delivery_with_the_same_webhook_id(
         .values(next_attempt_at=None, delivered_at=func.now(), attempts=1)
     )
     later = _endpoint(session, organization, settings)
-    ids = replay_event(session, event.id)
+    ids = replay_event(session, event.id, organization_id=organization.id)
     assert sorted(ids) == sorted([delivery.message_id, _deliveries(session)[1].message_id])
     session.expire_all()
     again = session.get(WebhookDelivery, delivery.id)
@@ -335,14 +343,14 @@ def test_replay_resets_a_delivery_with_the_same_webhook_id(
     assert again.next_attempt_at is not None
     assert {d.endpoint_id for d in _deliveries(session)} == {endpoint.id, later.id}
     with pytest.raises(EndpointNotFoundError):
-        replay_event(session, 10**12)
+        replay_event(session, 10**12, organization_id=organization.id)
 
 
 def test_a_test_event_is_queued_for_one_endpoint(session: Session, settings: Settings) -> None:
     """`send_test_event` queues a `webhook.test` message with a fresh webhook-id."""
     organization = make_organization(session)
     endpoint = _endpoint(session, organization, settings)
-    webhook_id = send_test_event(session, endpoint.id)
+    webhook_id = send_test_event(session, endpoint.id, organization_id=organization.id)
     (delivery,) = _deliveries(session)
     assert (delivery.message_id, delivery.event_type, delivery.event_id) == (
         webhook_id,
@@ -351,7 +359,7 @@ def test_a_test_event_is_queued_for_one_endpoint(session: Session, settings: Set
     )
     assert delivery.payload["data"] == {"endpointId": str(endpoint.id)}
     with pytest.raises(EndpointNotFoundError):
-        send_test_event(session, uuid.uuid4())
+        send_test_event(session, uuid.uuid4(), organization_id=organization.id)
 
 
 def test_every_announced_type_is_an_account_event() -> None:
@@ -360,3 +368,98 @@ def test_every_announced_type_is_an_account_event() -> None:
     assert "account.external_id_not_enforced" in EVENT_TYPES
     assert "account.verification_requested" not in EVENT_TYPES
     assert not any("webhook" in t for t in EVENT_TYPES)
+
+
+def test_an_endpoint_of_another_organization_is_not_found(
+    session: Session, settings: Settings
+) -> None:
+    """Every call takes the caller's organization: another tenant's endpoint or event is
+    "not found", its deliveries are not listed, and nothing of it changes."""
+    mine = make_organization(session)
+    theirs = make_organization(session)
+    endpoint = _endpoint(session, theirs, settings)
+    account = make_account(session, organization=theirs, status=AccountStatus.FAILED)
+    event = _status_event(account)
+    session.add(event)
+    session.flush()
+    calls: list[Callable[[], object]] = [
+        lambda: rotate_secret(session, endpoint.id, organization_id=mine.id, settings=settings),
+        lambda: disable(session, endpoint.id, organization_id=mine.id, reason="x", actor="x"),
+        lambda: enable(session, endpoint.id, organization_id=mine.id),
+        lambda: send_test_event(session, endpoint.id, organization_id=mine.id),
+        lambda: replay_event(session, event.id, organization_id=mine.id),
+        lambda: replay_event(
+            session, event.id, organization_id=theirs.id, endpoint_id=uuid.uuid4()
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(EndpointNotFoundError):
+            call()
+    assert list_deliveries(session, endpoint.id, organization_id=mine.id) == []
+    assert len(list_deliveries(session, endpoint.id, organization_id=theirs.id)) == 1
+    assert list_endpoints(session, organization_id=mine.id) == []
+    session.refresh(endpoint)
+    assert endpoint.enabled
+    assert endpoint.previous_secret_encrypted is None
+
+
+def test_an_endpoint_without_event_types_gets_types_added_later(
+    session: Session, settings: Settings
+) -> None:
+    """No event types is stored as NULL, meaning every type: an account event type added by a
+    later migration reaches the endpoint; `verification_requested` never does."""
+    organization = make_organization(session)
+    everything = _endpoint(session, organization, settings)
+    assert everything.event_types is None
+    # What a later migration adding a type does to the audit log's CHECK.
+    session.execute(text("ALTER TABLE audit_events DROP CONSTRAINT ck_audit_events_event_type"))
+    account = make_account(session, organization=organization, status=AccountStatus.FAILED)
+    session.execute(
+        text(
+            "INSERT INTO audit_events (organization_id, account_id, event_type, actor, reason, "
+            "details) VALUES (:org, :account, :type, 'test', 'test', '{}')"
+        ),
+        [
+            {"org": organization.id, "account": account.id, "type": "permissions_changed"},
+            {"org": organization.id, "account": account.id, "type": "verification_requested"},
+        ],
+    )
+    assert [d.event_type for d in _deliveries(session)] == ["account.permissions_changed"]
+
+
+def test_changing_an_endpoint_does_not_wait_for_a_transaction_creating_its_delivery(
+    scratch_sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A transaction recording an event holds FOR KEY SHARE on the endpoint (the delivery's
+    foreign key); rotating the endpoint's secret meanwhile takes FOR NO KEY UPDATE, which does
+    not conflict, instead of FOR UPDATE, which would wait for that transaction."""
+    with scratch_sessions.begin() as setup:
+        organization = make_organization(setup)
+        endpoint = _endpoint(setup, organization, settings)
+        account = make_account(setup, organization=organization, status=AccountStatus.FAILED)
+        organization_id, endpoint_id, account_id = organization.id, endpoint.id, account.id
+    with scratch_sessions.begin() as recording:
+        recording.add(
+            AuditEvent(
+                organization_id=organization_id,
+                account_id=account_id,
+                event_type=AuditEventType.STATUS_CHANGED,
+                actor="worker",
+                from_status=AccountStatus.PENDING,
+                to_status=AccountStatus.FAILED,
+                reason="AccessDenied",
+                details={},
+            )
+        )
+        recording.flush()
+        with scratch_sessions.begin() as rotating:
+            rotating.execute(text("SET LOCAL lock_timeout = '2s'"))
+            rotate_secret(rotating, endpoint_id, organization_id=organization_id, settings=settings)
+
+
+def test_the_payload_function_refuses_dropping_a_column_it_reads(session: Session) -> None:
+    """webhook_event_payload has a SQL-standard body whose dependencies PostgreSQL records:
+    dropping a column it reads fails at the migration, not at every later audit INSERT."""
+    with pytest.raises(DBAPIError) as caught, session.begin_nested():
+        session.execute(text("ALTER TABLE aws_accounts DROP COLUMN alias"))
+    assert isinstance(caught.value.orig, psycopg.errors.DependentObjectsStillExist)

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     # Encrypts the endpoints' signing secrets at rest: a Fernet key (`scripts/webhooks new-key`).
     # Without it no endpoint can be created and no delivery signed.
     webhook_secret_key: SecretStr | None = None
+    # Earlier keys, comma-separated: secrets stored under them still decrypt (rotating an
+    # endpoint's secret stores the new one under WEBHOOK_SECRET_KEY). See docs/webhooks.md.
+    webhook_previous_secret_keys: SecretStr | None = None
     # Off in production: endpoints on loopback, private, link-local, ... addresses (and plain
     # http://) are refused. On for tests and the local demo, whose receiver is on 127.0.0.1.
     webhook_allow_private_networks: bool = False
@@ -160,6 +163,9 @@ class Settings(BaseSettings):
     )
     webhook_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     webhook_read_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
+    # The hard limit of one attempt, from resolving the name to reading the answer: the
+    # timeouts above bound each wait, not a server that trickles its answer a byte at a time.
+    webhook_attempt_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     # Beat's claim of due deliveries (retries); new events are claimed when their transaction
     # commits, by each worker process's listener, without waiting for it.
     webhook_dispatch_interval_seconds: float = Field(default=5.0, gt=0, le=3600)

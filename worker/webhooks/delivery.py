@@ -9,12 +9,17 @@ still the attempt's own.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import os
 import random
+import re
+import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -27,8 +32,8 @@ from models import AuditEvent, AuditEventType
 from models.webhooks import message_id
 from worker.logging import get_logger
 from worker.settings import Settings
-from worker.webhooks.addresses import Resolver, UnsafeUrlError, resolve_allowed
-from worker.webhooks.signing import SecretBox, sign
+from worker.webhooks.addresses import Resolver, UnsafeUrlError, resolve_allowed, url_host
+from worker.webhooks.signing import SecretBox, SecretKeyError, sign
 
 log = get_logger("worker.webhooks")
 
@@ -41,11 +46,18 @@ JITTER_RATIO = 0.1
 # A Retry-After beyond this is read as this: the schedule's own longest wait.
 MAX_RETRY_AFTER_SECONDS = 24 * 3600
 WORKER_ACTOR = "worker"
+SECRET_UNREADABLE = "secret unreadable"  # noqa: S105 - a reason, not a secret
+
+
+# Beyond the attempt's hard limit, the time to record its result: the lease never expires while
+# its attempt can still be running, so a second attempt never runs beside it.
+LEASE_MARGIN_SECONDS = 15
 
 
 def lease_seconds(settings: Settings) -> int:
-    """A delivery's lease: longer than one attempt can take (connect, send, read the answer)."""
-    return int(settings.webhook_connect_timeout_seconds + 2 * settings.webhook_read_timeout_seconds)
+    """A delivery's lease: the attempt's hard limit (WEBHOOK_ATTEMPT_TIMEOUT_SECONDS) and a
+    margin to record its result."""
+    return int(settings.webhook_attempt_timeout_seconds) + 1 + LEASE_MARGIN_SECONDS
 
 
 # Due deliveries of enabled endpoints, oldest first, at most `per_endpoint` per endpoint counting
@@ -96,7 +108,11 @@ CLAIM_DUE_DELIVERIES = text(
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A leased delivery ready to send: where, what, and the secrets to sign it with."""
+    """A leased delivery ready to send: where, what, and the (encrypted) secrets to sign it with.
+
+    The secrets are decrypted by the attempt, not the claim: one secret that cannot be decrypted
+    fails its own endpoint's deliveries, never the whole claim.
+    """
 
     delivery_id: uuid.UUID
     endpoint_id: uuid.UUID
@@ -105,7 +121,7 @@ class Message:
     event_type: str
     payload: dict[str, Any]
     attempts: int
-    secrets: list[str]
+    stored_secrets: tuple[bytes, ...] = field(repr=False)
 
     @property
     def message_id(self) -> str:
@@ -131,7 +147,7 @@ class DeliveryClaim:
 
 
 def claim_due_deliveries(
-    session: Session, *, limit: int, per_endpoint: int, lease_seconds: int, box: SecretBox
+    session: Session, *, limit: int, per_endpoint: int, lease_seconds: int
 ) -> DeliveryClaim:
     """Lease up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint."""
     lease_id = uuid.uuid4()
@@ -146,13 +162,6 @@ def claim_due_deliveries(
             "per_endpoint": per_endpoint,
         },
     ).all()
-    decrypted: dict[bytes, str] = {}
-
-    def secret(stored: bytes) -> str:
-        if stored not in decrypted:
-            decrypted[stored] = box.decrypt(stored)
-        return decrypted[stored]
-
     return DeliveryClaim(
         lease_id=lease_id,
         messages=[
@@ -164,11 +173,11 @@ def claim_due_deliveries(
                 event_type=row.event_type,
                 payload=row.payload,
                 attempts=row.attempts,
-                secrets=[secret(row.secret_encrypted)]
+                stored_secrets=(row.secret_encrypted,)
                 + (
-                    []
+                    ()
                     if row.previous_secret_encrypted is None
-                    else [secret(row.previous_secret_encrypted)]
+                    else (row.previous_secret_encrypted,)
                 ),
             )
             for row in rows
@@ -183,6 +192,7 @@ class AttemptKind(enum.StrEnum):
     FAILED = "failed"  # any other answer, a timeout, a refused connection
     GONE = "gone"  # 410: the receiver wants no more
     REFUSED = "refused"  # the URL resolves to an address the worker must not reach
+    UNSIGNABLE = "unsignable"  # the endpoint's secret cannot be decrypted with the keys set
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,11 +219,12 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit() accepts "²" and other digits float() then refuses.
+    if re.fullmatch(r"[0-9]{1,10}", value):
         return min(float(value), MAX_RETRY_AFTER_SECONDS)
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -232,11 +243,75 @@ def build_client(settings: Settings) -> httpx.Client:
         ),
         follow_redirects=False,
         trust_env=False,
+        # No connection is kept alive: httpcore pools connections by scheme, IP address and port
+        # (the requests go to the checked address), not by the TLS server name, so a connection
+        # verified for one customer's host could carry another customer's message to the same IP.
+        # A fresh connection per attempt also gives the attempt's watchdog its own socket.
         limits=httpx.Limits(
             max_connections=settings.webhook_concurrency * 2,
-            max_keepalive_connections=settings.webhook_concurrency,
+            max_keepalive_connections=0,
         ),
     )
+
+
+class _Watchdog:
+    """Ends an attempt at its deadline whatever the server does: httpx's timeouts bound each
+    read, so a server trickling one byte at a time would otherwise hold the thread for hours.
+
+    httpx's trace hook hands over the connection's socket when it is made; at the deadline the
+    watchdog shuts it down, and the blocked read or write returns at once. It holds a duplicate
+    of the socket's descriptor, so the socket it shuts down can only be the attempt's own.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._finished = False
+        self.fired = False
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: keep the connection's socket."""
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = None if stream is None else stream.get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        copy = socket.socket(fileno=os.dup(sock.fileno()))
+        with self._lock:
+            if self._finished:
+                copy.close()
+                return
+            self._sockets.append(copy)
+            if self.fired:
+                self._shutdown(copy)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed by the peer
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.fired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
 
 
 def post_signed(
@@ -246,43 +321,69 @@ def post_signed(
     body: bytes,
     headers: dict[str, str],
     allow_private: bool,
+    time_limit: float,
     resolver: Resolver | None = None,
 ) -> AttemptResult:
-    """POST `body` to `url`, connecting only to an address checked just now.
+    """POST `body` to `url`, connecting only to an address checked just now, within `time_limit`
+    seconds in all (resolving the name, connecting, sending, reading the answer).
 
-    The request goes to the checked IP address; the URL's host name still names the server for
-    TLS (SNI and certificate check) and in the Host header.
+    The request goes to the checked IP address; the URL's ASCII host name still names the server
+    for TLS (SNI and certificate check) and in the Host header.
     """
+    started = time.monotonic()
+    limit = time_limit
     try:
+        target = httpx.URL(url)
+        host = target.raw_host.decode("ascii")
+        dns_limit = min(client.timeout.connect or limit, limit)
         addresses = (
-            resolve_allowed(url, allow_private=allow_private)
+            resolve_allowed(target, allow_private=allow_private, timeout=dns_limit)
             if resolver is None
-            else resolve_allowed(url, allow_private=allow_private, resolver=resolver)
+            else resolve_allowed(
+                target, allow_private=allow_private, resolver=resolver, timeout=dns_limit
+            )
         )
     except UnsafeUrlError as error:
         return AttemptResult(AttemptKind.REFUSED, error=str(error))
-    target = httpx.URL(url)
-    host = target.host
-    pinned = target.copy_with(host=str(addresses[0]))
-    request_headers = {**headers, "host": target.netloc.decode("ascii")}
-    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        return AttemptResult(AttemptKind.REFUSED, error="not a valid URL")
+    address = addresses[0]
+    pinned = target.copy_with(host=str(address))
+    request_headers = {
+        **headers,
+        "host": target.netloc.decode("ascii"),
+        # Compressed answers would be inflated before they are counted: a small gzip body can
+        # expand to gigabytes. Only the raw bytes are read, and identity is asked for.
+        "accept-encoding": "identity",
+    }
+    watchdog = _Watchdog(limit - (time.monotonic() - started))
+    extensions: dict[str, Any] = {"trace": watchdog.trace}
+    if target.scheme == "https":
+        extensions["sni_hostname"] = host
     try:
-        with client.stream(
-            "POST", pinned, content=body, headers=request_headers, extensions=extensions
-        ) as response:
+        with (
+            watchdog,
+            client.stream(
+                "POST", pinned, content=body, headers=request_headers, extensions=extensions
+            ) as response,
+        ):
             snippet = b""
-            for chunk in response.iter_bytes():
+            for chunk in response.iter_raw():
                 snippet += chunk
                 if len(snippet) >= _READ_AT_MOST:
                     break
-    except httpx.TimeoutException as error:
-        return AttemptResult(AttemptKind.FAILED, error=f"timeout: {type(error).__name__}")
     except httpx.HTTPError as error:
+        if watchdog.fired:
+            return AttemptResult(
+                AttemptKind.FAILED, error=f"timeout: the attempt took longer than {limit:g} s"
+            )
+        if isinstance(error, httpx.TimeoutException):
+            return AttemptResult(AttemptKind.FAILED, error=f"timeout: {type(error).__name__}")
         return AttemptResult(
             AttemptKind.FAILED, error=escape_snippet(f"{type(error).__name__}: {error}")
         )
     status = response.status_code
-    shown = escape_snippet(snippet.decode("utf-8", errors="replace")) or None
+    shown = escape_snippet(snippet[:_READ_AT_MOST].decode("utf-8", errors="replace")) or None
     if 200 <= status < 300:
         return AttemptResult(AttemptKind.DELIVERED, status_code=status)
     if status == 410:
@@ -312,7 +413,9 @@ def retry_delay(
     return delay
 
 
-def signed_headers(message: Message, *, now: float | None = None) -> dict[str, str]:
+def signed_headers(
+    message: Message, secrets: list[str], *, now: float | None = None
+) -> dict[str, str]:
     """The Standard Webhooks headers for one attempt (its own timestamp, the same id)."""
     timestamp = int(time.time() if now is None else now)
     return {
@@ -320,13 +423,15 @@ def signed_headers(message: Message, *, now: float | None = None) -> dict[str, s
         "user-agent": USER_AGENT,
         "webhook-id": message.message_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(message.message_id, timestamp, message.body(), message.secrets),
+        "webhook-signature": sign(message.message_id, timestamp, message.body(), secrets),
     }
 
 
 # One attempt's result and the endpoint's failing streak, in one statement: the delivery only if
 # the lease is still the attempt's own; the streak ends on success and starts (if it had not) on
-# a failure, written only when it changes. Returns nothing when the lease was lost.
+# a failure. A failure longer after the previous one than any retry waits starts a new streak:
+# an endpoint that failed once a week ago and then got no event is not "failing for a week".
+# Returns nothing when the lease was lost.
 _RECORD = text(
     """
     WITH finished AS (
@@ -346,19 +451,30 @@ _RECORD = text(
         RETURNING endpoint_id
     ), streak AS (
         UPDATE webhook_endpoints AS w
-           SET failing_since = CASE WHEN :delivered THEN NULL
-                                    ELSE coalesce(w.failing_since, now()) END
+           SET failing_since = CASE
+                   WHEN :delivered THEN NULL
+                   WHEN w.failing_since IS NULL
+                        OR w.last_failure_at < now() - make_interval(secs => :streak_gap)
+                   THEN now()
+                   ELSE w.failing_since END,
+               last_failure_at = CASE WHEN :delivered THEN w.last_failure_at ELSE now() END
           FROM finished
          WHERE w.id = finished.endpoint_id
-           AND (CASE WHEN :delivered THEN w.failing_since IS NOT NULL
-                     ELSE w.failing_since IS NULL END)
-        RETURNING w.id
+           AND (NOT :delivered OR w.failing_since IS NOT NULL)
+        RETURNING w.failing_since
     )
-    SELECT coalesce(w.failing_since, now())
+    SELECT coalesce((SELECT failing_since FROM streak), w.failing_since, now())
            <= now() - make_interval(secs => :disable_after) AS failing_too_long
       FROM finished JOIN webhook_endpoints AS w ON w.id = finished.endpoint_id
     """
 )
+
+
+def streak_gap_seconds(settings: Settings) -> float:
+    """A pause between two failures longer than this starts a new failing streak: longer than
+    the longest retry delay (with its jitter) plus an attempt, so retries never restart it."""
+    longest = max(settings.webhook_retry_schedule_seconds, default=0.0)
+    return longest * (1 + JITTER_RATIO) + lease_seconds(settings)
 
 
 def disable_endpoint(session: Session, endpoint_id: uuid.UUID, *, reason: str, actor: str) -> bool:
@@ -439,12 +555,12 @@ def record_attempt(
         "webhook_id": message.message_id,
         "event_type": message.event_type,
         "attempt": attempts,
-        "host": httpx.URL(message.url).host,
+        "host": url_host(message.url),
     }
     delivered = result.kind is AttemptKind.DELIVERED
     delay = (
         None
-        if delivered or result.kind is AttemptKind.GONE
+        if delivered or result.kind in (AttemptKind.GONE, AttemptKind.UNSIGNABLE)
         else retry_delay(attempts, settings, rng=rng, retry_after=result.retry_after_seconds)
     )
     given_up = not delivered and delay is None
@@ -459,6 +575,7 @@ def record_attempt(
             "status_code": result.status_code,
             "error": result.error,
             "disable_after": settings.webhook_disable_after_seconds,
+            "streak_gap": streak_gap_seconds(settings),
         },
     ).one_or_none()
     if row is None:
@@ -477,6 +594,8 @@ def record_attempt(
     reason = None
     if result.kind is AttemptKind.GONE:
         reason = "the endpoint answered 410 Gone"
+    elif result.kind is AttemptKind.UNSIGNABLE:
+        reason = SECRET_UNREADABLE
     elif row.failing_too_long:
         days = settings.webhook_disable_after_seconds / 86400
         reason = f"no delivery succeeded for {days:g} days"
@@ -506,18 +625,46 @@ class Deliverer:
     resolver: Resolver | None = None
 
     def deliver(self, message: Message, lease_id: uuid.UUID) -> Recorded | None:
-        """One attempt of one leased delivery; None if the lease was lost meanwhile."""
-        result = post_signed(
-            self.client,
-            message.url,
-            body=message.body(),
-            headers=signed_headers(message),
-            allow_private=self.settings.webhook_allow_private_networks,
-            resolver=self.resolver,
-        )
+        """One attempt of one leased delivery; None if the lease was lost meanwhile (logged)."""
+        result = self.attempt(message)
         with self.sessions.begin() as session:
-            return record_attempt(
+            recorded = record_attempt(
                 session, message, lease_id, result, settings=self.settings, rng=self.rng
+            )
+        if recorded is None:
+            # Another attempt holds the delivery now (the lease expired or a replay reset it):
+            # its result is the one recorded.
+            log.warning(
+                "webhook.lease_lost",
+                delivery_id=str(message.delivery_id),
+                endpoint_id=str(message.endpoint_id),
+                organization_id=str(message.organization_id),
+                outcome=result.kind.value,
+                status_code=result.status_code,
+            )
+        return recorded
+
+    def attempt(self, message: Message) -> AttemptResult:
+        """Sign and send one message; every error becomes a failed result, never an exception
+        (an exception would leave the delivery leased and retried, unrecorded, forever)."""
+        try:
+            secrets = [self.box.decrypt(stored) for stored in message.stored_secrets]
+        except SecretKeyError as error:
+            return AttemptResult(AttemptKind.UNSIGNABLE, error=str(error))
+        try:
+            return post_signed(
+                self.client,
+                message.url,
+                body=message.body(),
+                headers=signed_headers(message, secrets),
+                allow_private=self.settings.webhook_allow_private_networks,
+                resolver=self.resolver,
+                time_limit=self.settings.webhook_attempt_timeout_seconds,
+            )
+        except Exception as error:
+            log.exception("webhook.attempt_error", delivery_id=str(message.delivery_id))
+            return AttemptResult(
+                AttemptKind.FAILED, error=f"internal error ({type(error).__name__})"
             )
 
     def claim(self, limit: int) -> DeliveryClaim:
@@ -528,7 +675,6 @@ class Deliverer:
                 limit=limit,
                 per_endpoint=self.settings.webhook_per_endpoint_limit,
                 lease_seconds=lease_seconds(self.settings),
-                box=self.box,
             )
 
     def deliver_due(self) -> list[Recorded | None]:

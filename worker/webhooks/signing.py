@@ -10,9 +10,9 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from worker.settings import Settings
 
@@ -35,28 +35,45 @@ def generate_key() -> str:
     return Fernet.generate_key().decode()
 
 
-class SecretBox:
-    """Encrypts signing secrets for the database with WEBHOOK_SECRET_KEY (Fernet: AES + HMAC)."""
+def _fernet(key: str, variable: str) -> Fernet:
+    try:
+        return Fernet(key.strip().encode())
+    except ValueError:
+        # The message never repeats the key.
+        raise SecretKeyError(
+            f"{variable} is not a Fernet key (32 url-safe base64-encoded bytes; "
+            "`scripts/webhooks new-key` makes one)"
+        ) from None
 
-    def __init__(self, key: str) -> None:
-        try:
-            self._fernet = Fernet(key.encode())
-        except ValueError:
-            # The message never repeats the key.
-            raise SecretKeyError(
-                "WEBHOOK_SECRET_KEY is not a Fernet key (32 url-safe base64-encoded bytes; "
-                "`scripts/webhooks new-key` makes one)"
-            ) from None
+
+class SecretBox:
+    """Encrypts signing secrets for the database with WEBHOOK_SECRET_KEY (Fernet: AES + HMAC).
+
+    Decryption also tries WEBHOOK_PREVIOUS_SECRET_KEYS, so the key can be changed without
+    losing the secrets stored under the old one (re-encrypted with the current key when rotated).
+    """
+
+    def __init__(self, key: str, previous: Sequence[str] = ()) -> None:
+        self._fernet = MultiFernet(
+            [
+                _fernet(key, "WEBHOOK_SECRET_KEY"),
+                *(_fernet(k, "WEBHOOK_PREVIOUS_SECRET_KEYS") for k in previous),
+            ]
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
-        """The box for the configured key; SecretKeyError when there is none."""
+        """The box for the configured keys; SecretKeyError when there is none."""
         if settings.webhook_secret_key is None:
             raise SecretKeyError("WEBHOOK_SECRET_KEY is not set: webhook secrets cannot be used")
-        return cls(settings.webhook_secret_key.get_secret_value())
+        previous = settings.webhook_previous_secret_keys
+        return cls(
+            settings.webhook_secret_key.get_secret_value(),
+            [] if previous is None else [k for k in previous.get_secret_value().split(",") if k],
+        )
 
     def encrypt(self, secret: str) -> bytes:
-        """The stored form of a secret."""
+        """The stored form of a secret (always with the current key)."""
         return self._fernet.encrypt(secret.encode())
 
     def decrypt(self, stored: bytes) -> str:
@@ -65,8 +82,8 @@ class SecretBox:
             return self._fernet.decrypt(stored).decode()
         except InvalidToken:
             raise SecretKeyError(
-                "a webhook secret cannot be decrypted with WEBHOOK_SECRET_KEY (was the key "
-                "changed?)"
+                "a webhook secret cannot be decrypted with WEBHOOK_SECRET_KEY or "
+                "WEBHOOK_PREVIOUS_SECRET_KEYS (was the key changed?)"
             ) from None
 
 

@@ -27,8 +27,12 @@ NEW_EVENT_TYPES = (*OLD_EVENT_TYPES, "webhook_endpoint_disabled")
 # The message announcing an audit event: the account in the API's list-item shape plus
 # errorMessage (never the external ID), timestamps formatted like models.api.format_timestamp
 # (tests compare the two renderings). Also used to replay an event to a new endpoint.
+# A SQL-standard body (BEGIN ATOMIC, PostgreSQL 14+) is parsed at creation and records its
+# dependencies: dropping or retyping a column it reads is refused instead of breaking every
+# audit INSERT (and with it every verification) at run time.
 EVENT_PAYLOAD = """
-CREATE FUNCTION webhook_event_payload(e audit_events) RETURNS jsonb LANGUAGE sql STABLE AS $$
+CREATE FUNCTION webhook_event_payload(e audit_events) RETURNS jsonb LANGUAGE sql STABLE
+BEGIN ATOMIC
 SELECT jsonb_build_object(
     'type', 'account.' || e.event_type,
     'timestamp', to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
@@ -51,12 +55,14 @@ SELECT jsonb_build_object(
            'from', e.from_status,
            'to', e.to_status,
            'errorMessage', e.details -> 'error_message')
-       ELSE '{}'::jsonb END)
-$$;
+       ELSE '{}'::jsonb END);
+END;
 """
 
 # One INSERT ... SELECT per audit INSERT statement, whatever the number of events in it, and a
 # notification for the workers' listeners (worker/webhooks/tasks.py) when it inserted any.
+# NULL event_types means every type; `verification_requested` (the requester's own action) is
+# never announced, and endpoint events have no account.
 ENQUEUE_WEBHOOKS = """
 CREATE FUNCTION audit_events_enqueue_webhooks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -66,7 +72,8 @@ BEGIN
       JOIN webhook_endpoints AS w
         ON w.organization_id = e.organization_id
        AND w.enabled
-       AND 'account.' || e.event_type = ANY (w.event_types)
+       AND (w.event_types IS NULL AND e.event_type <> 'verification_requested'
+            OR 'account.' || e.event_type = ANY (w.event_types))
      WHERE e.account_id IS NOT NULL
     ON CONFLICT (event_id, endpoint_id) DO NOTHING;
     IF FOUND THEN
@@ -105,7 +112,7 @@ def upgrade() -> None:
         sa.Column("organization_id", sa.Uuid(), nullable=False),
         sa.Column("url", sa.String(length=2048), nullable=False),
         sa.Column("description", sa.String(length=255), nullable=True),
-        sa.Column("event_types", postgresql.ARRAY(sa.String(length=64)), nullable=False),
+        sa.Column("event_types", postgresql.ARRAY(sa.String(length=64)), nullable=True),
         sa.Column("enabled", sa.Boolean(), server_default=sa.text("true"), nullable=False),
         sa.Column("disabled_reason", sa.String(length=255), nullable=True),
         sa.Column("disabled_at", sa.DateTime(timezone=True), nullable=True),
@@ -113,6 +120,7 @@ def upgrade() -> None:
         sa.Column("previous_secret_encrypted", sa.LargeBinary(), nullable=True),
         sa.Column("previous_secret_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("failing_since", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_failure_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),
