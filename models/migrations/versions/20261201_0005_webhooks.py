@@ -6,7 +6,7 @@ INSERT ... SELECT per audit INSERT statement, so a rollback creates none. The un
 on (event_id, endpoint_id) makes a second delivery of one event to one endpoint impossible.
 
 Revision ID: 20261201_0005_webhooks
-Revises: 0002
+Revises: 20261201_0002_notify
 Create Date: 2026-12-01
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "20261201_0005_webhooks"
-down_revision: str | None = "0002"
+down_revision: str | None = "20261201_0002_notify"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
