@@ -1006,8 +1006,14 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
                 ("worker", [celery, "-A", "worker", "worker", "--hostname", "worker@%h"]),
                 ("beat", [celery, "-A", "worker", "beat"]),
             ):
-                child = supervisor.start(name, argv, env=env, tier=10, stop_steps=CELERY_STOP)
+                # Each serves /metrics, /healthz and /readyz on a port of its own.
+                metrics = {"METRICS_PORT": str(free_port()), "METRICS_ADDRESS": "127.0.0.1"}
+                child = supervisor.start(
+                    name, argv, env={**env, **metrics}, tier=10, stop_steps=CELERY_STOP
+                )
                 summary.append((name, " ".join(["celery", *argv[1:4]]), f"pid {child.pid}"))
+                endpoint = f"http://127.0.0.1:{metrics['METRICS_PORT']}"
+                summary.append((f"{name} health", f"{endpoint}/metrics", "/healthz, /readyz"))
             print_summary(console, summary, data_dir)
             print_next_steps(
                 console, schedule, stack_file, left_out, sandbox=sandbox_port is not None
@@ -1269,6 +1275,7 @@ def print_next_steps(
         f"`scripts/run exec -- COMMAND` runs any command in its environment "
         f"({shown_path(stack_file)}, removed at stop){note}"
     )
+    console.say("the fleet at a glance: scripts/status [--watch] (it finds this stack too)")
 
 
 def publish_stack_env(data_dir: Path, env: Mapping[str, str]) -> tuple[Path, list[str]]:

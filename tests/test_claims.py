@@ -108,3 +108,28 @@ def test_release_lease_makes_the_account_due_again_only_for_its_holder(session: 
         )
     ).one()
     assert tuple(row) == (None, True)
+
+
+def test_a_claim_counts_the_expired_leases_it_takes_over(
+    scratch_sessions: sessionmaker[Session],
+) -> None:
+    """Accounts whose lease expired without a result are claimed like any due account, and the
+    claim says how many there were (the metrics' re-claimed leases)."""
+    ids = _seed(scratch_sessions, 5)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            update(AwsAccount)
+            .where(AwsAccount.id.in_(ids[:2]))
+            .values(lease_id=uuid.uuid4(), lease_expires_at=func.now() - timedelta(seconds=1))
+        )
+        session.execute(
+            update(AwsAccount)
+            .where(AwsAccount.id == ids[2])
+            .values(lease_id=uuid.uuid4(), lease_expires_at=func.now() + timedelta(minutes=5))
+        )
+    with scratch_sessions.begin() as session:
+        claim = claim_due_accounts(session, limit=10, lease_seconds=60)
+    assert sorted(claim.account_ids) == sorted([ids[0], ids[1], ids[3], ids[4]])
+    assert claim.reclaimed == 2
+    with scratch_sessions.begin() as session:
+        assert claim_due_accounts(session, limit=10, lease_seconds=60).reclaimed == 0

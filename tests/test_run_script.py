@@ -7,6 +7,7 @@ touch the repository's .data nor collide with a `scripts/run` someone has runnin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import pytest
 
 from scripts import run
 from scripts.run import port_in_use, process_start_time
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = str(ROOT / "scripts" / "run")
@@ -165,6 +169,23 @@ def still_alive(processes: Mapping[int, int | None]) -> list[int]:
     ]
 
 
+def http_status(url: str) -> int:
+    """The HTTP status of a GET (0: no answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - local http
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+def http_body(url: str) -> str:
+    """The body of a GET."""
+    with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - local http
+        return str(answer.read().decode())
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 
@@ -252,6 +273,16 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
         first.wait_for(r"^run +\| .*5 of 5 account\(s\) due now", timeout=5)
         assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
         check_readme_commands(data_dir)
+        # The summary says where each process serves its metrics and health checks.
+        endpoints = dict(
+            re.findall(r"(worker|beat) health +(http://127\.0\.0\.1:\d+)/metrics", first.output())
+        )
+        assert set(endpoints) == {"worker", "beat"}, first.output()[-3000:]
+        for endpoint in endpoints.values():
+            ready = functools.partial(http_status, endpoint + "/readyz")
+            wait_until(lambda: ready() == 200, timeout=30)  # noqa: B023 - called at once
+            assert http_status(endpoint + "/healthz") == 200
+        assert "verifier_verifications_total" in http_body(endpoints["worker"] + "/metrics")
         family = descendants(first.process.pid)
         status = first.interrupt()
     finally:

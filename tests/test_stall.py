@@ -140,3 +140,21 @@ def test_redis_being_away_does_not_raise(prefix: str) -> None:
     """Counting is best effort: a chunk's write must not fail because Redis is down."""
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     _watch(dead, prefix).record(_transient(30), now=T0 + 10)
+
+
+def test_readiness_reads_the_same_condition(client: redis.Redis, prefix: str) -> None:
+    """`stalled_code` (readiness) answers the code while the window is all one transient error,
+    and None once too few, a success, or a second code is in it."""
+    watch = _watch(client, prefix)
+    watch.record(_transient(19), now=T0 + 10)
+    assert watch.stalled_code(now=T0 + 20) is None
+    watch.record(_transient(1), now=T0 + 30)
+    assert watch.stalled_code(now=T0 + 40) == "EndpointConnectionError"
+    watch.record(_transient(1, code="ServiceUnavailable"), now=T0 + 50)
+    assert watch.stalled_code(now=T0 + 60) is None
+    other = _watch(client, f"{prefix}:other")
+    other.record(_transient(30), now=T0 + 10)
+    other.record(_verified(1), now=T0 + 20)
+    assert other.stalled_code(now=T0 + 30) is None
+    # The window moves on: the old outcomes no longer count.
+    assert watch.stalled_code(now=T0 + 2 * WINDOW) is None

@@ -11,6 +11,7 @@ import celery.apps.beat
 import celery.apps.worker
 from celery import Celery, signals
 
+from worker import health, metrics
 from worker.logging import bind_context, clear_context, configure_logging, get_logger
 from worker.settings import get_settings_or_exit
 from worker.startup import require_services
@@ -70,6 +71,7 @@ log = get_logger("worker.app")
 
 # Not "correlation_id": that name is the AMQP property Celery fills with the task id.
 CORRELATION_HEADER = "x_correlation_id"
+DISPATCH_TASK = "verifier.dispatch_due_accounts"
 
 
 @signals.setup_logging.connect
@@ -139,3 +141,53 @@ def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -
 @signals.task_postrun.connect
 def _clear_task_context(**_: Any) -> None:
     clear_context()
+
+
+# --- metrics and health (worker.metrics, worker.health): only with METRICS_PORT set ------------
+
+app.steps["consumer"].add(health.LoopHeartbeat)
+
+
+@signals.celeryd_init.connect
+def _start_metrics(**_: Any) -> None:
+    # The worker's main process, before its pool exists: the children inherit multiprocess mode.
+    settings = get_settings_or_exit()
+    if settings.metrics_port is not None:
+        health.start_worker_endpoint(settings)
+
+
+@signals.worker_process_shutdown.connect
+def _forget_process(pid: int | None = None, **_: Any) -> None:
+    if pid is not None:
+        metrics.forget_process(pid)
+
+
+@signals.task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    metrics.task_started(task_id)
+
+
+@signals.task_postrun.connect
+def _task_finished(
+    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+) -> None:
+    metrics.task_finished(task_id, getattr(task, "name", "unknown"), state)
+
+
+@signals.beat_init.connect
+def _start_beat_metrics(**_: Any) -> None:
+    settings = get_settings_or_exit()
+    if settings.metrics_port is not None:
+        signals.before_task_publish.connect(_beat_tick, weak=False)
+        signals.after_task_publish.connect(_beat_sent, weak=False)
+        health.start_beat_endpoint(settings)
+
+
+def _beat_tick(sender: str | None = None, **_: Any) -> None:
+    if sender == DISPATCH_TASK:
+        health.beat_tick(sent=False)
+
+
+def _beat_sent(sender: str | None = None, **_: Any) -> None:
+    if sender == DISPATCH_TASK:
+        health.beat_tick(sent=True)

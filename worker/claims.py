@@ -27,6 +27,8 @@ class Claim:
 
     lease_id: uuid.UUID
     account_ids: list[uuid.UUID]
+    # How many of them had a lease that expired without a result (a worker died, or lost them).
+    reclaimed: int = 0
 
 
 def _not_leased() -> ColumnElement[bool]:
@@ -37,20 +39,23 @@ def _not_leased() -> ColumnElement[bool]:
 # Rows are found again by their physical address (ctid): the subquery locked them, so the address
 # cannot change before the UPDATE reaches them, and a TID scan replaces `limit` primary-key
 # probes. Only the (unindexed) lease columns change, so the update can stay on the page (HOT).
+# The rows are picked in a CTE so that the claim can also say how many of them still carried an
+# expired lease (the metrics' re-claimed leases): RETURNING sees only the new values.
 CLAIM_DUE = text(
     """
-    UPDATE aws_accounts
-       SET lease_id = :lease_id,
-           lease_expires_at = now() + make_interval(secs => :lease_seconds)
-     WHERE ctid = ANY(ARRAY(
-            SELECT ctid
+    WITH picked AS MATERIALIZED (
+            SELECT ctid, lease_expires_at IS NOT NULL AS expired
               FROM aws_accounts
              WHERE next_due_at <= now()
                AND (lease_expires_at IS NULL OR lease_expires_at <= now())
              ORDER BY next_due_at
              LIMIT :limit
-               FOR UPDATE SKIP LOCKED))
-    RETURNING id
+               FOR UPDATE SKIP LOCKED)
+    UPDATE aws_accounts
+       SET lease_id = :lease_id,
+           lease_expires_at = now() + make_interval(secs => :lease_seconds)
+     WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked))
+    RETURNING id, (SELECT count(*) FROM picked WHERE expired) AS reclaimed
     """
 )
 
@@ -62,11 +67,15 @@ def claim_due_accounts(session: Session, *, limit: int, lease_seconds: int) -> C
     claiming, each other's rows; the lease keeps the claim after this transaction commits.
     """
     lease_id = uuid.uuid4()
-    claimed = session.scalars(
+    rows = session.execute(
         CLAIM_DUE,
         {"lease_id": lease_id, "lease_seconds": lease_seconds, "limit": limit},
     ).all()
-    return Claim(lease_id=lease_id, account_ids=list(claimed))
+    return Claim(
+        lease_id=lease_id,
+        account_ids=[row.id for row in rows],
+        reclaimed=int(rows[0].reclaimed) if rows else 0,
+    )
 
 
 def claim_accounts(

@@ -27,6 +27,7 @@ class DispatchReport:
     sent: int  # messages
     batches: int
     paused: bool = False
+    reclaimed: int = 0  # claimed accounts whose previous lease had expired without a result
 
 
 def probe_platform(circuit: PlatformCircuit, verifier: StsVerifier) -> bool:
@@ -68,13 +69,14 @@ def dispatch_due_accounts(
         log.debug("dispatch.paused", reason="platform_fault")
         return DispatchReport(claimed=0, sent=0, batches=0, paused=True)
     room = settings.dispatch_max_queued - queued()
-    claimed = sent = batches = 0
+    claimed = sent = batches = reclaimed = 0
     while room > 0:
         limit = min(settings.dispatch_batch_size, room)
         with sessions.begin() as session:
             claim = claim_due_accounts(session, limit=limit, lease_seconds=settings.lease_seconds)
         batches += 1
         claimed += len(claim.account_ids)
+        reclaimed += claim.reclaimed
         try:
             sent += send([str(i) for i in claim.account_ids], str(claim.lease_id))
         except Exception:
@@ -88,4 +90,4 @@ def dispatch_due_accounts(
         log.info("dispatch.claimed", claimed=claimed, messages=sent, batches=batches)
     else:
         log.debug("dispatch.claimed", claimed=0, messages=0, batches=batches)
-    return DispatchReport(claimed=claimed, sent=sent, batches=batches)
+    return DispatchReport(claimed=claimed, sent=sent, batches=batches, reclaimed=reclaimed)

@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from worker import metrics
 from worker.logging import get_logger
 
 log = get_logger("worker.ratelimit")
@@ -129,6 +130,7 @@ class StsRateLimiter:
         sleep until it is due; returns the seconds waited."""
         wait = self.reserve(requested=REQUESTED_LANE.get())
         if wait > 0:
+            metrics.record_token_wait(wait)
             time.sleep(wait)
         return wait
 
@@ -167,6 +169,7 @@ class StsRateLimiter:
         if not answer:
             return None
         rate = float(answer)
+        metrics.record_rate_cut()
         log.warning(
             "ratelimit.throttled",
             rate_per_second=round(rate, 1),

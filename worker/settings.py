@@ -179,6 +179,22 @@ class Settings(BaseSettings):
     # How long the previous secret keeps signing after a rotation.
     webhook_rotation_grace_seconds: int = Field(default=_DAY, ge=0)
 
+    # --- metrics and health (docs/observability.md) ---------------------------------------------
+    # Off unless set: the port of the small HTTP server for /metrics, /healthz and /readyz, run by
+    # the worker's main process (one endpoint for all its prefork processes) and by beat. 0: any
+    # free port (logged in `metrics.serving`).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - scraped from outside the container
+    # Where the prefork processes write their metrics (wiped by the main process at start); unset:
+    # a fresh directory of the worker's own, removed at exit. One directory per worker.
+    prometheus_multiproc_dir: str | None = None
+    # The fleet gauges (accounts by status, the due backlog) are read from the database at most
+    # this often, and only when scraped.
+    metrics_database_interval_seconds: float = Field(default=10.0, ge=1, le=3600)
+    # Readiness also says "stalled" (besides `verification.stalled`) when accounts have been
+    # overdue this long while this worker finished no verification for as long.
+    stall_idle_seconds: int = Field(default=600, ge=5)
+
     @field_validator("database_url")
     @classmethod
     def _use_psycopg3(cls, value: str) -> str:

@@ -65,6 +65,26 @@ class StallWatch:
         except redis.RedisError:
             return
 
+    def stalled_code(self, *, now: float | None = None) -> str | None:
+        """The error code every verification of the last window had, when there were at least
+        `min_verifications` and all were transient with that one code; None otherwise (readiness
+        asks this, in one round trip)."""
+        current = int((time.time() if now is None else now) // self._slice_seconds)
+        pipe = self._redis.pipeline(transaction=False)
+        for index in range(current - self._slices + 1, current + 1):
+            pipe.hgetall(self._slice_key(index))
+        slices: list[dict[bytes, bytes]] = pipe.execute()
+        codes: Counter[str] = Counter()
+        for counts in slices:
+            for name, value in counts.items():
+                if name.startswith(_TRANSIENT.encode()):
+                    codes[name.decode()[len(_TRANSIENT) :]] += int(value)
+        total = sum(int(counts.get(_TOTAL.encode(), 0)) for counts in slices)
+        if total < self.min_verifications or len(codes) != 1:
+            return None
+        ((code, same),) = codes.items()
+        return code if same == total else None
+
     def _record(self, outcomes: Sequence[Outcome], now: float) -> None:
         current = int(now // self._slice_seconds)
         key = self._slice_key(current)

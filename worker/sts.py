@@ -32,6 +32,7 @@ from botocore.config import Config
 from botocore.parsers import ResponseParserError
 
 from models import OutcomeKind
+from worker import metrics
 from worker.redact import scrub_text
 from worker.settings import Settings, get_settings
 
@@ -396,6 +397,7 @@ class StsVerifier:
                     # botocore itself honours AWS_ENDPOINT_URL_STS, AWS_PROFILE, credentials
                     # and regional endpoints.
                     client = self._session.client("sts", region_name=region, config=self._config)
+                    metrics.instrument_sts_client(client)
                     if self._on_throttled is not None:
                         # Every attempt's answer passes here before botocore decides on a retry,
                         # so a throttle retried successfully is still heard.

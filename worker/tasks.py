@@ -16,12 +16,14 @@ import redis
 from celery import Task, signals
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from worker import metrics
 from worker.app import CORRELATION_HEADER, app
 from worker.celeryconfig import DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE
 from worker.circuit import PlatformCircuit
 from worker.claims import release_leases
 from worker.db import session_factory
 from worker.dispatch import dispatch_due_accounts
+from worker.fleet import remember_dispatch
 from worker.logging import bind_context, current_context, get_logger, unbind_account_context
 from worker.messages import MIN_ACCOUNTS_LIMIT, RejectedMessageError, parse_chunk_message
 from worker.ratelimit import REQUESTED_LANE, StsRateLimiter
@@ -156,6 +158,10 @@ def dispatch_due_accounts_task() -> dict[str, Any]:
         ),
         accounts=0,
     )
+    metrics.record_dispatch(
+        claimed=report.claimed, reclaimed=report.reclaimed, paused=report.paused
+    )
+    remember_dispatch(get_redis(), claimed=report.claimed, sent=report.sent, paused=report.paused)
     return {"claimed": report.claimed, "sent": report.sent, "paused": report.paused}
 
 
@@ -321,6 +327,7 @@ class ChunkInFlight:
             if database_away(error) or len(checked) < 2:
                 # Their leases expire and the accounts are due again: nothing is lost.
                 log.exception("verification.error", stage="write", accounts=count)
+                metrics.record_error("write", len(checked))
                 return
             # The database refused the statement: one account's row may be the cause. Write them
             # one by one so that the rest are not held back with it.
@@ -328,6 +335,7 @@ class ChunkInFlight:
             results = self._write_one_by_one(checked, paused)
         except Exception:
             log.exception("verification.error", stage="write", accounts=count)
+            metrics.record_error("write", len(checked))
             return
         for result in results:
             try:
@@ -353,6 +361,7 @@ class ChunkInFlight:
             except Exception:
                 fields = account_fields(group_checked[0].attempt) if group_checked else {}
                 log.exception("verification.error", stage="write", **fields)
+                metrics.record_error("write", len(group_checked))
         return results
 
 
@@ -371,6 +380,7 @@ def check_in_window(
             checked = check_account(ctx, attempt)
     except Exception:
         log.exception("verification.error", stage="sts")
+        metrics.record_error("sts")
     finally:
         window.slots.release()
         try:
@@ -382,6 +392,7 @@ def check_in_window(
                 log.info(
                     "verification.skipped", reason="platform_paused", **account_fields(attempt)
                 )
+                metrics.record_skipped("platform_paused")
                 chunk.paused(attempt)
             else:
                 chunk.done(attempt, checked)
@@ -402,6 +413,7 @@ def _give_back(
     # Yielding to a request is the design working; a full window is worth a look.
     emit = log.info if reason == "requested_waiting" else log.warning
     emit("verification.deferred", reason=reason, accounts=len(ids))
+    metrics.record_deferred(reason, len(ids))
 
 
 # How often a scheduled chunk being handed over asks Redis whether a requested verification
@@ -510,6 +522,7 @@ def verify_accounts_task(
     for account_id in missing:
         log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
     skipped = len(missing)
+    metrics.record_skipped("not_leased", skipped)
     window = verification_window()
     chunk = ChunkInFlight(ctx, attempts, message.actor, current_context().get("correlation_id"))
     handed = 0

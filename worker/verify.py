@@ -24,6 +24,7 @@ from sqlalchemy import ARRAY, Table, Uuid, any_, bindparam, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount, OutcomeKind
+from worker import metrics
 from worker.circuit import PlatformCircuit
 from worker.claims import release_leases
 from worker.logging import bind_context, get_logger
@@ -53,6 +54,7 @@ class Attempt:
     details: RoleDetails
     state: AccountState
     now: datetime
+    due_at: datetime | None = None  # when it fell due (the lag metric)
 
 
 class Result(enum.StrEnum):
@@ -81,6 +83,7 @@ _READ_ATTEMPTS = select(
     _ACCOUNTS.c.last_error_code,
     _ACCOUNTS.c.consecutive_failures,
     _ACCOUNTS.c.external_id_checked_at,
+    _ACCOUNTS.c.next_due_at,
     func.now().label("now"),
 ).where(
     _ACCOUNTS.c.id == any_(bindparam("account_ids", type_=ARRAY(Uuid()))),
@@ -117,6 +120,7 @@ def read_attempts(
                 external_id_checked_at=row.external_id_checked_at,
             ),
             now=row.now,
+            due_at=row.next_due_at,
         )
     # Each account once, however often it was listed: a duplicate would be checked twice and
     # its status change recorded twice.
@@ -435,6 +439,7 @@ def check_account(
         and ctx.circuit is not None
         and ctx.circuit.trip(outcome.code, outcome.message)
     ):
+        metrics.record_circuit_trip(outcome.code)
         log.critical(
             "platform.fault",
             error_code=outcome.code,
@@ -479,6 +484,7 @@ def report_applied(result: Applied) -> Result:
     attempt, outcome = checked.attempt, checked.outcome
     fields = account_fields(attempt)
     duration_ms = round((time.perf_counter() - checked.started) * 1000, 1)
+    metrics.record_applied(result)
     if not result.applied:
         log.info(
             "verification.discarded", **fields, reason="account_changed", duration_ms=duration_ms
