@@ -1,13 +1,16 @@
-# The account verifier's image: celery worker and beat, the migrations, the sandbox STS and the
-# operator scripts. docker-compose.yml runs the whole stack from it; on its own:
+# The account verifier's images, from the lock files in requirements/ (every package pinned with
+# its hash), so an image built next month holds what this one does.
+#
+#   production (the default target): celery worker and beat, the migrations and the operator
+#     commands (reverify, status, webhooks: `python -m worker.cli.<name>`). The runtime only: no
+#     sandbox, no moto, no benchmarks, no dev tools.
+#   sandbox: production plus the sandbox STS and the demo-data script, for docker-compose.yml's
+#     local stack only.
 #
 #   docker build -t account-verifier .
 #   docker run --rm -e DATABASE_URL=... -e REDIS_URL=... account-verifier             # the worker
 #   docker run --rm -e DATABASE_URL=... account-verifier alembic upgrade head          # migrations
-#
-# No dev tools (pytest, mypy, ruff) and no embedded servers: only the runtime and the `sandbox`
-# extra, which the sandbox STS service of docker-compose.yml needs.
-FROM python:3.12-slim
+FROM python:3.12-slim AS runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -17,21 +20,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, read from pyproject.toml alone, so that this (slow) layer is rebuilt only
-# when they change, not on every source edit.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['sandbox']))" \
-        > /tmp/requirements.txt \
-    && pip install --requirement /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# Dependencies first, from the lock alone, so that this (slow) layer is rebuilt only when they
+# change, not on every source edit.
+COPY requirements/production.txt requirements/production.txt
+RUN pip install --require-hashes --requirement requirements/production.txt
 
-# The project itself. alembic.ini and models/migrations stay in /app: `alembic upgrade head` runs
-# from here, as it does from a checkout.
-COPY README.md alembic.ini ./
+# The project itself (the wheel holds models and worker only). alembic.ini and models/migrations
+# stay in /app: `alembic upgrade head` runs from here, as it does from a checkout.
+COPY pyproject.toml README.md alembic.ini ./
 COPY models ./models
 COPY worker ./worker
-COPY sandbox ./sandbox
-COPY scripts ./scripts
 RUN pip install --no-deps . \
     && groupadd --system --gid 10001 verifier \
     && useradd --system --no-create-home --uid 10001 --gid 10001 verifier
@@ -41,3 +39,17 @@ RUN pip install --no-deps . \
 USER 10001:10001
 
 CMD ["celery", "-A", "worker", "worker", "--hostname", "worker@%h"]
+
+
+# The local stack's sandbox STS and demo data (docker-compose.yml): never deployed.
+FROM runtime AS sandbox
+USER root
+COPY requirements/sandbox.txt requirements/sandbox.txt
+RUN pip install --require-hashes --requirement requirements/sandbox.txt
+COPY sandbox ./sandbox
+COPY scripts/__init__.py scripts/demo_data.py ./scripts/
+USER 10001:10001
+
+
+# Last, so that a plain `docker build` makes the production image.
+FROM runtime AS production
