@@ -66,9 +66,6 @@ class AwsAccount(Base):
         UniqueConstraint("external_id"),
         # Serves the dispatcher's "due now, oldest first" claim as an index range scan.
         Index("ix_aws_accounts_next_due_at", "next_due_at"),
-        # Counts per status and last error without reading the table (scripts/status, the
-        # fleet gauges; migration 20261201_0004).
-        Index("ix_aws_accounts_status_outcome", "status", "last_outcome", "last_error_code"),
         # Free room per page so a claim (lease columns only) updates rows in place (migration
         # 0002).
         {"postgresql_with": {"fillfactor": 90}},

@@ -216,7 +216,7 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
     assert total(samples, "verifier_verification_lag_seconds_count") == total(
         samples, "verifier_verifications_total"
     )
-    assert total(samples, "celery_task_finished_total", name="verifier.verify_accounts") > 0
+    assert total(samples, "celery_task_succeeded_total", name="verifier.verify_accounts") > 0
     assert total(samples, "verifier_platform_circuit_open") == 0
     assert total(samples, "celery_queue_length") == 0
     assert total(samples, "verifier_sts_rate_ceiling_per_second") > 0

@@ -4,15 +4,24 @@ end to end in tests/test_e2e_metrics.py)."""
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
+from tests.factories import make_account, make_organization
 from worker import health
-from worker.settings import get_settings
+from worker.db import build_engine
+from worker.settings import Settings, get_settings
 
 
 def _call(app: Any, path: str) -> tuple[str, dict[str, str], bytes]:
@@ -67,6 +76,118 @@ def test_worker_liveness_follows_the_event_loop(monkeypatch: pytest.MonkeyPatch)
     assert checks["loop"].startswith("reconnecting")
     state.tick()
     assert state.reconnecting_since is None
+
+
+def test_worker_stuck_starting_is_not_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting (no turn of the loop yet) is alive only for the start-up limit: a worker that
+    never gets its loop going is restarted."""
+    state = health.LoopState(started=time.monotonic() - 100)
+    monkeypatch.setattr(health, "loop_state", state)
+    assert health.worker_liveness(starting_limit=120)[0]
+    ok, checks = health.worker_liveness(starting_limit=90)
+    assert not ok
+    assert checks["loop"].startswith("starting for")
+
+
+@pytest.fixture
+def make_readiness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[Settings], health.WorkerReadiness]]:
+    """WorkerReadiness on its own engine (disposed afterwards), the multiprocess directory an
+    empty one (this worker verified nothing)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    engines: list[Engine] = []
+
+    def make(settings: Settings) -> health.WorkerReadiness:
+        engines.append(build_engine(settings))
+        return health.WorkerReadiness(
+            settings, engines[-1], redis.Redis.from_url(settings.redis_url)
+        )
+
+    yield make
+    for built in engines:
+        built.dispose()
+
+
+def test_readiness_fails_within_its_statement_timeout_while_the_database_hangs(
+    engine: Engine, make_readiness: Callable[[Settings], health.WorkerReadiness]
+) -> None:
+    """A database that does not answer (here: the accounts table locked by another session)
+    fails the database check after the check's 2 s statement timeout, not the engine's lock
+    timeout of 10 s, and readiness says so."""
+    readiness = make_readiness(get_settings())
+    assert readiness()[1]["database"] == "ok"
+    with engine.connect() as locker, locker.begin():
+        locker.execute(text("LOCK TABLE aws_accounts IN ACCESS EXCLUSIVE MODE"))
+        time.sleep(health.READINESS_CACHE_SECONDS + 0.1)
+        ok, checks = readiness()
+    assert not ok
+    assert "statement timeout" in checks["database"], checks
+
+
+def test_readiness_stall_rule_reads_the_oldest_unleased_due_account(
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    make_readiness: Callable[[Settings], health.WorkerReadiness],
+) -> None:
+    """Stalled: an account nobody holds has been due longer than STALL_IDLE_SECONDS while this
+    worker verified nothing for as long; an older account under a live lease does not count."""
+    now = datetime.now(UTC)
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        make_account(session, organization=organization, next_due_at=now - timedelta(hours=2))
+        make_account(
+            session,
+            organization=organization,
+            next_due_at=now - timedelta(hours=3),
+            lease_id=uuid.uuid4(),
+            lease_expires_at=now + timedelta(minutes=10),
+        )
+    settings = Settings(database_url=scratch_database, stall_idle_seconds=5)
+    readiness = make_readiness(settings)
+    assert readiness()[1]["verification"] == "ok"
+    time.sleep(settings.stall_idle_seconds + 0.5)
+    ok, checks = readiness()
+    assert not ok
+    found = re.fullmatch(
+        r"stalled: accounts overdue (\d+)s, nothing verified here for \d+s", checks["verification"]
+    )
+    assert found, checks
+    assert 7200 <= int(found.group(1)) < 7200 + 120
+
+
+def test_readiness_query_is_an_index_scan_that_stops_early(
+    scratch_database: str, scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Every worker runs the readiness query every second: it reads the `next_due_at` index from
+    its oldest end and stops at the first unleased row, never the fleet."""
+    with scratch_sessions.begin() as session:
+        session.connection().exec_driver_sql(
+            """
+INSERT INTO organizations (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'o');
+INSERT INTO aws_accounts (id, organization_id, alias, aws_account_id, role_arn, external_id,
+                          status, next_due_at)
+SELECT gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 'a', lpad(g::text, 12, '0'),
+       'arn:aws:iam::' || lpad(g::text, 12, '0') || ':role/r', 'ext-' || g, 'connected',
+       now() + (g - 100) * interval '1 minute'
+  FROM generate_series(1, 20000) AS g;
+ANALYZE aws_accounts;
+"""
+        )
+    with scratch_sessions() as session:
+        plan = "\n".join(
+            row[0]
+            for row in session.execute(
+                text("EXPLAIN (ANALYZE, COSTS OFF) " + str(health.OLDEST_DUE))
+            )
+        )
+    assert "Index Scan using ix_aws_accounts_next_due_at" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    rows = [
+        int(n)
+        for n in re.findall(r"Index Scan using ix_aws_accounts_next_due_at.*rows=(\d+)", plan)
+    ]
+    assert rows == [1], plan
 
 
 def test_beat_is_alive_while_it_ticks_and_ready_once_a_dispatch_was_sent(

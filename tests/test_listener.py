@@ -25,7 +25,6 @@ from tests.conftest import alembic_config, create_scratch_database, drop_scratch
 from tests.factories import make_account, make_organization
 from tests.processes import running, service_env, start_beat, start_worker, wait_until
 from worker.app import app
-from worker.celeryconfig import DISPATCH_QUEUE
 from worker.claims import claim_due_accounts, release_leases
 from worker.listener import (
     CHANNEL,
@@ -34,6 +33,7 @@ from worker.listener import (
     listen_conninfo,
     listen_for_due_accounts,
 )
+from worker.queues import DISPATCH_QUEUE
 from worker.settings import Settings
 
 # Long enough for a notification sent at commit to arrive on a loaded machine; only the tests

@@ -6,6 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
+import redis
+
+from worker.fleet import read_broker_state
 from worker.metrics import MAX_ERROR_CODES, OTHER, CachedValue, WorkerMetrics
 
 
@@ -54,7 +57,7 @@ def test_cached_value_serves_the_previous_value_while_one_caller_recomputes() ->
             release.wait(5)
         return value
 
-    cached = CachedValue(compute, max_age=0.05)
+    cached = CachedValue(compute, max_age=0.05, stale_after=10)
     assert cached.get() == 1
     time.sleep(0.1)
     slow = threading.Thread(target=cached.get)
@@ -64,3 +67,69 @@ def test_cached_value_serves_the_previous_value_while_one_caller_recomputes() ->
     release.set()
     slow.join(5)
     assert cached.get() == 2
+
+
+def _hanging(release: threading.Event, **limits: float) -> CachedValue:
+    """A CachedValue whose first read gives 1 and whose next read hangs until `release`."""
+    values = iter([1, 2])
+
+    def compute() -> int:
+        value = next(values)
+        if value == 2:
+            release.wait(30)
+        return value
+
+    return CachedValue(compute, max_age=0.05, **limits)
+
+
+def test_cached_value_read_that_hangs_counts_as_failed_after_its_timeout() -> None:
+    """While a read hangs (a database that stopped answering), the others get the last value
+    only until the read has run for `timeout`; then None, "check timed out"."""
+    release = threading.Event()
+    cached = _hanging(release, stale_after=60, timeout=2.0)
+    assert cached.get() == 1
+    time.sleep(0.1)
+    slow = threading.Thread(target=cached.get)
+    slow.start()
+    try:
+        time.sleep(0.05)
+        assert cached.get() == 1
+        time.sleep(2.2)
+        assert cached.get() is None
+        assert (cached.error or "").startswith("check timed out")
+    finally:
+        release.set()
+        slow.join(10)
+    assert cached.get() == 2
+    assert cached.error is None
+
+
+def test_cached_value_older_than_stale_after_is_not_served() -> None:
+    """A value older than `stale_after` is dropped while its refresh still runs (the fleet
+    gauges vanish and verifier_fleet_query_up says 0)."""
+    release = threading.Event()
+    cached = _hanging(release, stale_after=2.0)
+    assert cached.get() == 1
+    time.sleep(0.1)
+    slow = threading.Thread(target=cached.get)
+    slow.start()
+    try:
+        time.sleep(0.05)
+        assert cached.get() == 1
+        time.sleep(2.1)
+        assert cached.get() is None
+        assert (cached.error or "").startswith("check timed out")
+    finally:
+        release.set()
+        slow.join(10)
+    assert cached.get() == 2
+
+
+def test_fleet_reads_every_queue_celery_declares(redis_url: str) -> None:
+    """The queue lengths (scripts/status, celery_queue_length) cover every queue the worker
+    consumes, webhooks included."""
+    from worker import celeryconfig  # noqa: PLC0415 - reads the settings
+
+    state = read_broker_state(redis.Redis.from_url(redis_url), ceiling_per_second=10)
+    assert set(state.queues) == {queue.name for queue in celeryconfig.task_queues}
+    assert "verifier.webhooks" in state.queues

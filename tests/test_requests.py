@@ -18,8 +18,8 @@ from sandbox.standin import StsStandIn
 from tests.factories import make_account, make_organization
 from tests.processes import running, service_env, start_beat, start_worker, wait_until
 from worker import UnknownAccountsError, request_verification
-from worker.celeryconfig import REQUESTED_QUEUE
 from worker.claims import claim_due_accounts
+from worker.queues import REQUESTED_QUEUE
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from worker import tasks
-from worker.celeryconfig import REQUESTED_QUEUE
+from worker.queues import REQUESTED_QUEUE
 from worker.settings import get_settings
 from worker.tasks import (
     _redelivered_too_often,

@@ -6,19 +6,11 @@ import os
 
 from kombu.entity import Exchange, Queue
 
+# The queues' names and order (worker.queues: a module that loads nothing).
+from worker.queues import DISPATCH_QUEUE, QUEUES, SCHEDULED_QUEUE, WEBHOOKS_QUEUE
 from worker.settings import get_settings_or_exit
 
 _settings = get_settings_or_exit()
-
-# Queues, in the order the worker reads them (kombu's "priority" strategy: always the first
-# non-empty one). Dispatch is tiny and must never wait behind a backlog; requested
-# re-verifications jump ahead of scheduled ones.
-DISPATCH_QUEUE = "verifier.dispatch"
-REQUESTED_QUEUE = "verifier.requested"
-SCHEDULED_QUEUE = "verifier.scheduled"
-# Beat's webhook delivery claims: tiny tasks (the HTTP attempts run on threads of the process),
-# ahead of verifications so retries are not stuck behind a backlog.
-WEBHOOKS_QUEUE = "verifier.webhooks"
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
@@ -37,10 +29,7 @@ broker_transport_options = {
 broker_heartbeat = 0
 
 # One direct exchange per queue, so a message reaches exactly the queue it is sent to.
-task_queues = tuple(
-    Queue(name, Exchange(name, type="direct"), routing_key=name)
-    for name in (DISPATCH_QUEUE, WEBHOOKS_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE)
-)
+task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
 task_default_queue = SCHEDULED_QUEUE
 task_serializer = "json"
 result_serializer = "json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,12 +16,14 @@ _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, *, connect_args: dict[str, Any] | None = None) -> Engine:
     """An engine for `settings.database_url`, its pool shared by the verification threads.
 
     No pre-ping: it would cost a round trip (and a commit) per checkout. A connection that died
     with a restarted server fails its statement instead, which invalidates the whole pool; the
     task retries, and the lease covers anything that still does not get through.
+    `connect_args`: more libpq parameters (keepalives for a process that must notice a
+    vanished server).
     """
     return create_engine(
         settings.database_url,
@@ -36,6 +39,7 @@ def build_engine(settings: Settings) -> Engine:
             "application_name": "account-verifier",
             "connect_timeout": 5,
             "options": "-c statement_timeout=30000 -c lock_timeout=10000",
+            **(connect_args or {}),
         },
     )
 

@@ -22,14 +22,12 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
 from worker.circuit import KEY as CIRCUIT_KEY
+from worker.queues import QUEUES
 from worker.ratelimit import KEY as RATE_KEY
 from worker.ratelimit import RECOVERY_SHARE
 
 # Where the dispatcher writes what its last run did (scripts/status shows it).
 LAST_DISPATCH_KEY = "verifier:last-dispatch"
-# The queues, in the order the worker reads them (worker.celeryconfig; not imported: that module
-# loads Celery's configuration).
-QUEUES = ("verifier.dispatch", "verifier.requested", "verifier.scheduled")
 
 # Two statements. The counts per status and last error come from an index of those columns
 # alone (an index-only scan, migration 20261201_0004). The due backlog and the leases come from

@@ -16,6 +16,7 @@ Both answer 200 or 503 with a JSON body naming each check.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -47,7 +48,14 @@ log = get_logger("worker.health")
 # without a touch (several missed ticks, so a busy loop is not mistaken for a dead one).
 TICK_SECONDS = 2.0
 LIVENESS_SECONDS = 30.0
+# Starting (no turn of the loop yet) is alive for STARTUP_TIMEOUT_SECONDS (the wait for the
+# database and Redis) and this much more for the broker's connection and the pool's fork.
+STARTING_MARGIN_SECONDS = 60.0
 READINESS_CACHE_SECONDS = 1.0
+# A readiness check running longer than this counts as failed (checks that waited on a hung
+# database would otherwise leave the last "ok" standing); its statement is cut off sooner.
+CHECK_TIMEOUT_SECONDS = 3.0
+STATEMENT_TIMEOUT = "2s"
 
 
 @dataclass
@@ -94,8 +102,11 @@ class LoopHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
-def worker_liveness() -> tuple[bool, dict[str, Any]]:
-    """Whether the worker's main loop turned lately (or is reconnecting to the broker)."""
+def worker_liveness(
+    starting_limit: float = 30.0 + STARTING_MARGIN_SECONDS,
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the worker's main loop turned lately, is reconnecting to the broker, or has been
+    starting for less than `starting_limit` seconds."""
     now = time.monotonic()
     state = loop_state
     if state.reconnecting_since is not None:
@@ -103,8 +114,10 @@ def worker_liveness() -> tuple[bool, dict[str, Any]]:
             "loop": f"reconnecting to the broker for {now - state.reconnecting_since:.0f}s"
         }
     if state.last_tick is None:
-        # Starting: connecting for the first time, or forking the pool.
-        return True, {"loop": f"starting for {now - state.started:.0f}s"}
+        # Starting: connecting for the first time, or forking the pool. Bounded: a worker stuck
+        # there is restarted.
+        starting = now - state.started
+        return starting < starting_limit, {"loop": f"starting for {starting:.0f}s"}
     age = now - state.last_tick
     return age < LIVENESS_SECONDS, {"loop": f"last turn {age:.1f}s ago"}
 
@@ -118,17 +131,26 @@ class Progress:
         self._since = time.monotonic()
 
     def idle_seconds(self) -> float:
-        from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
-
         count = 0.0
-        files = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
-        for family in files.collect():  # type: ignore[no-untyped-call]
+        for family in metrics.read_process_files():
             if family.name in {"verifier_verifications", "verifier_verifications_discarded"}:
                 count += sum(s.value for s in family.samples if s.name.endswith("_total"))
         now = time.monotonic()
         if count != self._count:
             self._count, self._since = count, now
         return now - self._since
+
+
+# The longest-waiting due account that nobody holds: an index scan of `next_due_at` that stops
+# at the first unleased row (the fleet's full counts are the metrics' job, on scrapes only).
+OLDEST_DUE = text(
+    """
+SELECT extract(epoch FROM now() - min(next_due_at)) AS seconds
+  FROM aws_accounts
+ WHERE next_due_at <= now()
+   AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+"""
+)
 
 
 class WorkerReadiness:
@@ -139,13 +161,12 @@ class WorkerReadiness:
         settings: Settings,
         engine: Engine,
         client: redis.Redis,
-        fleet: metrics.CachedValue,
         stalled: Callable[[], str | None] | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._redis = client
-        self._fleet = fleet
+        self._oldest_due_seconds = 0.0
         self._progress = Progress()
         # Another detector may replace the default (both rules below).
         self._stalled = stalled or self._stalled_by_default
@@ -154,7 +175,9 @@ class WorkerReadiness:
             window_seconds=settings.stall_window_seconds,
             min_verifications=settings.stall_min_verifications,
         )
-        self._cache = metrics.CachedValue(self._check, READINESS_CACHE_SECONDS)
+        self._cache = metrics.CachedValue(
+            self._check, READINESS_CACHE_SECONDS, timeout=CHECK_TIMEOUT_SECONDS
+        )
 
     def __call__(self) -> tuple[bool, dict[str, Any]]:
         ok, checks = self._cache.get() or (False, {"checks": self._cache.error})
@@ -163,8 +186,10 @@ class WorkerReadiness:
     def _check(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {}
         try:
-            with self._engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            with self._engine.connect() as connection, connection.begin():
+                connection.execute(text(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'"))
+                seconds = connection.execute(OLDEST_DUE).scalar_one()
+            self._oldest_due_seconds = max(0.0, float(seconds or 0))
             checks["database"] = "ok"
         except Exception as error:  # noqa: BLE001 - the answer says what failed
             checks["database"] = _failure(error)
@@ -193,11 +218,8 @@ class WorkerReadiness:
         if code is not None:
             window = self._settings.stall_window_seconds
             return f"stalled: every verification of the last {window}s transient with {code}"
-        summary: FleetSummary | None = self._fleet.get()
-        if summary is None:
-            return None
         limit = self._settings.stall_idle_seconds
-        overdue = summary.oldest_due_seconds
+        overdue = self._oldest_due_seconds
         idle = self._progress.idle_seconds()
         if overdue > limit and idle > limit:
             return (
@@ -349,7 +371,18 @@ def start_worker_endpoint(settings: Settings) -> None:
     """In the worker's main process, before its pool starts (METRICS_PORT set)."""
     metrics.enable_worker(settings)
     # The main process's own small pool and Redis client: the pool processes never share them.
-    engine = build_engine(settings.model_copy(update={"database_pool_size": 2}))
+    # Keepalives and a TCP user timeout: a server gone without closing the socket is noticed
+    # within a minute, not after the kernel's two hours (the checks' timeout answers sooner).
+    engine = build_engine(
+        settings.model_copy(update={"database_pool_size": 2}),
+        connect_args={
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30_000,
+        },
+    )
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10
     )
@@ -361,6 +394,7 @@ def start_worker_endpoint(settings: Settings) -> None:
             with Session(bind=connection) as session:
                 return summarize_fleet(session, overdue_seconds=settings.connected_interval_seconds)
 
+    # Stale after three intervals: verifier_fleet_query_up says 0 while the read hangs.
     fleet = metrics.CachedValue(read_fleet, settings.metrics_database_interval_seconds)
     watch = StallWatch(
         client,
@@ -376,7 +410,14 @@ def start_worker_endpoint(settings: Settings) -> None:
     registry = metrics.worker_registry(metrics.FleetCollector(fleet, broker, settings))
     serve(
         settings,
-        wsgi_app(registry, worker_liveness, WorkerReadiness(settings, engine, client, fleet)),
+        wsgi_app(
+            registry,
+            functools.partial(
+                worker_liveness,
+                starting_limit=settings.startup_timeout_seconds + STARTING_MARGIN_SECONDS,
+            ),
+            WorkerReadiness(settings, engine, client),
+        ),
         process="worker",
     )
 

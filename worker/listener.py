@@ -23,6 +23,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from worker.logging import get_logger
+from worker.queues import DISPATCH_QUEUE
 from worker.settings import Settings
 
 log = get_logger("worker.listener")
@@ -128,7 +129,6 @@ class DueAccountsListener:
 def listen_for_due_accounts(app: Any, settings: Settings) -> DueAccountsListener:
     """Start beat's listener: a notification sends the dispatch task, unless one is already
     waiting in its queue (that one runs after the notified rows committed, so it claims them)."""
-    from worker.celeryconfig import DISPATCH_QUEUE  # noqa: PLC0415 - loads Celery config
     from worker.redis_client import get_redis  # noqa: PLC0415
 
     def wake() -> None:

@@ -169,15 +169,23 @@ class WorkerMetrics:
             registry=None,
             multiprocess_mode="max",
         )
-        self.tasks: Counter = Counter(
-            "celery_task_finished",
-            "Celery tasks finished in this worker, by task name and state (succeeded, failed).",
-            ["name", "state"],
+        # celery-exporter's names (dashboards and alerts written for it work here), recorded by
+        # the worker itself: no task events, no exporter process.
+        self.tasks_succeeded: Counter = Counter(
+            "celery_task_succeeded",
+            "Celery tasks that succeeded in this worker, by task name.",
+            ["name"],
+            registry=None,
+        )
+        self.tasks_failed: Counter = Counter(
+            "celery_task_failed",
+            "Celery tasks that failed (raised) in this worker, by task name.",
+            ["name"],
             registry=None,
         )
         self.task_runtime: Histogram = Histogram(
-            "celery_task_runtime_seconds",
-            "Seconds a Celery task ran, by task name.",
+            "celery_task_runtime",
+            "Seconds a Celery task ran, by task name (celery-exporter's name: no unit suffix).",
             ["name"],
             buckets=TASK_BUCKETS,
             registry=None,
@@ -285,27 +293,34 @@ def enable_beat() -> CollectorRegistry:
     return registry
 
 
+def read_process_files() -> list[Metric]:
+    """Every process's metric files, read again if one is caught half-created (a process's first
+    value of a kind creates its file, and an empty file cannot be read yet)."""
+    from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+
+    files = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+    for attempt in range(3):
+        try:
+            return list(files.collect())  # type: ignore[no-untyped-call]
+        except (struct.error, ValueError):
+            if attempt == 2:
+                raise
+            time.sleep(0.01)
+    return []
+
+
 def worker_registry(*collectors: Any) -> CollectorRegistry:
     """The registry the worker's main process serves: every process's files, and `collectors`."""
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
-    from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
 
-    class ProcessFiles(MultiProcessCollector):
-        """The processes' files; read again if one is caught half-created (a process's first
-        value of a kind creates its file, and an empty file cannot be read yet)."""
+    class ProcessFiles:
+        """The processes' files (read_process_files)."""
 
         def collect(self) -> Iterable[Metric]:
-            for attempt in range(3):
-                try:
-                    return list(super().collect())  # type: ignore[no-untyped-call]
-                except (struct.error, ValueError):
-                    if attempt == 2:
-                        raise
-                    time.sleep(0.01)
-            return []
+            return read_process_files()
 
     registry = CollectorRegistry()
-    registry.register(ProcessFiles(None))  # type: ignore[no-untyped-call]
+    registry.register(ProcessFiles())
     for collector in collectors:
         registry.register(collector)
     return registry
@@ -416,8 +431,11 @@ def task_finished(task_id: str | None, name: str, state: str | None) -> None:
     if m is None:
         return
     started = _task_started.pop(task_id, None) if task_id else None
-    label = "succeeded" if state == "SUCCESS" else ("failed" if state == "FAILURE" else OTHER)
-    m.child(m.tasks, "task", name, label).inc()
+    # Other states (a retry, a rejection) are neither: the task runs again or never ran.
+    if state == "SUCCESS":
+        m.child(m.tasks_succeeded, "succeeded", name).inc()
+    elif state == "FAILURE":
+        m.child(m.tasks_failed, "failed", name).inc()
     if started is not None:
         m.child(m.task_runtime, "runtime", name).observe(time.perf_counter() - started)
 
@@ -499,34 +517,75 @@ def _after_attempt(
 
 
 class CachedValue:
-    """A value recomputed at most every `max_age` seconds, by one caller at a time (the others
-    get the previous value meanwhile, or wait for the first)."""
+    """A value recomputed at most every `max_age` seconds, by one caller at a time.
 
-    def __init__(self, compute: Callable[[], Any], max_age: float) -> None:
+    The other callers get the previous value meanwhile, but never an old one: once it is older
+    than `stale_after` (3 x `max_age` unless given), or the computation under way has run for
+    longer than `timeout`, they get None and `error` says why. A read that hangs (a database
+    that stopped answering without closing its sockets) must not leave its last "ok" standing.
+    The first value is waited for, at most as long.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], Any],
+        max_age: float,
+        *,
+        stale_after: float | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self._compute = compute
         self._max_age = max_age
+        self._stale_after = 3 * max_age if stale_after is None else stale_after
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._value: Any = None
         self._at = -float("inf")
+        self._running_since: float | None = None
         self.error: str | None = None
 
     def get(self) -> Any:
         if time.monotonic() - self._at < self._max_age:
             return self._value
-        blocking = self._value is None
-        if not self._lock.acquire(blocking=blocking):
+        if self._lock.acquire(blocking=False):
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
             return self._value
+        return self._while_running()
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._at < self._max_age:
+            return  # another caller refreshed it between the check and the lock
+        self._running_since = time.monotonic()
         try:
-            if time.monotonic() - self._at >= self._max_age:
-                try:
-                    self._value = self._compute()
-                    self.error = None
-                except Exception as error:  # noqa: BLE001 - a scrape shows what it can
-                    self._value = None
-                    self.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                self._at = time.monotonic()
+            self._value = self._compute()
+            self.error = None
+        except Exception as error:  # noqa: BLE001 - a scrape shows what it can
+            self._value = None
+            self.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         finally:
-            self._lock.release()
+            self._running_since = None
+        self._at = time.monotonic()
+
+    def _while_running(self) -> Any:
+        # Another caller is computing: the previous value while it is recent and the computation
+        # has not run too long; the first value is waited for.
+        limit = self._stale_after if self._timeout is None else self._timeout
+        started = self._running_since
+        if self._value is None and self.error is None:
+            waited = 0.0 if started is None else time.monotonic() - started
+            if self._lock.acquire(timeout=max(0.0, limit - waited)):
+                self._lock.release()
+                return self._value
+        now = time.monotonic()
+        if started is not None and self._timeout is not None and now - started > self._timeout:
+            self.error = f"check timed out: running for {now - started:.0f}s"
+            return None
+        if now - self._at > self._stale_after:
+            self.error = f"check timed out: last value {now - self._at:.0f}s old"
+            return None
         return self._value
 
 

@@ -13,6 +13,7 @@ from models import AuditEvent, AuditEventType, AwsAccount
 from worker.claims import claim_accounts
 from worker.db import session_factory
 from worker.logging import get_logger
+from worker.queues import REQUESTED_QUEUE
 from worker.settings import get_settings
 
 log = get_logger("worker.requests")
@@ -102,10 +103,8 @@ def _request(
     lease = str(claim.lease_id)
 
     def send_after_commit(_: Session) -> None:
-        # Deferred to the first send: these load the Celery configuration, which reads the
-        # settings (and exits on invalid ones), and boto3; `import worker` loads Celery itself
-        # but neither of those.
-        from worker.celeryconfig import REQUESTED_QUEUE  # noqa: PLC0415
+        # Deferred to the first send: this loads the Celery app and its configuration, which reads
+        # the settings (and exits on invalid ones), and boto3.
         from worker.tasks import send_verifications  # noqa: PLC0415
 
         send_verifications(

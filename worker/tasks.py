@@ -18,7 +18,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker import metrics
 from worker.app import CORRELATION_HEADER, app
-from worker.celeryconfig import DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE
 from worker.circuit import PlatformCircuit
 from worker.claims import release_leases
 from worker.db import session_factory
@@ -26,6 +25,7 @@ from worker.dispatch import dispatch_due_accounts
 from worker.fleet import remember_dispatch
 from worker.logging import bind_context, current_context, get_logger, unbind_account_context
 from worker.messages import MIN_ACCOUNTS_LIMIT, RejectedMessageError, parse_chunk_message
+from worker.queues import DISPATCH_QUEUE, REQUESTED_QUEUE, SCHEDULED_QUEUE
 from worker.ratelimit import REQUESTED_LANE, StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings

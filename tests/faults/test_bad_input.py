@@ -25,8 +25,8 @@ from tests.faults.harness import StandInProcess, log_events, running
 from tests.faults.invariants import check_invariants, wait_for
 from tests.processes import RedisServer, Service, start_beat, start_worker, wait_until
 from worker.app import app
-from worker.celeryconfig import SCHEDULED_QUEUE
 from worker.claims import claim_accounts
+from worker.queues import SCHEDULED_QUEUE
 
 pytestmark = pytest.mark.faults
 

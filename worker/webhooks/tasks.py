@@ -24,9 +24,9 @@ import psycopg
 from celery import signals
 
 from worker.app import app
-from worker.celeryconfig import WEBHOOKS_QUEUE
 from worker.db import session_factory
 from worker.logging import get_logger
+from worker.queues import WEBHOOKS_QUEUE
 from worker.settings import get_settings
 from worker.webhooks.delivery import Deliverer, Message, build_client
 from worker.webhooks.signing import SecretBox, SecretKeyError
