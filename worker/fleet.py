@@ -1,9 +1,9 @@
 """The fleet at a glance: what the database and Redis say, read in a few cheap statements.
 
-Shared by `scripts/status`, the worker's fleet gauges (`worker.metrics`) and its readiness
-check (`worker.health`). The database part is two statements that read indexes and the due
-accounts rather than the whole table (README has the time at a million accounts); callers that
-repeat it (the metrics) still cache it.
+Shared by `scripts/status` and the worker's fleet gauges (`worker.metrics`, on scrapes only:
+readiness has a cheaper statement of its own). The database part is two statements: one scan
+that counts the table and one read of the due accounts (README has the time at a million
+accounts); callers that repeat it (the metrics) cache it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from worker.ratelimit import RECOVERY_SHARE
 # Where the dispatcher writes what its last run did (scripts/status shows it).
 LAST_DISPATCH_KEY = "verifier:last-dispatch"
 
-# Two statements. The counts per status and last error come from an index of those columns
-# alone (an index-only scan, migration 20261201_0004). The due backlog and the leases come from
+# Two statements. The counts per status and last error: one parallel scan of the table (no index
+# of those columns: it would cost every result write an entry; docs/observability.md). The due
+# backlog and the leases come from
 # the `next_due_at` range that has passed: a leased account is always in it (a claim takes only
 # due accounts and leaves `next_due_at` alone; a result or a release clears the lease), so
 # only the accounts due now are read, not the fleet. "Due" is the dispatcher's own condition.

@@ -6,8 +6,10 @@
   alive (readiness says why it cannot work). Beat: it tried to send a dispatch recently. No
   database or Redis call, no app import: a probe costs a thread's few microseconds.
 - `/readyz` (readiness, worker): the database and Redis answer, the platform circuit breaker is
-  closed, and verification is not stalled. Checked at most once a second whoever asks. Beat:
-  its last dispatch reached the broker recently.
+  closed, and verification is not stalled. Checked at most once a second whoever asks; a check
+  running longer than CHECK_TIMEOUT_SECONDS counts as failed. Beat: its last dispatch reached
+  the broker recently. For a load balancer, an orchestrator's readiness and alerting: it fails
+  fleet-wide when a shared service is away, so never restart containers on it.
 - `/metrics`: Prometheus's text format (worker.metrics).
 
 Both answer 200 or 503 with a JSON body naming each check.
