@@ -155,3 +155,19 @@ def test_bad_usage_and_unreachable_database(scratch_database: str, redis_url: st
     assert done.returncode == 3
     assert "secret" not in done.stderr
     assert "***" in done.stderr
+
+
+def test_status_loads_neither_celery_nor_boto3() -> None:
+    """`scripts/status` imports the worker package's light modules only (Celery and boto3 were
+    most of its run time)."""
+    code = "import sys, scripts.status; print(sorted({'celery', 'boto3'} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
