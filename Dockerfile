@@ -2,8 +2,8 @@
 # its hash), so an image built next month holds what this one does.
 #
 #   production (the default target): celery worker and beat, the migrations and the operator
-#     commands (reverify, status, webhooks: `python -m worker.cli.<name>`). The runtime only: no
-#     sandbox, no moto, no benchmarks, no dev tools.
+#     commands (`python -m scripts.reverify`, `scripts.status`, `scripts.webhooks`). The runtime
+#     only: no sandbox, no moto, no benchmarks, no dev tools.
 #   sandbox: production plus the sandbox STS and the demo-data script, for docker-compose.yml's
 #     local stack only.
 #
@@ -30,6 +30,9 @@ RUN pip install --require-hashes --requirement requirements/production.txt
 COPY pyproject.toml README.md alembic.ini ./
 COPY models ./models
 COPY worker ./worker
+# The operator commands (python -m scripts.reverify / status / webhooks), not the dev tooling.
+COPY scripts/__init__.py scripts/reverify.py scripts/stack_env.py scripts/status.py \
+     scripts/webhooks.py ./scripts/
 RUN pip install --no-deps . \
     && groupadd --system --gid 10001 verifier \
     && useradd --system --no-create-home --uid 10001 --gid 10001 verifier
@@ -47,7 +50,7 @@ USER root
 COPY requirements/sandbox.txt requirements/sandbox.txt
 RUN pip install --require-hashes --requirement requirements/sandbox.txt
 COPY sandbox ./sandbox
-COPY scripts/__init__.py scripts/demo_data.py ./scripts/
+COPY scripts/demo_data.py ./scripts/
 USER 10001:10001
 
 

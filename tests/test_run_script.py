@@ -240,7 +240,7 @@ def check_readme_commands(data_dir: Path) -> None:
             assert "(not finished)" not in result.stdout, shown
     # Any other command: `scripts/run exec` gives it the stack and the virtual environment.
     listed = in_another_terminal(
-        [RUN, "exec", "--", "reverify", "--all", "--dry-run", "--json"], data_dir
+        [RUN, "exec", "--", "scripts/reverify", "--all", "--dry-run", "--json"], data_dir
     )
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert len(json.loads(listed.stdout)["accounts"]) == 5
