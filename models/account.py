@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import (
+    ARRAY,
     CheckConstraint,
     DateTime,
     Enum,
@@ -112,6 +113,11 @@ class AwsAccount(Base):
     last_verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the role was last shown to refuse an AssumeRole without the external ID.
     external_id_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The permission probes (docs/permissions.md): when they last gave a verdict, which probed
+    # permissions the role was shown to have, and which it was refused (empty: none missing).
+    permissions_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    permissions_proven: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    permissions_missing: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     last_outcome: Mapped[OutcomeKind | None] = mapped_column(
         Enum(
             OutcomeKind,

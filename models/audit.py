@@ -33,6 +33,8 @@ class AuditEventType(enum.StrEnum):
     EXTERNAL_ID_NOT_ENFORCED = "external_id_not_enforced"
     # About a webhook endpoint, not an account (account_id is NULL): docs/webhooks.md.
     WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint_disabled"
+    # The set of probed permissions the role lacks changed; details hold "before" and "after".
+    PERMISSIONS_CHANGED = "permissions_changed"
 
 
 def _status_enum(name: str) -> Enum:

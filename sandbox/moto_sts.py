@@ -15,7 +15,13 @@ for STS requests:
 * refuses a ``DurationSeconds`` beyond the role's ``MaxSessionDuration`` (or beyond an hour for
   role chaining) with AWS's ``ValidationError``, which moto does not check either;
 * answers ``GetCallerIdentity`` for the platform principal itself, because moto would name a
-  made-up ``user/moto`` in its default account.
+  made-up ``user/moto`` in its default account;
+* authorizes every request to another service made with an assumed role's credentials, as IAM
+  does: the role's policies (inline and attached) must allow the action, the session policy
+  passed to AssumeRole (if any) must allow it too, and an explicit deny in either wins. A refusal
+  is the service's own AccessDenied in its own wire format (see `evaluate_permission`), so the
+  worker's permission probes meet what AWS would answer. A probe fault (say, EC2 answering 503)
+  can be switched on per service, from Python or over HTTP.
 
 Customer roles are created through the real IAM API over HTTP with a dedicated admin access key
 that the layer passes through to moto untouched; the admin client names the customer's account in
@@ -76,15 +82,20 @@ __all__ = [
     "PLATFORM_ACCOUNT_ID",
     "PLATFORM_PRINCIPAL_ARN",
     "PLATFORM_SECRET_ACCESS_KEY",
+    "SCANNER_ACTIONS",
     "Caller",
     "SandboxSts",
     "TrustDecision",
     "TrustPolicyMiddleware",
     "create_customer_role",
     "delete_customer_role",
+    "evaluate_permission",
     "evaluate_trust_policy",
     "get_platform_credentials_valid",
     "iam_client",
+    "permissions_policy",
+    "security_audit_document",
+    "set_probe_fault",
     "set_platform_credentials_valid",
     "sts_calls",
     "trust_policy",
@@ -105,6 +116,14 @@ ADMIN_ACCESS_KEY_ID = "AKIASANDBOXADMIN0000"
 ADMIN_SECRET_ACCESS_KEY = "sandbox-admin-secret"  # noqa: S105 - fake, never checked
 #: The region clients sign for; moto serves IAM and STS from any.
 DEFAULT_REGION = "us-east-1"
+#: What the worker's default permission probes need (worker/permissions.py; a test keeps the two
+#: equal): the policy a well-configured demo or test role carries.
+SCANNER_ACTIONS = (
+    "iam:GetAccountSummary",
+    "ec2:DescribeRegions",
+    "s3:ListAllMyBuckets",
+    "cloudtrail:DescribeTrails",
+)
 #: Path prefix of the sandbox's own HTTP control endpoints (never forwarded to moto).
 CONTROL_PREFIX = "/_sandbox/"
 
@@ -135,6 +154,8 @@ class Caller:
     account_id: str
     role_arn: str | None = None
     is_platform: bool = False
+    # The session policy the assumed-role session was created with (None: none was passed).
+    session_policy: str | None = None
 
     @property
     def user_id(self) -> str:
@@ -346,6 +367,76 @@ def _condition_holds(operator: str, actual: str | None, values: list[Any]) -> bo
     return not matched if negated else matched
 
 
+# --------------------------------------------------------------------------- permission policies
+
+
+def evaluate_permission(documents: Iterable[str | Mapping[str, Any]], action: str) -> TrustDecision:
+    """Decide one action against a set of identity policies (or one session policy), as IAM does.
+
+    An applying ``Deny`` wins; otherwise an applying ``Allow`` is needed. Actions match with IAM's
+    wildcards, case-insensitively. Resources are not evaluated beyond this: an ``Allow`` applies
+    only if its ``Resource`` includes ``"*"`` (the probed actions have no resource), and a
+    ``Deny`` applies whatever its resources and conditions say; an ``Allow`` with a condition does
+    not apply. Each simplification makes the sandbox refuse more than AWS, never less.
+    """
+    allowed = False
+    for document in documents:
+        for statement in _statements(document):
+            if "Action" in statement:
+                matches = _action_in(statement["Action"], action)
+            elif "NotAction" in statement:
+                matches = not _action_in(statement["NotAction"], action)
+            else:
+                continue
+            if not matches:
+                continue
+            effect = statement.get("Effect")
+            if effect == "Deny":
+                return TrustDecision.EXPLICITLY_DENIED
+            if (
+                effect == "Allow"
+                and "*" in _as_list(statement.get("Resource"))
+                and not statement.get("Condition")
+            ):
+                allowed = True
+    return TrustDecision.ALLOWED if allowed else TrustDecision.IMPLICITLY_DENIED
+
+
+def _statements(document: str | Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if isinstance(document, str):
+        try:
+            document = json.loads(urllib.parse.unquote(document) if "%" in document else document)
+        except ValueError:
+            return []
+    if not isinstance(document, Mapping):
+        return []
+    statements = document.get("Statement", [])
+    if isinstance(statements, Mapping):
+        statements = [statements]
+    if not isinstance(statements, list):
+        return []
+    return [statement for statement in statements if isinstance(statement, Mapping)]
+
+
+def _action_in(patterns: Any, action: str) -> bool:
+    return any(
+        isinstance(pattern, str) and _glob(pattern, action, ignore_case=True)
+        for pattern in _as_list(patterns)
+    )
+
+
+def _role_policy_documents(role: Any) -> list[str]:
+    """A moto role's inline policies and the default versions of its attached managed ones."""
+    documents = [str(document) for document in list(role.policies.values())]
+    for policy in list(role.managed_policies.values()):
+        documents.extend(
+            str(version.document)
+            for version in list(policy.versions)
+            if version.is_default and version.document
+        )
+    return documents
+
+
 # --------------------------------------------------------------------------- moto lookups
 # BackendDict and its per-account dicts create backends on item access; reading them through
 # dict.get keeps a lookup (say, for a mistyped account id) from creating state moto then keeps.
@@ -380,7 +471,12 @@ def _moto_caller(access_key_id: str) -> Caller | None:
                 session = sts.get_assumed_role_from_access_key(access_key_id) if sts else None
                 if session is None:
                     return None
-                return Caller(arn=session.arn, account_id=account_id, role_arn=key.role_arn)
+                return Caller(
+                    arn=session.arn,
+                    account_id=account_id,
+                    role_arn=key.role_arn,
+                    session_policy=session.policy or None,
+                )
             user = dict.get(backend.users, key.user_name) if key.user_name else None
             return None if user is None else Caller(arn=user.arn, account_id=account_id)
     return None
@@ -502,6 +598,69 @@ def _json_response(payload: Mapping[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, content_type="application/json")
 
 
+def _json_body(environ: WSGIEnvironment) -> Any:
+    """A control request's JSON body; None when it is missing or not JSON."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        return json.loads(environ["wsgi.input"].read(length) or b"null")
+    except ValueError:
+        return None
+
+
+def _request_action(environ: WSGIEnvironment, service: str) -> str:
+    """The IAM action a request asks for, as ``service:Action``.
+
+    Query and EC2 protocols name it in ``Action``, JSON ones in ``X-Amz-Target``; of S3's REST
+    operations only ListBuckets (``GET /``) is recognised, any other is an action no policy names
+    but ``s3:*`` (or ``*``), so the sandbox refuses it unless everything is allowed.
+    """
+    target = environ.get("HTTP_X_AMZ_TARGET")
+    if target:
+        return f"{service}:{target.rpartition('.')[2]}"
+    if service == "s3":
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "GET" and environ.get("PATH_INFO", "/") in ("", "/"):
+            return "s3:ListAllMyBuckets"
+        return f"s3:{method}{environ.get('PATH_INFO', '/')}"
+    action = _query_parameters(environ).get("Action")
+    return f"{service}:{action or 'Unknown'}"
+
+
+def _service_error(service: str, status: int, code: str, message: str) -> Response:
+    """An error in `service`'s own wire format; an empty `code` means the service's access-denied
+    code (EC2: UnauthorizedOperation, JSON services: AccessDeniedException, others AccessDenied).
+    """
+    request_id = _request_id()
+    text = html.escape(message, quote=False)
+    protocol = _botocore_session().get_service_model(service).protocol
+    if protocol == "ec2":
+        body = (
+            f"<Response><Errors><Error><Code>{code or 'UnauthorizedOperation'}</Code>"
+            f"<Message>{'' if code else 'You are not authorized to perform this operation. '}"
+            f"{text}</Message>"
+            f"</Error></Errors><RequestID>{request_id}</RequestID></Response>"
+        )
+        return _xml_response(body, status, request_id)
+    if protocol == "rest-xml":
+        body = (
+            f"<Error><Code>{code or 'AccessDenied'}</Code><Message>{text}</Message>"
+            f"<RequestId>{request_id}</RequestId></Error>"
+        )
+        return _xml_response(body, status, request_id)
+    if protocol in ("json", "rest-json"):
+        payload = {"__type": code or "AccessDeniedException", "message": message}
+        response = _json_response(payload, 400 if status == 403 else status)
+        response.headers["x-amzn-RequestId"] = request_id
+        response.content_type = "application/x-amz-json-1.1"
+        return response
+    body = (
+        "<ErrorResponse><Error><Type>Sender</Type>"
+        f"<Code>{code or 'AccessDenied'}</Code><Message>{text}</Message></Error>"
+        f"<RequestId>{request_id}</RequestId></ErrorResponse>"
+    )
+    return _xml_response(body, status, request_id)
+
+
 # --------------------------------------------------------------------------- the middleware
 
 
@@ -540,6 +699,7 @@ class TrustPolicyMiddleware:
         # was made for this row"), whatever the answer was.
         self._calls: dict[str, int] = {}
         self._assume_role_calls: dict[str, int] = {}
+        self._probe_faults: dict[str, str] = {}
 
     @property
     def platform_credentials_valid(self) -> bool:
@@ -562,12 +722,64 @@ class TrustPolicyMiddleware:
                 # Only the admin may pick the moto account explicitly; anyone else acts as moto
                 # decides from their key, so a client cannot act inside a customer's account.
                 environ.pop(_MOTO_ACCOUNT_ENVIRON, None)
+                refused = self._authorize(environ, access_key_id, service)
+                if refused is not None:
+                    return refused(environ, start_response)
             return self._app(environ, start_response)
         environ.pop(_MOTO_ACCOUNT_ENVIRON, None)
         response = self._sts(environ, access_key_id)
         if response is not None:
             return response(environ, start_response)
         return self._app(environ, start_response)
+
+    def set_probe_fault(self, service: str, code: str | None) -> None:
+        """Answer every request to `service` made with a role's credentials with `code` (a 503),
+        or stop doing so (None)."""
+        with self._lock:
+            if code is None:
+                self._probe_faults.pop(service, None)
+            else:
+                self._probe_faults[service] = code
+
+    def _authorize(
+        self, environ: WSGIEnvironment, access_key_id: str | None, service: str | None
+    ) -> Response | None:
+        """IAM's answer for a request signed by an assumed role: None to let moto serve it."""
+        if access_key_id is None or service is None or access_key_id in self._platform:
+            return None
+        caller = _moto_caller(access_key_id)
+        if caller is None or caller.role_arn is None:
+            return None
+        with self._lock:
+            fault = self._probe_faults.get(service)
+        if fault is not None:
+            return _service_error(service, 503, fault, "Service unavailable (sandbox fault)")
+        action = _request_action(environ, service)
+        role = _find_role(caller.role_arn)
+        identity = evaluate_permission(_role_policy_documents(role) if role else [], action)
+        session = (
+            TrustDecision.ALLOWED
+            if caller.session_policy is None
+            else evaluate_permission([caller.session_policy], action)
+        )
+        if identity is TrustDecision.ALLOWED and session is TrustDecision.ALLOWED:
+            return None
+        if TrustDecision.EXPLICITLY_DENIED in (identity, session):
+            why = "with an explicit deny in " + (
+                "a session policy"
+                if session is TrustDecision.EXPLICITLY_DENIED
+                else "an identity-based policy"
+            )
+        elif identity is not TrustDecision.ALLOWED:
+            why = "because no identity-based policy allows the " + action + " action"
+        else:
+            why = "because no session policy allows the " + action + " action"
+        return _service_error(
+            service,
+            403,
+            "",
+            f"User: {caller.arn} is not authorized to perform: {action} on resource: * {why}",
+        )
 
     def _caller(self, access_key_id: str | None) -> Caller | None:
         if access_key_id is None:
@@ -641,14 +853,21 @@ class TrustPolicyMiddleware:
             return _json_response({"status": "ok"})
         if path == "calls" and method == "GET":
             return _json_response(self.calls())
+        if path == "probe-faults" and method == "POST":
+            payload = _json_body(environ)
+            if not isinstance(payload, dict) or not all(
+                isinstance(key, str) and (value is None or isinstance(value, str))
+                for key, value in payload.items()
+            ):
+                return _json_response({"error": 'expected {"<service>": "<code>" | null}'}, 400)
+            for service, code in payload.items():
+                self.set_probe_fault(service, code)
+            with self._lock:
+                return _json_response(dict(self._probe_faults))
         if path != "platform-credentials":
             return _json_response({"error": f"no such sandbox endpoint: {path}"}, 404)
         if method == "POST":
-            try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-                payload = json.loads(environ["wsgi.input"].read(length) or b"null")
-            except ValueError:
-                return _json_response({"error": "the body must be JSON"}, 400)
+            payload = _json_body(environ)
             if not isinstance(payload, dict) or not isinstance(payload.get("valid"), bool):
                 return _json_response({"error": 'expected {"valid": true|false}'}, 400)
             self.set_platform_credentials_valid(payload["valid"])
@@ -774,6 +993,10 @@ class SandboxSts:
         """Accept the platform's credentials again."""
         self.middleware.set_platform_credentials_valid(True)
 
+    def set_probe_fault(self, service: str, code: str | None) -> None:
+        """Make `service` answer role credentials with a 503 `code` (None: answer normally)."""
+        self.middleware.set_probe_fault(service, code)
+
     def iam_client_for(self, account_id: str) -> IAMClient:
         """An admin IAM client acting inside `account_id` (see `iam_client`)."""
         return iam_client(self.endpoint_url, account_id)
@@ -828,27 +1051,70 @@ def iam_client(endpoint_url: str, account_id: str, *, region: str = DEFAULT_REGI
     return client
 
 
+def permissions_policy(actions: Iterable[str]) -> dict[str, Any]:
+    """An identity policy allowing `actions` on every resource."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": sorted(actions), "Resource": "*"}],
+    }
+
+
+@functools.cache
+def security_audit_document() -> str:
+    """The AWS managed policy SecurityAudit's document, from the copy moto ships."""
+    from moto.iam.aws_managed_policies import aws_managed_policies_data  # noqa: PLC0415 - 2 MB
+
+    return json.dumps(json.loads(aws_managed_policies_data)["SecurityAudit"]["Document"])
+
+
 def create_customer_role(
     endpoint_url: str,
     account_id: str,
     role_name: str,
     trusted_principal_arn: str,
     external_id: str | None,
+    *,
+    permissions: Iterable[str] | None = SCANNER_ACTIONS,
+    security_audit: bool = False,
 ) -> str:
     """Create (or re-point) a customer's role trusting a principal; returns the role's ARN.
 
     The trust policy requires `external_id` through ``sts:ExternalId`` when given and has no
     condition when it is None. An existing role of that name gets the new trust policy, so
-    seeding twice is harmless.
+    seeding twice is harmless. The role gets an inline policy ``ScannerReadOnly`` allowing
+    `permissions` (by default what the worker's permission probes check; None or empty: no such
+    policy), and with `security_audit` a copy of the AWS managed policy SecurityAudit, attached
+    as a customer-managed policy (moto loads AWS managed policies only for every account at
+    once, which costs seconds per account).
     """
     client = iam_client(endpoint_url, account_id)
     document = json.dumps(trust_policy(trusted_principal_arn, external_id))
     try:
-        role = client.create_role(RoleName=role_name, AssumeRolePolicyDocument=document)
+        arn = client.create_role(RoleName=role_name, AssumeRolePolicyDocument=document)["Role"][
+            "Arn"
+        ]
     except client.exceptions.EntityAlreadyExistsException:
         client.update_assume_role_policy(RoleName=role_name, PolicyDocument=document)
-        return client.get_role(RoleName=role_name)["Role"]["Arn"]
-    return role["Role"]["Arn"]
+        arn = client.get_role(RoleName=role_name)["Role"]["Arn"]
+    actions = list(permissions or ())
+    if actions:
+        client.put_role_policy(
+            RoleName=role_name,
+            PolicyName="ScannerReadOnly",
+            PolicyDocument=json.dumps(permissions_policy(actions)),
+        )
+    if security_audit:
+        policy_arn = f"arn:aws:iam::{account_id}:policy/sandbox/SecurityAudit"
+        try:
+            client.create_policy(
+                PolicyName="SecurityAudit",
+                Path="/sandbox/",
+                PolicyDocument=security_audit_document(),
+            )
+        except client.exceptions.EntityAlreadyExistsException:
+            pass
+        client.attach_role_policy(RoleName=role_name, PolicyArn=policy_arn)
+    return arn
 
 
 def delete_customer_role(endpoint_url: str, account_id: str, role_name: str) -> bool:
@@ -891,3 +1157,8 @@ def sts_calls(endpoint_url: str) -> dict[str, Any]:
 def get_platform_credentials_valid(endpoint_url: str) -> bool:
     """Whether a sandbox reached over HTTP currently accepts the platform's credentials."""
     return bool(_control_request(endpoint_url, None)["valid"])
+
+
+def set_probe_fault(endpoint_url: str, service: str, code: str | None) -> None:
+    """Make a sandbox reached over HTTP answer `service` with a 503 `code` (None: stop)."""
+    _control_request(endpoint_url, {service: code}, "probe-faults")

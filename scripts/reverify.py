@@ -418,6 +418,7 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
             actor=args.requested_by,
             correlation_id=correlation_id,
             check_external_id=True,
+            probe_permissions=True,
             observe=observe,
         )
         with ctx.sessions() as session:

@@ -29,6 +29,10 @@ class AccountState:
     last_error_code: str | None
     consecutive_failures: int
     external_id_checked_at: datetime | None
+    # The permission probes' last verdict (None: never probed).
+    permissions_checked_at: datetime | None = None
+    permissions_proven: tuple[str, ...] | None = None
+    permissions_missing: tuple[str, ...] | None = None
 
 
 class Hold(enum.StrEnum):
@@ -70,6 +74,28 @@ def needs_external_id_check(state: AccountState, now: datetime, settings: Settin
         return True
     interval = timedelta(seconds=settings.external_id_check_interval_seconds)
     return now - state.external_id_checked_at >= interval
+
+
+def permissions_to_probe(state: AccountState, now: datetime, settings: Settings) -> tuple[str, ...]:
+    """The permissions to probe in this attempt; () when no probe is due.
+
+    Due on the first success, then at most once per interval, like the external-ID check; and at
+    once while permissions are missing (the customer is fixing them), after the role changed, or
+    when the configured set names a permission not yet proven.
+    """
+    wanted = settings.probed_permissions
+    if not wanted:
+        return ()
+    checked = state.permissions_checked_at
+    if (
+        checked is None
+        or checked < state.role_changed_at
+        or state.permissions_missing
+        or not set(wanted) <= set(state.permissions_proven or ())
+    ):
+        return wanted
+    interval = timedelta(seconds=settings.permission_probe_interval_seconds)
+    return wanted if now - checked >= interval else ()
 
 
 def decide(

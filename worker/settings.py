@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from worker.permissions import DEFAULT_PROBES, parse_probe_names
 from worker.redact import mask_url
 
 _DAY = 24 * 3600
@@ -104,6 +105,10 @@ class Settings(BaseSettings):
     transient_retry_initial_seconds: int = Field(default=30, ge=1)
     transient_retry_max_seconds: int = Field(default=900, ge=1)
     external_id_check_interval_seconds: int = Field(default=_DAY, ge=60)
+    # Permission probes (worker/permissions.py, docs/permissions.md): comma-separated names from
+    # the catalogue, or "none". Run on an account's first success, then at most once per interval.
+    permission_probes: str = ",".join(DEFAULT_PROBES)
+    permission_probe_interval_seconds: int = Field(default=_DAY, ge=60)
     # Circuit breaker for the platform's own credentials.
     platform_pause_seconds: int = Field(default=60, ge=1)
     # Wave guard: at most this many connected -> failed with one error code per window.
@@ -247,6 +252,11 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("permission_probes")
+    @classmethod
+    def _known_probes(cls, value: str) -> str:
+        return ",".join(parse_probe_names(value)) or "none"
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -268,6 +278,11 @@ class Settings(BaseSettings):
                 "TRANSIENT_RETRY_MAX_SECONDS must be at least TRANSIENT_RETRY_INITIAL_SECONDS"
             )
         return self
+
+    @property
+    def probed_permissions(self) -> tuple[str, ...]:
+        """The permissions to probe, in catalogue order; () when probing is off."""
+        return parse_probe_names(self.permission_probes)
 
     @property
     def database_url_masked(self) -> str:

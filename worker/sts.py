@@ -12,27 +12,33 @@ classified into one of four kinds (docs/design.md; each STS answer in docs/sts-e
 - platform_fault      our own credentials or request are broken; no customer is to blame
 
 Temporary credentials returned by AssumeRole are proof only: they are dropped at once, and the
-session policy denies every action, so even a leaked copy could do nothing.
+session policy denies every action, so even a leaked copy could do nothing. When permission
+probes are due (worker/permissions.py), the session policy instead allows exactly the probed
+read-only actions, and the credentials live only in memory for the few concurrent probe calls.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import botocore.credentials
 import botocore.exceptions
+import botocore.session
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
 
 from models import OutcomeKind
 from worker import metrics
+from worker.permissions import CATALOGUE, Probe, missing_permissions_message, probe_session_policy
 from worker.redact import scrub_text
 from worker.settings import Settings, get_settings
 
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Outcome",
     "OutcomeKind",
+    "PermissionReport",
     "RoleDetails",
     "StsVerifier",
     "check_role_details",
@@ -133,6 +140,14 @@ class RoleDetails:
 
 
 @dataclass(frozen=True, slots=True)
+class PermissionReport:
+    """What the permission probes showed: each probed permission is proven or missing."""
+
+    proven: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """The result of one attempt.
 
@@ -155,6 +170,12 @@ class Outcome:
     # Decided without asking AWS, and no IAM propagation or odd answer can change it: the state
     # rules fail the account at once (no grace window, no confirming re-attempt, no wave hold).
     decisive: bool = False
+    # Set when the permission probes gave a verdict (all proven, or some missing).
+    permissions: PermissionReport | None = None
+    # Calls to other services than STS (the probes); they do not spend the STS budget.
+    probe_calls: int = 0
+    # The service whose answer made this outcome, when it was not STS (a probe's).
+    service: str | None = None
 
     @property
     def verified(self) -> bool:
@@ -349,6 +370,201 @@ def classify_error(
     raise error
 
 
+# --------------------------------------------------------------------------- permission probes
+
+# A probe refused for lack of permission, by any service's spelling of it (SCP denials included).
+DENIED_CODES = frozenset(
+    {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError"}
+)
+
+
+class _ThreadCredentials(botocore.credentials.Credentials):
+    """Credentials that are whatever the calling thread set: one client per service serves all.
+
+    Building a botocore client per account costs milliseconds of CPU and a new connection pool
+    (so a new TCP and TLS handshake per probe); a shared client signs each request with the
+    credentials of the account its thread is probing. Signers ask for `get_frozen_credentials()`
+    at every request, retries included, on the calling thread.
+    """
+
+    def __init__(self) -> None:  # no super().__init__(): the attributes are per thread
+        self.method = "probe"
+        self._local = threading.local()
+
+    def set(self, credentials: botocore.credentials.ReadOnlyCredentials | None) -> None:
+        """Use `credentials` for this thread's requests (None: none at all)."""
+        self._local.frozen = credentials
+
+    def get_frozen_credentials(self) -> botocore.credentials.ReadOnlyCredentials:
+        """This thread's credentials; a request without any must not go out unsigned."""
+        frozen: botocore.credentials.ReadOnlyCredentials | None = getattr(
+            self._local, "frozen", None
+        )
+        if frozen is None:
+            raise botocore.exceptions.NoCredentialsError
+        return frozen
+
+    def get_deferred_property(self, property_name: str) -> Callable[[], Any]:
+        """Endpoint rules may ask for the account id; it is per thread too."""
+        return lambda: getattr(getattr(self._local, "frozen", None), property_name, None)
+
+
+class _ThreadCredentialProvider(botocore.credentials.CredentialProvider):
+    METHOD = "probe"
+
+    def __init__(self, credentials: _ThreadCredentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> botocore.credentials.Credentials:
+        return self._credentials
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbeResult:
+    probe: Probe
+    outcome: Outcome | None  # None: allowed
+
+
+class PermissionProber:
+    """Runs the probe calls of one account concurrently, with that account's credentials.
+
+    One client per service and region per process, built lazily from a botocore session of its
+    own whose only credentials are the calling thread's (never the platform's): a probe can only
+    ever be signed by the customer's role. Endpoints follow botocore's standard configuration
+    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>, the config file).
+    """
+
+    def __init__(self, settings: Settings, config: Config) -> None:
+        self._region = settings.aws_region
+        self._config = config
+        self._credentials = _ThreadCredentials()
+        self._session = botocore.session.Session()
+        self._session.register_component(
+            "credential_provider",
+            botocore.credentials.CredentialResolver([_ThreadCredentialProvider(self._credentials)]),
+        )
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        # Probes are a few per account while a verification thread waits: enough threads that
+        # every verification thread of the process can have its probes in flight at once.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(256, settings.worker_concurrency * len(CATALOGUE)),
+            thread_name_prefix="probe",
+        )
+
+    def _client(self, service: str) -> Any:
+        client = self._clients.get(service)
+        if client is None:
+            with self._lock:  # botocore sessions are not thread-safe; clients are
+                client = self._clients.get(service)
+                if client is None:
+                    client = self._session.create_client(
+                        service, region_name=self._region, config=self._config
+                    )
+                    self._clients[service] = client
+        return client
+
+    def start(
+        self,
+        probes: Sequence[Probe],
+        credentials: botocore.credentials.ReadOnlyCredentials,
+    ) -> list[concurrent.futures.Future[_ProbeResult]]:
+        """Send every probe now; the caller collects the answers with `finish`."""
+        return [self._pool.submit(self._run, probe, credentials) for probe in probes]
+
+    def _run(
+        self, probe: Probe, credentials: botocore.credentials.ReadOnlyCredentials
+    ) -> _ProbeResult:
+        client = self._client(probe.service)
+        self._credentials.set(credentials)
+        try:
+            getattr(client, probe.operation)()
+        except botocore.exceptions.ClientError as error:
+            return _ProbeResult(probe, classify_probe_error(probe, error))
+        except _OTHER_ERRORS as error:
+            return _ProbeResult(probe, classify_probe_error(probe, error))
+        finally:
+            self._credentials.set(None)
+        return _ProbeResult(probe, None)
+
+    def close(self) -> None:
+        """Stop the probe threads (the process is ending)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
+    """A probe's failure: denied (the customer's to fix), or transient (nobody's fault).
+
+    Never platform_fault: probes are signed with the customer's role, not the platform's own
+    credentials (those were proven by AssumeRole a moment ago). A token a service refuses is
+    transient too: in a region the account has not opted into, STS tokens are not valid.
+    """
+    service = probe.service_name
+    if isinstance(error, botocore.exceptions.ClientError):
+        body = error.response.get("Error", {})
+        code = str(body.get("Code") or "Unknown")[:MAX_CODE_LENGTH]
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        detail = scrub_text(
+            f"probe {probe.permission}: {code} (HTTP {status}) from {service}: "
+            f"{_shorten(str(body.get('Message') or ''), 300)}"
+        )
+        if code in DENIED_CODES:
+            return _customer(code, detail, service=service)
+        known = code in _TRANSIENT_CODES or code in _PLATFORM_CODES or status >= 500
+        return Outcome(
+            OutcomeKind.TRANSIENT,
+            code,
+            detail if known else f"unclassified error {detail}",
+            unclassified=not known,
+            service=service,
+        )
+    detail = scrub_text(f"probe {probe.permission}: {type(error).__name__} from {service}: {error}")
+    return Outcome(OutcomeKind.TRANSIENT, type(error).__name__, detail, service=service)
+
+
+def probe_verdict(
+    details: RoleDetails, results: Sequence[_ProbeResult], observe: Observer
+) -> Outcome | None:
+    """Every probe's answer in one outcome: None when all were allowed.
+
+    A denial is definite whatever the other services did, so denied permissions fail the
+    account (naming each of them) even if another probe met a transient error.
+    """
+    missing = [result.probe.permission for result in results if _denied(result)]
+    failed = None
+    for result in results:
+        if result.outcome is None:
+            observe("probe", f"{result.probe.permission} ok")
+        elif _denied(result):
+            observe("probe", f"{result.probe.permission} DENIED ({result.outcome.code})")
+        else:
+            failed = failed or result.outcome
+            observe(
+                "probe",
+                f"{result.probe.permission} FAILED {result.outcome.code} "
+                f"({result.outcome.kind.value}): {result.outcome.message}",
+            )
+    report = PermissionReport(
+        proven=tuple(r.probe.permission for r in results if r.outcome is None),
+        missing=tuple(missing),
+    )
+    if missing:
+        return _customer(
+            "MissingPermissions",
+            missing_permissions_message(details.role_arn, missing),
+            permissions=report,
+            probe_calls=len(results),
+        )
+    if failed is not None:
+        return dataclasses.replace(failed, probe_calls=len(results))
+    return None
+
+
+def _denied(result: _ProbeResult) -> bool:
+    return result.outcome is not None and result.outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX
+
+
 class StsVerifier:
     """Verifies role details with a shared STS client per region.
 
@@ -385,6 +601,15 @@ class StsVerifier:
             max_pool_connections=max(10, settings.worker_concurrency),  # threads per process
             user_agent_extra="account-verifier",
         )
+        self._prober: PermissionProber | None = None
+
+    def prober(self) -> PermissionProber:
+        """The process's permission prober, built on first use (its threads start lazily)."""
+        if self._prober is None:
+            with self._lock:
+                if self._prober is None:
+                    self._prober = PermissionProber(self._settings, self._config)
+        return self._prober
 
     def client(self, region: str | None = None) -> STSClient:
         """The process's STS client for `region` (default: the configured region)."""
@@ -425,9 +650,11 @@ class StsVerifier:
         details: RoleDetails,
         *,
         check_external_id: bool,
+        probe: Sequence[str] = (),
         observe: Observer | None = None,
     ) -> Outcome:
-        """One attempt: local checks, AssumeRole, identity, and (if asked) enforcement.
+        """One attempt: local checks, AssumeRole, identity, (if asked) enforcement, and (if any
+        are named in `probe`) the permission probes.
 
         `observe(step, detail)` is told each step's result as it happens (`reverify --inline`).
         """
@@ -452,7 +679,7 @@ class StsVerifier:
                     RoleSessionName=session_name_for(details.connection_id, prefix),
                     ExternalId=details.external_id,
                     DurationSeconds=SESSION_DURATION_SECONDS,
-                    Policy=DENY_ALL_POLICY,
+                    Policy=probe_session_policy(probe) if probe else DENY_ALL_POLICY,
                 )
                 break
             except botocore.exceptions.ClientError as error:
@@ -473,8 +700,10 @@ class StsVerifier:
                 sts_calls=calls,
                 region=region,
             )
-        # The response holds live credentials; keep only the role's ARN from it.
+        # The response holds live credentials; keep only the role's ARN from it, and the
+        # credentials (in memory, for the probes' calls) only when probes are due.
         assumed_arn = _assumed_role_arn(response)
+        credentials = _credentials(response) if probe else None
         del response
         assumed = _ASSUMED_ROLE_ARN.fullmatch(assumed_arn or "")
         if assumed_arn is None or assumed is None:
@@ -497,17 +726,42 @@ class StsVerifier:
                 region=region,
             )
         say("identity", f"ok: account {details.aws_account_id}")
+        # The probes go out now and run while the enforcement check waits on STS.
+        probes = [CATALOGUE[name] for name in probe]
+        pending = self.prober().start(probes, credentials) if credentials is not None else []
+        del credentials
         enforced: bool | None = None
         if check_external_id:
             calls += 1
             enforcement = self._check_enforcement(details, region, prefix, principal)
             if enforcement is not None:
+                for future in pending:
+                    future.cancel()
                 say("external-ID check", f"FAILED {enforcement.code}: {enforcement.message}")
                 return _with_calls(enforcement, calls, region)
             say("external-ID check", "ok: refused without the external ID")
             enforced = True
         else:
             say("external-ID check", "skipped: checked recently")
+        report: PermissionReport | None = None
+        if pending:
+            verdict = probe_verdict(details, [future.result() for future in pending], say)
+            if verdict is not None:
+                return dataclasses.replace(
+                    verdict, assumed_role_arn=assumed_arn, sts_calls=calls, region=region
+                )
+            report = PermissionReport(proven=tuple(probe), missing=())
+        elif probe:
+            say("probe", "FAILED: AssumeRole answered without credentials")
+            return Outcome(
+                OutcomeKind.TRANSIENT,
+                "UnparseableResponse",
+                "AssumeRole answered without usable Credentials",
+                sts_calls=calls,
+                region=region,
+            )
+        else:
+            say("probe", "skipped: not due, or probing is off")
         return Outcome(
             OutcomeKind.VERIFIED,
             "verified",
@@ -516,6 +770,8 @@ class StsVerifier:
             assumed_role_arn=assumed_arn,
             region=region,
             sts_calls=calls,
+            permissions=report,
+            probe_calls=len(pending),
         )
 
     def _refuse_before_calling(self, details: RoleDetails, say: Observer) -> Outcome | None:
@@ -615,6 +871,16 @@ def _assumed_role_arn(response: dict[str, Any]) -> str | None:
         return None
     arn = user.get("Arn")
     return arn if isinstance(arn, str) else None
+
+
+def _credentials(response: dict[str, Any]) -> botocore.credentials.ReadOnlyCredentials | None:
+    found = response.get("Credentials")
+    if not isinstance(found, dict):
+        return None
+    parts = [found.get(key) for key in ("AccessKeyId", "SecretAccessKey", "SessionToken")]
+    if not all(isinstance(part, str) and part for part in parts):
+        return None
+    return botocore.credentials.ReadOnlyCredentials(*parts)
 
 
 def _with_calls(outcome: Outcome, calls: int, region: str) -> Outcome:

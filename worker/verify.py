@@ -35,6 +35,7 @@ from worker.rules import (
     hold_for_wave,
     is_connected_to_failed,
     needs_external_id_check,
+    permissions_to_probe,
 )
 from worker.settings import Settings
 from worker.sts import PLATFORM_ACCOUNT_CODE, Observer, Outcome, RoleDetails, StsVerifier
@@ -84,6 +85,9 @@ _READ_ATTEMPTS = select(
     _ACCOUNTS.c.consecutive_failures,
     _ACCOUNTS.c.external_id_checked_at,
     _ACCOUNTS.c.next_due_at,
+    _ACCOUNTS.c.permissions_checked_at,
+    _ACCOUNTS.c.permissions_proven,
+    _ACCOUNTS.c.permissions_missing,
     func.now().label("now"),
 ).where(
     _ACCOUNTS.c.id == any_(bindparam("account_ids", type_=ARRAY(Uuid()))),
@@ -118,6 +122,9 @@ def read_attempts(
                 last_error_code=row.last_error_code,
                 consecutive_failures=row.consecutive_failures,
                 external_id_checked_at=row.external_id_checked_at,
+                permissions_checked_at=row.permissions_checked_at,
+                permissions_proven=_tuple_or_none(row.permissions_proven),
+                permissions_missing=_tuple_or_none(row.permissions_missing),
             ),
             now=row.now,
             due_at=row.next_due_at,
@@ -125,6 +132,10 @@ def read_attempts(
     # Each account once, however often it was listed: a duplicate would be checked twice and
     # its status change recorded twice.
     return [found[account_id] for account_id in dict.fromkeys(account_ids) if account_id in found]
+
+
+def _tuple_or_none(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def start_attempt(session: Session, account_id: uuid.UUID, lease_id: uuid.UUID) -> Attempt | None:
@@ -167,6 +178,7 @@ class Checked:
     decision: Decision
     external_id_checked: bool
     started: float  # time.perf_counter() when the attempt began
+    probed: tuple[str, ...] = ()  # the permissions probed (empty: no probe was due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,15 +198,17 @@ def audit_events_for(
     actor: str,
     correlation_id: str | None,
 ) -> list[dict[str, Any]]:
-    """The events an applied decision records; none when the status did not change."""
-    if decision.status == attempt.state.status:
-        return []
+    """The events an applied decision records: a status change, and a change in the set of
+    missing permissions."""
     common: dict[str, Any] = {
         "organization_id": attempt.organization_id,
         "account_id": attempt.account_id,
         "actor": actor,
         "correlation_id": correlation_id,
     }
+    permissions = _permissions_event(attempt, outcome)
+    if decision.status == attempt.state.status:
+        return [{**common, **permissions}] if permissions else []
     events: list[dict[str, Any]] = [
         {
             **common,
@@ -216,7 +230,37 @@ def audit_events_for(
                 "details": {"role_arn": attempt.details.role_arn},
             }
         )
+    if permissions:
+        events.append({**common, **permissions})
     return events
+
+
+def _permissions_event(attempt: Attempt, outcome: Outcome) -> dict[str, Any] | None:
+    """`permissions_changed` when the probes found a different set missing than last time.
+
+    The first verdict is a change only if something is missing: "nothing known" to "nothing
+    missing" is not news.
+    """
+    report = outcome.permissions
+    if report is None:
+        return None
+    before = attempt.state.permissions_missing
+    if attempt.state.permissions_checked_at is None:
+        before = None
+    after = sorted(report.missing)
+    if sorted(before or ()) == after:
+        return None
+    return {
+        "event_type": AuditEventType.PERMISSIONS_CHANGED,
+        "from_status": None,
+        "to_status": None,
+        "reason": outcome.code,
+        "details": {
+            "before": None if before is None else sorted(before),
+            "after": after,
+            "proven": sorted(report.proven),
+        },
+    }
 
 
 # The compare-and-set for a whole chunk in one statement: each row is updated only if it still
@@ -235,6 +279,11 @@ UPDATE aws_accounts AS a SET
     last_attempted_at = v.attempted_at,
     last_verified_at = coalesce(v.verified_at, a.last_verified_at),
     external_id_checked_at = coalesce(v.checked_at, a.external_id_checked_at),
+    permissions_checked_at = coalesce(v.probed_at, a.permissions_checked_at),
+    permissions_proven = CASE WHEN v.probed_at IS NULL THEN a.permissions_proven
+        ELSE string_to_array(v.proven, ',') END,
+    permissions_missing = CASE WHEN v.probed_at IS NULL THEN a.permissions_missing
+        ELSE string_to_array(v.missing, ',') END,
     lease_id = NULL,
     lease_expires_at = NULL
 FROM unnest(
@@ -244,11 +293,12 @@ FROM unnest(
     CAST(:error_messages AS text[]), CAST(:next_due_ats AS timestamptz[]),
     CAST(:consecutive_failures AS integer[]), CAST(:last_outcomes AS text[]),
     CAST(:last_error_codes AS text[]), CAST(:attempted_ats AS timestamptz[]),
-    CAST(:verified_ats AS timestamptz[]), CAST(:checked_ats AS timestamptz[])
+    CAST(:verified_ats AS timestamptz[]), CAST(:checked_ats AS timestamptz[]),
+    CAST(:probed_ats AS timestamptz[]), CAST(:proven AS text[]), CAST(:missing AS text[])
 ) AS v(
     id, lease_id, b_status, b_role_arn, b_external_id, b_aws_account_id, new_status,
     new_error_message, new_next_due_at, new_consecutive_failures, new_last_outcome,
-    new_last_error_code, attempted_at, verified_at, checked_at
+    new_last_error_code, attempted_at, verified_at, checked_at, probed_at, proven, missing
 )
 WHERE a.id = v.id
     AND a.lease_id = v.lease_id
@@ -282,11 +332,15 @@ def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, li
             "attempted_ats",
             "verified_ats",
             "checked_ats",
+            "probed_ats",
+            "proven",
+            "missing",
         )
     }
     for checked, decision in pairs:
         attempt = checked.attempt
         details = attempt.details
+        report = checked.outcome.permissions
         for name, value in (
             ("ids", attempt.account_id),
             ("lease_ids", attempt.lease_id),
@@ -303,6 +357,11 @@ def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, li
             ("attempted_ats", attempt.now),
             ("verified_ats", attempt.now if decision.verified else None),
             ("checked_ats", attempt.now if decision.external_id_checked else None),
+            # One text per account (a permission name has no comma): unnest() would flatten an
+            # array of arrays.
+            ("probed_ats", attempt.now if report is not None else None),
+            ("proven", ",".join(report.proven) if report is not None else None),
+            ("missing", ",".join(report.missing) if report is not None else None),
         ):
             columns[name].append(value)
     return columns
@@ -422,18 +481,25 @@ def check_account(
     attempt: Attempt,
     *,
     check_external_id: bool | None = None,
+    probe_permissions: bool | None = None,
     observe: Observer | None = None,
 ) -> Checked:
     """Ask STS about one account and decide its new state; nothing is written.
 
-    `check_external_id` forces the enforcement check on or off (None: the rules decide);
-    `observe` is told every step of the STS attempt.
+    `check_external_id` and `probe_permissions` force the enforcement check and the permission
+    probes on or off (None: the rules decide); `observe` is told every step of the attempt.
     """
     started = time.perf_counter()
     check = check_external_id
     if check is None:
         check = needs_external_id_check(attempt.state, attempt.now, ctx.settings)
-    outcome = ctx.verifier.verify(attempt.details, check_external_id=check, observe=observe)
+    if probe_permissions is None:
+        probe = permissions_to_probe(attempt.state, attempt.now, ctx.settings)
+    else:
+        probe = ctx.settings.probed_permissions if probe_permissions else ()
+    outcome = ctx.verifier.verify(
+        attempt.details, check_external_id=check, probe=probe, observe=observe
+    )
     if (
         outcome.kind is OutcomeKind.PLATFORM_FAULT
         and ctx.circuit is not None
@@ -461,6 +527,7 @@ def check_account(
         decision=decision,
         external_id_checked=check,
         started=started,
+        probed=probe,
     )
 
 
@@ -499,6 +566,9 @@ def report_applied(result: Applied) -> Result:
         duration_ms=duration_ms,
         sts_calls=outcome.sts_calls,
         external_id_checked=checked.external_id_checked,
+        probe_calls=outcome.probe_calls,
+        permissions_missing=list(outcome.permissions.missing) if outcome.permissions else None,
+        service=outcome.service,
         hold=decision.hold.value if decision.hold else None,
         status=decision.status.value,
     )
@@ -522,6 +592,7 @@ def verify_account(
     actor: str = WORKER_ACTOR,
     correlation_id: str | None = None,
     check_external_id: bool | None = None,
+    probe_permissions: bool | None = None,
     observe: Observer | None = None,
 ) -> Result:
     """Verify one leased account and apply the outcome. Safe to run twice for the same lease.
@@ -537,7 +608,13 @@ def verify_account(
         log.info("verification.skipped", account_id=str(account_id), reason="not_leased")
         return Result.SKIPPED
     bind_context(**account_fields(attempt))
-    checked = check_account(ctx, attempt, check_external_id=check_external_id, observe=observe)
+    checked = check_account(
+        ctx,
+        attempt,
+        check_external_id=check_external_id,
+        probe_permissions=probe_permissions,
+        observe=observe,
+    )
     with ctx.sessions.begin() as session:
         (result,) = apply_checked(
             ctx, session, [checked], actor=actor, correlation_id=correlation_id
