@@ -36,6 +36,7 @@ roles; tests use distinct account ids or role names rather than resetting.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import functools
 import hashlib
@@ -95,8 +96,8 @@ __all__ = [
     "iam_client",
     "permissions_policy",
     "security_audit_document",
-    "set_probe_fault",
     "set_platform_credentials_valid",
+    "set_probe_fault",
     "sts_calls",
     "trust_policy",
 ]
@@ -1105,14 +1106,12 @@ def create_customer_role(
         )
     if security_audit:
         policy_arn = f"arn:aws:iam::{account_id}:policy/sandbox/SecurityAudit"
-        try:
+        with contextlib.suppress(client.exceptions.EntityAlreadyExistsException):
             client.create_policy(
                 PolicyName="SecurityAudit",
                 Path="/sandbox/",
                 PolicyDocument=security_audit_document(),
             )
-        except client.exceptions.EntityAlreadyExistsException:
-            pass
         client.attach_role_policy(RoleName=role_name, PolicyArn=policy_arn)
     return arn
 
@@ -1121,6 +1120,11 @@ def delete_customer_role(endpoint_url: str, account_id: str, role_name: str) -> 
     """Delete a customer's role; returns False when it did not exist."""
     client = iam_client(endpoint_url, account_id)
     try:
+        # IAM refuses to delete a role that still has policies, as AWS does.
+        for name in client.list_role_policies(RoleName=role_name)["PolicyNames"]:
+            client.delete_role_policy(RoleName=role_name, PolicyName=name)
+        for attached in client.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]:
+            client.detach_role_policy(RoleName=role_name, PolicyArn=attached["PolicyArn"])
         client.delete_role(RoleName=role_name)
     except client.exceptions.NoSuchEntityException:
         return False

@@ -45,7 +45,22 @@ role name prefix    answer to AssumeRole
 ``badsignature``    ``SignatureDoesNotMatch`` (403), as if the platform's secret were wrong
 ``flaky[N]``        the first N calls for that role ARN (default ``flaky_failures`` = 2) get
                     ``flaky_error`` (default ``InternalFailure``), later calls behave like ``ok``
+``noperms``         like ``ok``, but the role is allowed none of the probed permissions below
+``noec2``           like ``ok``, but the role is not allowed ``ec2:DescribeRegions``
+``probeerror``      like ``ok``, but every probe call gets ``ServiceUnavailable`` (503)
 ==================  ==========================================================================
+
+Permission probes: the four read-only calls the worker makes with the credentials AssumeRole
+issued (``iam:GetAccountSummary``, ``ec2:DescribeRegions``, ``s3:ListAllMyBuckets``,
+``cloudtrail:DescribeTrails``; the request's SigV4 scope names the service) are answered in each
+service's own wire format. What the credentials may do is decided when they are issued and
+written into the access key id (``ASIAFAKE`` + a hex digit of allowed probes + a fault flag), so
+no state is kept per credential: the role's permissions (by name, as above) intersected with the
+session policy passed to AssumeRole (``Deny *`` allows nothing; no policy leaves the role's). A
+call that is not allowed gets the service's AccessDenied (EC2: ``UnauthorizedOperation``, JSON
+services: ``AccessDeniedException``); any other call is refused the same way. Probe calls have
+the STS latency, are not rate-limited and are counted apart (``probe_requests``, ``by_probe``,
+``probe_outcomes``).
 
 Input is validated first, as STS does: RoleArn (an IAM role ARN, 20-2048 characters),
 RoleSessionName (2-64, ``[\\w+=,.@-]``), ExternalId (2-1224, ``[\\w+=,.@:/-]``),
@@ -106,15 +121,20 @@ from typing import Any, Final, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 __all__ = [
+    "PROBES",
     "ROLE_PREFIXES",
     "STS_ERRORS",
     "StandInConfig",
     "StsStandIn",
     "build_parser",
+    "denied_code",
     "draw_latency_seconds",
     "main",
     "role_behaviour",
     "serve",
+    "service_content_type",
+    "service_error",
+    "session_policy_mask",
 ]
 
 _NS: Final = "https://sts.amazonaws.com/doc/2011-06-15/"
@@ -191,11 +211,128 @@ ROLE_PREFIXES: Final[tuple[str, ...]] = tuple(
             "invalidtoken",
             "badsignature",
             "flaky",
+            "noperms",
+            "noec2",
+            "probeerror",
         ),
         key=len,
         reverse=True,
     )
 )
+
+# The permission probes the stand-in answers: permission -> (service, operation, success body).
+# Bit i of an issued access key's mask allows the i-th probe.
+PROBES: Final[tuple[tuple[str, str, str], ...]] = (
+    ("iam:GetAccountSummary", "iam", "GetAccountSummary"),
+    ("ec2:DescribeRegions", "ec2", "DescribeRegions"),
+    ("s3:ListAllMyBuckets", "s3", "ListBuckets"),
+    ("cloudtrail:DescribeTrails", "cloudtrail", "DescribeTrails"),
+)
+_ALL_PROBES: Final = (1 << len(PROBES)) - 1
+# What each role behaviour may do of the probes (the rest: all of them).
+_ROLE_PROBE_MASKS: Final[Mapping[str, int]] = {"noperms": 0, "noec2": _ALL_PROBES & ~0b10}
+_ISSUED_KEY_PREFIX: Final = "ASIAFAKE"
+_PROBE_BODIES: Final[Mapping[str, str]] = {
+    "iam:GetAccountSummary": (
+        '<GetAccountSummaryResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/">'
+        "<GetAccountSummaryResult><SummaryMap><entry><key>Users</key><value>0</value></entry>"
+        "</SummaryMap></GetAccountSummaryResult><ResponseMetadata><RequestId>{request_id}"
+        "</RequestId></ResponseMetadata></GetAccountSummaryResponse>"
+    ),
+    "ec2:DescribeRegions": (
+        '<DescribeRegionsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        "<requestId>{request_id}</requestId><regionInfo><item><regionName>us-east-1</regionName>"
+        "<regionEndpoint>ec2.us-east-1.amazonaws.com</regionEndpoint>"
+        "<optInStatus>opt-in-not-required</optInStatus></item></regionInfo>"
+        "</DescribeRegionsResponse>"
+    ),
+    "s3:ListAllMyBuckets": (
+        '<ListAllMyBucketsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        "<Owner><ID>{request_id}</ID></Owner><Buckets></Buckets></ListAllMyBucketsResult>"
+    ),
+    "cloudtrail:DescribeTrails": '{{"trailList": []}}',
+}
+
+
+def service_error(service: str, status: int, code: str, message: str, request_id: str) -> bytes:
+    """An error body in `service`'s own wire format (the content type is `service_content_type`).
+
+    IAM and the other query services wrap it in ``ErrorResponse``, EC2 in ``Response/Errors``,
+    S3 in a bare ``Error``, JSON services (CloudTrail) in ``{"__type", "message"}``.
+    """
+    text = _escape(message)
+    if service == "ec2":
+        return (
+            f"<Response><Errors><Error><Code>{code}</Code><Message>{text}</Message></Error>"
+            f"</Errors><RequestID>{request_id}</RequestID></Response>"
+        ).encode()
+    if service == "s3":
+        return (
+            f"<Error><Code>{code}</Code><Message>{text}</Message>"
+            f"<RequestId>{request_id}</RequestId></Error>"
+        ).encode()
+    if service in _JSON_SERVICES:
+        return json.dumps({"__type": code, "message": message}).encode()
+    kind = "Receiver" if status >= 500 else "Sender"
+    return (
+        f"<ErrorResponse><Error><Type>{kind}</Type><Code>{code}</Code><Message>{text}</Message>"
+        f"</Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+    ).encode()
+
+
+def service_content_type(service: str) -> str:
+    """The Content-Type `service` answers with."""
+    return "application/x-amz-json-1.1" if service in _JSON_SERVICES else "text/xml"
+
+
+def denied_code(service: str) -> str:
+    """How `service` spells "access denied"."""
+    if service == "ec2":
+        return "UnauthorizedOperation"
+    return "AccessDeniedException" if service in _JSON_SERVICES else "AccessDenied"
+
+
+_JSON_SERVICES: Final = frozenset({"cloudtrail"})
+
+
+def session_policy_mask(policy: str | None) -> int:
+    """Which probes a session policy allows (bit mask over PROBES); no policy allows all.
+
+    Allow statements' actions (IAM wildcards, case-insensitive) add, Deny statements remove; a
+    policy that is not valid JSON allows nothing.
+    """
+    if policy is None:
+        return _ALL_PROBES
+    try:
+        document = json.loads(policy)
+    except ValueError:
+        return 0
+    statements = document.get("Statement", []) if isinstance(document, dict) else []
+    if isinstance(statements, dict):
+        statements = [statements]
+    allowed = denied = 0
+    for statement in statements if isinstance(statements, list) else []:
+        if not isinstance(statement, dict):
+            continue
+        actions = statement.get("Action", [])
+        patterns = [
+            a for a in (actions if isinstance(actions, list) else [actions]) if isinstance(a, str)
+        ]
+        mask = 0
+        for index, (permission, _, _) in enumerate(PROBES):
+            if any(_iam_glob(pattern, permission) for pattern in patterns):
+                mask |= 1 << index
+        if statement.get("Effect") == "Allow":
+            allowed |= mask
+        elif statement.get("Effect") == "Deny":
+            denied |= mask
+    return allowed & ~denied
+
+
+def _iam_glob(pattern: str, value: str) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value, re.IGNORECASE | re.DOTALL) is not None
+
 
 # Roles that answer a fixed error code, and the code.
 _ROLE_ERRORS: Final[Mapping[str, str]] = {
@@ -419,6 +556,7 @@ class _Request(NamedTuple):
     authorization: str
     body: bytes
     close: bool
+    amz_target: str = ""  # X-Amz-Target: the operation of a JSON-protocol request
 
 
 @dataclasses.dataclass(slots=True)
@@ -453,6 +591,12 @@ class _Stats:
         self.slow = 0
         self.assume_role_without_external_id = 0
         self.connections_opened = 0
+        self.probe_requests = 0
+        self.by_probe: dict[str, int] = {}
+        self.probe_outcomes: dict[str, int] = {}
+
+    def probe_outcome(self, key: str) -> None:
+        self.probe_outcomes[key] = self.probe_outcomes.get(key, 0) + 1
 
     def outcome(self, key: str) -> None:
         self.by_outcome[key] = self.by_outcome.get(key, 0) + 1
@@ -470,6 +614,7 @@ class _Core:
         self._flaky_calls: dict[str, int] = {}
         self._roles: dict[str, _Role | None] = {}
         self._policies: dict[str, str] = {}
+        self._policy_masks: dict[str, int] = {}
         self._date_second = -1
         self._date = ""
         self._config = config
@@ -545,6 +690,9 @@ class _Core:
             "assume_role_without_external_id": st.assume_role_without_external_id,
             "connections_opened": st.connections_opened,
             "connections_open": len(self.connections),
+            "probe_requests": st.probe_requests,
+            "by_probe": dict(st.by_probe),
+            "probe_outcomes": dict(st.probe_outcomes),
         }
         if roles:
             out["by_role"] = dict(st.by_role)
@@ -589,7 +737,11 @@ class _Core:
     def handle(self, request: _Request) -> _Reply:
         if request.target.startswith(_CONTROL_PREFIX):
             return self._control(request)
-        reply = self._sts(request)
+        scope = _credential_scope(request.authorization).split("/")
+        if len(scope) == 5 and scope[3] != "sts":
+            reply = self._probe(request, scope[0], scope[3])
+        else:
+            reply = self._sts(request)
         if request.close:
             reply.close = True
         return reply
@@ -767,6 +919,82 @@ class _Core:
         self._tokens = tokens
         return False
 
+    # -- permission probes ------------------------------------------------------------------------
+
+    def _probe(self, request: _Request, access_key: str, service: str) -> _Reply:
+        """A call to another service with credentials this stand-in issued (module docstring)."""
+        config = self._config
+        st = self.stats
+        st.probe_requests += 1
+        request_id = self._request_id()
+        permission = _probe_permission(request, service)
+        st.by_probe[permission] = st.by_probe.get(permission, 0) + 1
+        if len(access_key) != 20 or not access_key.startswith(_ISSUED_KEY_PREFIX):
+            code = "AuthFailure" if service == "ec2" else "InvalidClientTokenId"
+            reply = self._service_error(
+                service,
+                403,
+                code,
+                "The security token included in the request is invalid.",
+                request_id,
+            )
+        elif access_key[9] == "E":
+            reply = self._service_error(
+                service, 503, "ServiceUnavailable", "Service is unavailable.", request_id
+            )
+        else:
+            mask = int(access_key[8], 16)
+            index = next((i for i, probe in enumerate(PROBES) if probe[0] == permission), None)
+            if index is None or not mask & (1 << index):
+                reply = self._service_error(
+                    service,
+                    403 if service != "cloudtrail" else 400,
+                    denied_code(service),
+                    f"User is not authorized to perform: {permission} on resource: *",
+                    request_id,
+                )
+            else:
+                st.probe_outcome("Success")
+                body = _PROBE_BODIES[permission].format(request_id=request_id).encode()
+                reply = _Reply(
+                    self._http(
+                        200,
+                        body,
+                        content_type=service_content_type(service),
+                        request_id=request_id,
+                    )
+                )
+        reply.delay = draw_latency_seconds(self._rng, config.median_ms, config.latency_sigma)
+        return reply
+
+    def _service_error(
+        self, service: str, status: int, code: str, message: str, request_id: str
+    ) -> _Reply:
+        self.stats.probe_outcome(code)
+        body = service_error(service, status, code, message, request_id)
+        return _Reply(
+            self._http(
+                status, body, content_type=service_content_type(service), request_id=request_id
+            )
+        )
+
+    def _issued_key(self, role: _Role, policy: str | None) -> str:
+        """A fake access key id that carries what the credentials may do (module docstring)."""
+        mask = _ROLE_PROBE_MASKS.get(role.behaviour, _ALL_PROBES) & self._policy_mask(policy)
+        fault = "E" if role.behaviour == "probeerror" else "0"
+        return f"{_ISSUED_KEY_PREFIX}{mask:X}{fault}{self._rng.getrandbits(40):010X}"
+
+    def _policy_mask(self, policy: str | None) -> int:
+        if policy is None:
+            return _ALL_PROBES
+        known = self._policy_masks.get(policy)
+        if known is None:
+            known = session_policy_mask(policy)
+            if len(self._policy_masks) >= 1024:
+                self._policy_masks.clear()
+            self._policy_masks[policy] = known
+        return known
+
     # -- AssumeRole -------------------------------------------------------------------------------
 
     def _role(self, arn: str) -> _Role | None:
@@ -875,7 +1103,7 @@ class _Core:
             f"      <AssumedRoleId>{role.role_id}:{session}</AssumedRoleId>\n"
             f"      <Arn>arn:{role.partition}:sts::{account}:assumed-role/{role.name}/{session}"
             "</Arn>\n    </AssumedRoleUser>\n    <Credentials>\n"
-            f"      <AccessKeyId>ASIAFAKE{bits(48):012X}</AccessKeyId>\n"
+            f"      <AccessKeyId>{self._issued_key(role, params.get('Policy'))}</AccessKeyId>\n"
             f"      <SecretAccessKey>FAKEstandin{bits(116):029x}</SecretAccessKey>\n"
             f"      <SessionToken>FAKE//sts-standin//session-token//{bits(256):064x}"
             "</SessionToken>\n"
@@ -947,6 +1175,24 @@ def _parse_form(text: str) -> dict[str, str]:
             value = _unquote(value)
         out[key] = value
     return out
+
+
+def _probe_permission(request: _Request, service: str) -> str:
+    """The IAM action a probe call asks for (``service:Action``; S3 knows only ListBuckets)."""
+    if request.amz_target:
+        return f"{service}:{request.amz_target.rpartition('.')[2]}"
+    if service == "s3":
+        path = urlsplit(request.target).path
+        return (
+            "s3:ListAllMyBuckets"
+            if request.method == "GET" and path in ("", "/")
+            else (f"s3:{request.method}{path}")
+        )
+    if request.method == "POST":
+        text = request.body.decode("utf-8", "replace")
+    else:
+        text = request.target.partition("?")[2]
+    return f"{service}:{_parse_form(text).get('Action', 'Unknown')}"
 
 
 def _credential_scope(authorization: str) -> str:
@@ -1049,8 +1295,8 @@ class _HttpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         # A parsed head whose body is still arriving: method, target, Authorization, close,
-        # where the body starts in the buffer, and its length.
-        self._head: tuple[str, str, str, bool, int, int] | None = None
+        # where the body starts in the buffer, its length, and X-Amz-Target.
+        self._head: tuple[str, str, str, bool, int, int, str] | None = None
         self._continue_sent = False
         self._busy = False  # an answer is pending; later requests wait in the buffer
         self._processing = False
@@ -1116,7 +1362,7 @@ class _HttpConnection(asyncio.Protocol):
             if head is None:
                 return None
             self._head = head
-        method, target, authorization, close, body_start, length = self._head
+        method, target, authorization, close, body_start, length, amz_target = self._head
         if len(buf) < body_start + length:
             if not self._continue_sent and self._transport is not None:
                 self._continue_sent = True  # harmless if the client did not wait for it
@@ -1126,11 +1372,11 @@ class _HttpConnection(asyncio.Protocol):
         del buf[: body_start + length]
         self._head = None
         self._continue_sent = False
-        return _Request(method, target, authorization, body, close)
+        return _Request(method, target, authorization, body, close, amz_target)
 
     def _parse_head(
         self, head: str, body_start: int
-    ) -> tuple[str, str, str, bool, int, int] | None:
+    ) -> tuple[str, str, str, bool, int, int, str] | None:
         line_end = head.find("\r\n")
         parts = (head if line_end < 0 else head[:line_end]).split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -1156,7 +1402,8 @@ class _HttpConnection(asyncio.Protocol):
             self._reject(413, "request body too large")
             return None
         self._continue_sent = not expect
-        return method, target, authorization, close, body_start, length
+        amz_target = _header(head, lowered, "x-amz-target") or ""
+        return method, target, authorization, close, body_start, length, amz_target
 
     def _reject(self, status: int, text: str) -> None:
         self._busy = True

@@ -881,6 +881,8 @@ def worker_environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         AWS_ENDPOINT_URL_STS=sts_url,
+        # The stand-in answers the permission probes' services too.
+        AWS_ENDPOINT_URL=sts_url,
         AWS_REGION="us-east-1",
         AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
         AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
@@ -1215,6 +1217,7 @@ class Bench:
             del os.environ[key]
         os.environ.update(
             AWS_ENDPOINT_URL_STS=sts_url,
+            AWS_ENDPOINT_URL=sts_url,
             AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
             AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
             AWS_REGION="us-east-1",

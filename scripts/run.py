@@ -940,6 +940,8 @@ def sandbox_environment(env: Mapping[str, str], endpoint_url: str) -> dict[str, 
     }
     cleaned.update(
         AWS_ENDPOINT_URL_STS=endpoint_url,
+        # The permission probes' services (IAM, EC2, S3, CloudTrail) are served there too.
+        AWS_ENDPOINT_URL=endpoint_url,
         AWS_ACCESS_KEY_ID=SANDBOX_ACCESS_KEY_ID,
         AWS_SECRET_ACCESS_KEY=SANDBOX_SECRET_ACCESS_KEY,
         # Nothing from ~/.aws (a profile's region or endpoint) and no instance metadata lookups.

@@ -46,6 +46,8 @@ def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         AWS_ENDPOINT_URL_STS=sts_url,
+        # The permission probes' services (IAM, EC2, S3, CloudTrail) are served there too.
+        AWS_ENDPOINT_URL=sts_url,
         AWS_REGION="us-east-1",
         AWS_ACCESS_KEY_ID="AKIASANDBOXPLATFORM0",
         AWS_SECRET_ACCESS_KEY="sandbox-platform-secret",

@@ -45,6 +45,7 @@ def standin() -> Iterator[StsStandIn]:
 def aws_env(monkeypatch: pytest.MonkeyPatch, standin: StsStandIn) -> None:
     """The platform's (fake) credentials and the stand-in as the STS endpoint."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", standin.endpoint_url)  # the permission probes'
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)

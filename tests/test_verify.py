@@ -66,6 +66,7 @@ def make_ctx(
 ) -> Callable[..., Verification]:
     """Build a verification context; keyword arguments override settings."""
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", standin.endpoint_url)  # the permission probes'
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLATFORMTESTKEY1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
 

@@ -726,6 +726,33 @@ class StsVerifier:
                 region=region,
             )
         say("identity", f"ok: account {details.aws_account_id}")
+        return self._after_identity(
+            details,
+            assumed_arn,
+            region,
+            calls,
+            check_external_id=check_external_id,
+            probe=probe,
+            credentials=credentials,
+            say=say,
+        )
+
+    def _after_identity(
+        self,
+        details: RoleDetails,
+        assumed_arn: str,
+        region: str,
+        calls: int,
+        *,
+        check_external_id: bool,
+        probe: Sequence[str],
+        credentials: botocore.credentials.ReadOnlyCredentials | None,
+        say: Observer,
+    ) -> Outcome:
+        """The steps after the role is known to be the right one: the enforcement check and the
+        permission probes, which run at the same time."""
+        prefix = self._settings.session_name_prefix
+        principal = self._settings.platform_principal_arn
         # The probes go out now and run while the enforcement check waits on STS.
         probes = [CATALOGUE[name] for name in probe]
         pending = self.prober().start(probes, credentials) if credentials is not None else []
