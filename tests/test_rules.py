@@ -19,6 +19,7 @@ from worker.rules import (
     is_connected_to_failed,
     jittered,
     needs_external_id_check,
+    permissions_to_probe,
 )
 from worker.settings import Settings
 from worker.sts import Outcome
@@ -40,6 +41,9 @@ def state(
     last_error_code: str | None = None,
     failures: int = 0,
     checked_at: datetime | None = None,
+    probed_at: datetime | None = None,
+    proven: tuple[str, ...] | None = None,
+    missing: tuple[str, ...] | None = None,
 ) -> AccountState:
     """An account state; failed accounts carry a message, as the schema requires."""
     return AccountState(
@@ -50,6 +54,9 @@ def state(
         last_error_code=last_error_code,
         consecutive_failures=failures,
         external_id_checked_at=checked_at,
+        permissions_checked_at=probed_at,
+        permissions_proven=proven,
+        permissions_missing=missing,
     )
 
 
@@ -249,3 +256,38 @@ def test_the_failure_count_is_capped() -> None:
     """An account failing for years never overflows its counter."""
     decision = run(state(AccountStatus.FAILED, failures=MAX_CONSECUTIVE_FAILURES), DENIED)
     assert decision.consecutive_failures == MAX_CONSECUTIVE_FAILURES
+
+
+ALL = SETTINGS.probed_permissions
+
+
+def test_permissions_are_probed_first_and_then_daily() -> None:
+    """Never probed: probe all; proven an hour ago: skip; proven a day ago: probe again."""
+    interval = timedelta(seconds=SETTINGS.permission_probe_interval_seconds)
+    assert permissions_to_probe(state(), NOW, SETTINGS) == ALL
+    recent = state(probed_at=NOW - timedelta(hours=1), proven=ALL, missing=())
+    assert permissions_to_probe(recent, NOW, SETTINGS) == ()
+    old = state(probed_at=NOW - interval, proven=ALL, missing=())
+    assert permissions_to_probe(old, NOW, SETTINGS) == ALL
+
+
+@pytest.mark.parametrize(
+    ("why", "current"),
+    [
+        ("missing", state(probed_at=NOW, proven=ALL[1:], missing=ALL[:1])),
+        # The role changed after the last probe: its permissions are unknown.
+        ("role changed", state(probed_at=NOW - timedelta(hours=2), proven=ALL, missing=())),
+        ("newly configured", state(probed_at=NOW, proven=ALL[:2], missing=())),
+    ],
+)
+def test_permissions_are_probed_at_once_when_the_last_verdict_says_little(
+    why: str, current: AccountState
+) -> None:
+    """Missing permissions (being fixed), a changed role, or a probe not yet proven: probe now."""
+    assert permissions_to_probe(current, NOW, SETTINGS) == ALL, why
+
+
+def test_no_probes_when_probing_is_off() -> None:
+    """PERMISSION_PROBES=none: never due."""
+    off = Settings(jitter_ratio=0.0, permission_probes="none")
+    assert permissions_to_probe(state(), NOW, off) == ()

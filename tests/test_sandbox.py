@@ -41,17 +41,21 @@ from sandbox.moto_sts import (
     PLATFORM_ACCOUNT_ID,
     PLATFORM_PRINCIPAL_ARN,
     PLATFORM_SECRET_ACCESS_KEY,
+    SCANNER_ACTIONS,
     Caller,
     SandboxSts,
     TrustDecision,
     create_customer_role,
     delete_customer_role,
+    evaluate_permission,
     evaluate_trust_policy,
     get_platform_credentials_valid,
     set_platform_credentials_valid,
+    set_probe_fault,
     sts_calls,
     trust_policy,
 )
+from worker.permissions import DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
 from worker.sts import RoleDetails, StsVerifier
 
@@ -742,3 +746,211 @@ def test_cli_flips_platform_credentials(sandbox: SandboxSts) -> None:
         restore = run_cli("platform-credentials", "restore", "--endpoint-url", url)
         assert restore.communicate(timeout=20)[0].strip() == "platform credentials: valid"
     assert sandbox.middleware.platform_credentials_valid
+
+
+# --- what an assumed role may do (the permission probes) ----------------------------------------
+
+
+def test_the_sandbox_roles_carry_what_the_default_probes_need() -> None:
+    """The sandbox's default role policy and the worker's default probes are the same actions."""
+    assert tuple(SCANNER_ACTIONS) == DEFAULT_PROBES
+
+
+@pytest.mark.parametrize(
+    ("statements", "action", "expected"),
+    [
+        ([{"Effect": "Allow", "Action": "ec2:Describe*", "Resource": "*"}], "ec2:DescribeRegions",
+         TrustDecision.ALLOWED),
+        ([{"Effect": "Allow", "Action": "EC2:describeregions", "Resource": "*"}],
+         "ec2:DescribeRegions", TrustDecision.ALLOWED),
+        ([{"Effect": "Allow", "Action": "ec2:Describe*", "Resource": "*"}], "ec2:RunInstances",
+         TrustDecision.IMPLICITLY_DENIED),
+        ([{"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}], "iam:GetAccountSummary",
+         TrustDecision.IMPLICITLY_DENIED),
+        ([{"Effect": "Allow", "Action": "*", "Resource": "*"},
+          {"Effect": "Deny", "Action": "s3:*", "Resource": "arn:aws:s3:::x"}],
+         "s3:ListAllMyBuckets", TrustDecision.EXPLICITLY_DENIED),
+        # Errs towards refusing: resource-scoped and conditional Allows do not apply.
+        ([{"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::x"}],
+         "s3:ListAllMyBuckets", TrustDecision.IMPLICITLY_DENIED),
+        ([{"Effect": "Allow", "Action": "*", "Resource": "*",
+           "Condition": {"Bool": {"aws:SecureTransport": "true"}}}],
+         "s3:ListAllMyBuckets", TrustDecision.IMPLICITLY_DENIED),
+    ],
+)  # fmt: skip
+def test_permission_policies_are_evaluated_as_iam_does(
+    statements: list[dict[str, Any]], action: str, expected: TrustDecision
+) -> None:
+    """Wildcards and case-insensitive actions match, a Deny wins, doubtful Allows do not count."""
+    document = {"Version": "2012-10-17", "Statement": statements}
+    assert evaluate_permission([json.dumps(document)], action) is expected
+
+
+def role_client(sandbox: SandboxSts, role_arn: str, service: str, policy: str | None = None) -> Any:
+    """A `service` client signing with credentials of `role_arn` (session policy `policy`)."""
+    params: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": SESSION}
+    params.update(ExternalId=EXTERNAL_ID, **({"Policy": policy} if policy else {}))
+    credentials = sts_client(sandbox.endpoint_url).assume_role(**params)["Credentials"]
+    return boto3.session.Session(
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+        region_name=REGION,
+    ).client(
+        service,
+        endpoint_url=sandbox.endpoint_url,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+
+
+def error_code(call: Any, **params: Any) -> str:
+    """The error code `call` answers with (fails if it succeeds)."""
+    with pytest.raises(ClientError) as error:
+        call(**params)
+    return str(error.value.response["Error"]["Code"])
+
+
+def admin_role(sandbox: SandboxSts) -> str:
+    """A role allowed everything."""
+    name = f"Admin-{uuid.uuid4().hex[:12]}"
+    return create_customer_role(
+        sandbox.endpoint_url,
+        CUSTOMER_ACCOUNT,
+        name,
+        PLATFORM_PRINCIPAL_ARN,
+        EXTERNAL_ID,
+        permissions=["*"],
+    )
+
+
+def test_the_probe_credentials_cannot_call_anything_outside_the_probe_set(
+    sandbox: SandboxSts,
+) -> None:
+    """Even for a role allowed everything, credentials issued with the probes' session policy
+    make the probe calls and are refused every other call, on every service."""
+    role_arn = admin_role(sandbox)
+    policy = probe_session_policy(DEFAULT_PROBES)
+    iam = role_client(sandbox, role_arn, "iam", policy)
+    ec2 = role_client(sandbox, role_arn, "ec2", policy)
+    s3 = role_client(sandbox, role_arn, "s3", policy)
+    cloudtrail = role_client(sandbox, role_arn, "cloudtrail", policy)
+    iam.get_account_summary()
+    ec2.describe_regions()
+    s3.list_buckets()
+    cloudtrail.describe_trails()
+    assert error_code(iam.list_users) == "AccessDenied"
+    assert error_code(iam.create_user, UserName="intruder") == "AccessDenied"
+    assert error_code(ec2.describe_instances) == "UnauthorizedOperation"
+    assert error_code(s3.create_bucket, Bucket=f"b-{uuid.uuid4().hex[:12]}") == "AccessDenied"
+    assert error_code(cloudtrail.list_trails) == "AccessDeniedException"
+    # The same role without a session policy may: the refusals above were the session policy's.
+    role_client(sandbox, role_arn, "iam").list_users()
+    role_client(sandbox, role_arn, "ec2").describe_instances()
+
+
+def test_a_role_without_the_policy_is_refused_whatever_the_session_policy_allows(
+    sandbox: SandboxSts,
+) -> None:
+    """The session policy only narrows: a role with no permissions can call none of the probes."""
+    name = f"NoPerms-{uuid.uuid4().hex[:12]}"
+    role_arn = create_customer_role(
+        sandbox.endpoint_url,
+        CUSTOMER_ACCOUNT,
+        name,
+        PLATFORM_PRINCIPAL_ARN,
+        EXTERNAL_ID,
+        permissions=(),
+    )
+    policy = probe_session_policy(DEFAULT_PROBES)
+    iam = role_client(sandbox, role_arn, "iam", policy)
+    with pytest.raises(ClientError) as error:
+        iam.get_account_summary()
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "no identity-based policy allows the iam:GetAccountSummary action" in str(error.value)
+    assert error_code(role_client(sandbox, role_arn, "ec2", policy).describe_regions) == (
+        "UnauthorizedOperation"
+    )
+    assert error_code(role_client(sandbox, role_arn, "s3", policy).list_buckets) == "AccessDenied"
+    assert error_code(role_client(sandbox, role_arn, "cloudtrail", policy).describe_trails) == (
+        "AccessDeniedException"
+    )
+
+
+@pytest.fixture
+def probing_verifier(sandbox: SandboxSts, monkeypatch: pytest.MonkeyPatch) -> StsVerifier:
+    """The worker's verifier pointed at the sandbox for STS and every probed service."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET_ACCESS_KEY)
+    return StsVerifier(Settings(sts_max_attempts=1))
+
+
+def probe_role(sandbox: SandboxSts, probing_verifier: StsVerifier, **role: Any) -> Any:
+    """Create a role with `role`'s policies and verify it with every probe."""
+    account = f"{uuid.uuid4().int % 10**12:012d}"
+    name = f"Probed-{uuid.uuid4().hex[:12]}"
+    arn = create_customer_role(
+        sandbox.endpoint_url, account, name, PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID, **role
+    )
+    details = RoleDetails(uuid.uuid4(), account, arn, EXTERNAL_ID)
+    return probing_verifier.verify(details, check_external_id=True, probe=DEFAULT_PROBES)
+
+
+def test_a_role_with_security_audit_passes_every_probe(
+    sandbox: SandboxSts, probing_verifier: StsVerifier
+) -> None:
+    """SecurityAudit's own document (wildcards such as iam:Get*, ec2:Describe*) allows the four."""
+    outcome = probe_role(sandbox, probing_verifier, permissions=(), security_audit=True)
+    assert outcome.verified
+    assert outcome.permissions.proven == DEFAULT_PROBES
+
+
+def test_a_role_missing_one_permission_is_told_that_one(
+    sandbox: SandboxSts, probing_verifier: StsVerifier
+) -> None:
+    """Three of the four allowed: MissingPermissions naming the fourth."""
+    outcome = probe_role(sandbox, probing_verifier, permissions=DEFAULT_PROBES[:3])
+    assert outcome.code == "MissingPermissions"
+    assert outcome.permissions.missing == ("cloudtrail:DescribeTrails",)
+    assert "not allowed: cloudtrail:DescribeTrails. Attach" in outcome.message
+
+
+def test_an_explicit_deny_beats_an_allow(
+    sandbox: SandboxSts, probing_verifier: StsVerifier
+) -> None:
+    """A role allowed everything but denied s3:* (as a service control policy would) misses S3."""
+    outcome = probe_role(sandbox, probing_verifier, permissions=["*"])
+    assert outcome.verified
+    account = f"{uuid.uuid4().int % 10**12:012d}"
+    name = f"Denied-{uuid.uuid4().hex[:12]}"
+    arn = create_customer_role(
+        sandbox.endpoint_url, account, name, PLATFORM_PRINCIPAL_ARN, EXTERNAL_ID, permissions=["*"]
+    )
+    sandbox.iam_client_for(account).put_role_policy(
+        RoleName=name,
+        PolicyName="NoS3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Deny", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )  # fmt: skip
+    details = RoleDetails(uuid.uuid4(), account, arn, EXTERNAL_ID)
+    denied = probing_verifier.verify(details, check_external_id=False, probe=DEFAULT_PROBES)
+    assert denied.permissions.missing == ("s3:ListAllMyBuckets",)
+
+
+def test_a_probe_fault_is_a_transient_naming_the_service(
+    sandbox: SandboxSts, probing_verifier: StsVerifier
+) -> None:
+    """With EC2 answering 503 (switched over HTTP), the attempt is transient, naming ec2."""
+    set_probe_fault(sandbox.endpoint_url, "ec2", "Unavailable")
+    try:
+        outcome = probe_role(sandbox, probing_verifier)
+    finally:
+        set_probe_fault(sandbox.endpoint_url, "ec2", None)
+    assert (outcome.kind.value, outcome.code, outcome.service) == (
+        "transient",
+        "Unavailable",
+        "ec2",
+    )
+    assert probe_role(sandbox, probing_verifier).verified

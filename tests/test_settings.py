@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.permissions import DEFAULT_PROBES
 from worker.settings import SettingsError, load_settings
 
 
@@ -157,4 +158,27 @@ def test_a_retry_schedule_with_a_non_positive_delay_is_refused(
     """WEBHOOK_RETRY_SCHEDULE_SECONDS is a JSON list of positive seconds; the error names it."""
     monkeypatch.setenv("WEBHOOK_RETRY_SCHEDULE_SECONDS", "[5, 0]")
     with pytest.raises(SettingsError, match="WEBHOOK_RETRY_SCHEDULE_SECONDS"):
+        load_settings()
+
+
+def test_permission_probes_default_to_the_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PERMISSION_PROBES every catalogue probe runs, daily."""
+    monkeypatch.delenv("PERMISSION_PROBES", raising=False)
+    settings = load_settings()
+    assert settings.probed_permissions == DEFAULT_PROBES
+    assert settings.permission_probe_interval_seconds == 86400
+
+
+def test_permission_probes_can_be_chosen_or_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comma-separated subset is taken as given; `none` turns probing off."""
+    monkeypatch.setenv("PERMISSION_PROBES", "s3:ListAllMyBuckets,iam:GetAccountSummary")
+    assert load_settings().probed_permissions == ("iam:GetAccountSummary", "s3:ListAllMyBuckets")
+    monkeypatch.setenv("PERMISSION_PROBES", "none")
+    assert load_settings().probed_permissions == ()
+
+
+def test_an_unknown_probe_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe outside the catalogue is refused at start-up, naming PERMISSION_PROBES."""
+    monkeypatch.setenv("PERMISSION_PROBES", "ec2:DescribeRegions,ec2:RunInstances")
+    with pytest.raises(SettingsError, match=r"PERMISSION_PROBES: unknown probe\(s\) ec2:Run"):
         load_settings()

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from models import OutcomeKind
 from sandbox.standin import StsStandIn
+from worker.permissions import DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
 from worker.sts import (
     DENY_ALL_POLICY,
@@ -82,9 +83,11 @@ def role(name: str, *, account: str = ACCOUNT, external_id: str = EXTERNAL_ID) -
     )
 
 
-def attempt(name: str, *, check: bool = True, **overrides: object) -> Outcome:
+def attempt(
+    name: str, *, check: bool = True, probe: tuple[str, ...] = (), **overrides: object
+) -> Outcome:
     """One attempt on the stand-in role `name`."""
-    return verifier(**overrides).verify(role(name), check_external_id=check)
+    return verifier(**overrides).verify(role(name), check_external_id=check, probe=probe)
 
 
 # --- local checks --------------------------------------------------------------------------
@@ -522,14 +525,21 @@ ALL_BEHAVIOURS = [
     "garbage-Role",
     "expiredtoken-Role",
     "invalidtoken-Role",
+    "noperms-Role",
+    "noec2-Role",
+    "probeerror-Role",
 ]
 
 
 def test_no_credential_value_appears_in_outcomes_or_logs(aws_env: None) -> None:
-    """Neither the platform's keys nor the temporary credentials appear in any outcome or log."""
+    """Neither the platform's keys nor the temporary credentials (those the probes used
+    included) appear in any outcome or log."""
     sts = verifier()
     with capture_logs() as logs:
-        outcomes = [sts.verify(role(name), check_external_id=True) for name in ALL_BEHAVIOURS]
+        outcomes = [
+            sts.verify(role(name), check_external_id=True, probe=DEFAULT_PROBES)
+            for name in ALL_BEHAVIOURS
+        ]
     text = repr(outcomes) + repr(logs)
     assert PLATFORM_KEY not in text
     assert PLATFORM_SECRET not in text
@@ -555,3 +565,117 @@ def test_every_throttled_answer_is_reported_retried_ones_included(aws_env: None)
     heard.clear()
     assert sts.verify(role("ok-Role"), check_external_id=True).verified
     assert heard == []
+
+
+# --- permission probes ------------------------------------------------------------------------
+
+
+def _probe_calls(standin: StsStandIn) -> dict[str, int]:
+    by_probe = standin.stats(roles=False)["by_probe"]
+    assert isinstance(by_probe, dict)
+    return dict(by_probe)
+
+
+def test_a_role_allowed_every_probe_is_verified_with_them_proven(
+    aws_env: None, standin: StsStandIn
+) -> None:
+    """Each probe is called once, on its own service, and none of them spends an STS call."""
+    before = _probe_calls(standin)
+    outcome = attempt("ok-Role", probe=DEFAULT_PROBES)
+    assert outcome.kind is OutcomeKind.VERIFIED
+    assert outcome.permissions is not None
+    assert (outcome.permissions.proven, outcome.permissions.missing) == (DEFAULT_PROBES, ())
+    assert (outcome.sts_calls, outcome.probe_calls) == (2, 4)
+    after = _probe_calls(standin)
+    assert {name: after[name] - before.get(name, 0) for name in DEFAULT_PROBES} == dict.fromkeys(
+        DEFAULT_PROBES, 1
+    )
+
+
+def test_a_role_without_permissions_fails_naming_all_four(aws_env: None) -> None:
+    """Every denial (AccessDenied, UnauthorizedOperation, AccessDeniedException) is named."""
+    outcome = attempt("noperms-Role", probe=DEFAULT_PROBES)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "MissingPermissions")
+    assert outcome.message.startswith(
+        f"Role arn:aws:iam::{ACCOUNT}:role/noperms-Role can be assumed, but it is not allowed: "
+        "cloudtrail:DescribeTrails, ec2:DescribeRegions, iam:GetAccountSummary, "
+        "s3:ListAllMyBuckets. Attach the AWS managed policy SecurityAudit"
+    )
+    assert outcome.permissions is not None
+    assert (outcome.permissions.proven, outcome.permissions.missing) == ((), DEFAULT_PROBES)
+
+
+def test_a_role_missing_one_permission_fails_naming_only_that_one(aws_env: None) -> None:
+    """The three allowed probes are proven; the message names ec2:DescribeRegions alone."""
+    outcome = attempt("noec2-Role", probe=DEFAULT_PROBES)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "MissingPermissions")
+    assert "not allowed: ec2:DescribeRegions. Attach" in outcome.message
+    assert outcome.permissions is not None
+    assert outcome.permissions.missing == ("ec2:DescribeRegions",)
+    assert "ec2:DescribeRegions" not in outcome.permissions.proven
+
+
+def test_a_failing_probe_service_is_transient_and_named(aws_env: None) -> None:
+    """A 503 from the probed services changes nothing and says which service answered."""
+    outcome = attempt("probeerror-Role", probe=DEFAULT_PROBES)
+    assert (outcome.kind, outcome.code, outcome.service) == (
+        OutcomeKind.TRANSIENT,
+        "ServiceUnavailable",
+        "iam",
+    )
+    assert outcome.permissions is None
+    assert "from iam" in outcome.message
+
+
+def test_only_the_configured_probes_are_called(aws_env: None, standin: StsStandIn) -> None:
+    """Probing one permission calls one service; probing none calls none."""
+    before = _probe_calls(standin)
+    outcome = attempt("noec2-Role", probe=("s3:ListAllMyBuckets",))
+    assert outcome.verified
+    assert outcome.permissions is not None
+    assert outcome.permissions.proven == ("s3:ListAllMyBuckets",)
+    assert attempt("ok-Role").permissions is None
+    after = _probe_calls(standin)
+    assert {name: after[name] - before.get(name, 0) for name in after} == {
+        **dict.fromkeys(after, 0),
+        "s3:ListAllMyBuckets": 1,
+    }
+
+
+def test_probing_assume_role_carries_a_policy_allowing_exactly_the_probes(
+    aws_env: None,
+) -> None:
+    """When probes are due the session policy allows the probed actions (and nothing else);
+    the credentials AssumeRole returned are the ones the probes sign with."""
+    details = role("ok-Role")
+    sts = verifier()
+    stubber = Stubber(sts.client())
+    stubber.add_response(
+        "assume_role",
+        {
+            "AssumedRoleUser": {
+                "AssumedRoleId": "AROAEXAMPLE:s",
+                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s",
+            },
+            # What the stand-in would issue for a role allowed only ec2:DescribeRegions (mask 2):
+            # the probes reach the stand-in with exactly these credentials.
+            "Credentials": {
+                "AccessKeyId": "ASIAFAKE20" + "0" * 10,
+                "SecretAccessKey": "FAKEstandin-secret",
+                "SessionToken": "FAKE-token",
+                "Expiration": "2030-01-01T00:00:00Z",
+            },
+        },
+        expected_params={
+            "RoleArn": details.role_arn,
+            "RoleSessionName": session_name_for(details.connection_id, "verifier"),
+            "ExternalId": EXTERNAL_ID,
+            "DurationSeconds": 900,
+            "Policy": probe_session_policy(DEFAULT_PROBES),
+        },
+    )
+    with stubber:
+        outcome = sts.verify(details, check_external_id=False, probe=DEFAULT_PROBES)
+    stubber.assert_no_pending_responses()
+    assert outcome.permissions is not None
+    assert outcome.permissions.proven == ("ec2:DescribeRegions",)
