@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
@@ -338,3 +338,123 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
     events = _status_events(scratch_sessions)
     assert [(e.account_id, e.to_status) for e in events] == [(ids[1], AccountStatus.CONNECTED)]
     assert datetime.now(UTC) - events[0].occurred_at < timedelta(minutes=5)
+
+
+def _accounts(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, AwsAccount]:
+    with sessions() as session:
+        rows = session.scalars(select(AwsAccount).where(AwsAccount.id.in_(ids))).all()
+        session.expunge_all()
+    return {row.id: row for row in rows}
+
+
+def test_connected_means_the_role_can_do_what_scans_need(
+    sandbox: SandboxSts,
+    scratch_database: str,
+    scratch_sessions: sessionmaker[Session],
+    clean_redis: str,
+    tmp_path: Path,
+) -> None:
+    """SecurityAudit connects; no policy fails naming all four probed permissions; a policy
+    missing one fails naming it; an EC2 outage during a probe keeps a connected account connected.
+    """
+    endpoint = sandbox.endpoint_url
+    roles = {
+        "audit": {"permissions": (), "security_audit": True},
+        "bare": {"permissions": ()},
+        "partial": {"permissions": ["iam:GetAccountSummary", "ec2:DescribeRegions", "s3:*"]},
+        "flaky": {},
+    }
+    ids: dict[str, uuid.UUID] = {}
+    with scratch_sessions.begin() as session:
+        organization = make_organization(session)
+        for label, policies in roles.items():
+            aws_id = unique_aws_account_id()
+            role_name = f"Scanner-{label}"
+            external_id = f"ext-{uuid.uuid4().hex}"
+            create_customer_role(
+                endpoint, aws_id, role_name, PLATFORM_PRINCIPAL_ARN, external_id, **policies
+            )
+            ids[label] = make_account(
+                session,
+                organization=organization,
+                aws_account_id=aws_id,
+                role_arn=f"arn:aws:iam::{aws_id}:role/{role_name}",
+                external_id=external_id,
+                role_changed_at=LONG_AGO,
+                # The flaky one is connected (never probed) and waits until EC2 is down.
+                **(
+                    {
+                        "status": AccountStatus.CONNECTED,
+                        "next_due_at": datetime.now(UTC) + timedelta(days=1),
+                    }
+                    if label == "flaky"
+                    else {}
+                ),
+            ).id
+    env = service_env(database_url=scratch_database, redis_url=clean_redis, sts_url=endpoint)
+    first = [ids["audit"], ids["bare"], ids["partial"]]
+    with running(start_worker(env, tmp_path), start_beat(env, tmp_path)) as (worker, _beat):
+        wait_until(
+            lambda: (
+                _statuses(scratch_sessions, first)
+                == {ids["audit"]: "connected", ids["bare"]: "failed", ids["partial"]: "failed"}
+            ),
+            timeout=120,
+            what="the three accounts to reach their status",
+        )
+        sandbox.set_probe_fault("ec2", "Unavailable")
+        try:
+            with scratch_sessions.begin() as session:
+                session.execute(
+                    update(AwsAccount)
+                    .where(AwsAccount.id == ids["flaky"])
+                    .values(next_due_at=func.now())
+                )
+            flaky = wait_until(
+                lambda: (
+                    row
+                    if (
+                        row := _accounts(scratch_sessions, [ids["flaky"]])[ids["flaky"]]
+                    ).last_error_code
+                    == "Unavailable"
+                    else None
+                ),
+                timeout=60,
+                what="the flaky account's probe to meet the EC2 outage",
+            )
+        finally:
+            sandbox.set_probe_fault("ec2", None)
+        assert (flaky.status, flaky.permissions_checked_at) == (AccountStatus.CONNECTED, None)
+        wait_until(
+            lambda: (
+                _accounts(scratch_sessions, [ids["flaky"]])[ids["flaky"]].permissions_missing == []
+            ),
+            timeout=60,
+            what="the flaky account's permissions to be proven once EC2 is back",
+        )
+        outage = [
+            record
+            for record in worker.events("verification.completed")
+            if record.get("account_id") == str(ids["flaky"]) and record["outcome"] == "transient"
+        ]
+        assert outage
+        assert outage[0]["service"] == "ec2"
+    accounts = _accounts(scratch_sessions, list(ids.values()))
+    assert accounts[ids["audit"]].permissions_proven == [
+        "iam:GetAccountSummary",
+        "ec2:DescribeRegions",
+        "s3:ListAllMyBuckets",
+        "cloudtrail:DescribeTrails",
+    ]
+    assert accounts[ids["bare"]].error_message == (
+        f"Role {accounts[ids['bare']].role_arn} can be assumed, but it is not allowed: "
+        "cloudtrail:DescribeTrails, ec2:DescribeRegions, iam:GetAccountSummary, "
+        "s3:ListAllMyBuckets. Attach the AWS managed policy SecurityAudit to the role, or a "
+        "policy that allows these actions. If it is attached, a service control policy may "
+        "deny them."
+    )
+    partial = accounts[ids["partial"]]
+    assert partial.error_message is not None
+    assert "it is not allowed: cloudtrail:DescribeTrails. Attach" in partial.error_message
+    assert partial.permissions_missing == ["cloudtrail:DescribeTrails"]
+    assert accounts[ids["flaky"]].status is AccountStatus.CONNECTED

@@ -11,7 +11,7 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -624,3 +624,152 @@ def test_chunks_written_at_the_same_time_count_each_others_wave(
         AccountStatus.FAILED,
         AccountStatus.CONNECTED,
     ]
+
+
+# --- permission probes ------------------------------------------------------------------------
+
+ALL_PROBES = (
+    "iam:GetAccountSummary",
+    "ec2:DescribeRegions",
+    "s3:ListAllMyBuckets",
+    "cloudtrail:DescribeTrails",
+)
+
+
+def test_a_working_role_records_the_permissions_it_proved(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """First success: every probe proven and when; no permissions_changed event (nothing was
+    missing before or after)."""
+    account_id, lease_id = _account(scratch_sessions, "ok-Probed")
+    verify_account(make_ctx(), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert account.status is AccountStatus.CONNECTED
+    assert account.permissions_checked_at == account.last_verified_at
+    assert (account.permissions_proven, account.permissions_missing) == (list(ALL_PROBES), [])
+    assert [e.event_type for e in _events(scratch_sessions, account_id)] == [
+        AuditEventType.STATUS_CHANGED
+    ]
+
+
+def test_a_role_without_permissions_fails_naming_them_with_a_permissions_event(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """pending -> failed with MissingPermissions naming all four; permissions_changed records
+    unknown -> the four."""
+    account_id, lease_id = _account(scratch_sessions, "noperms-Bare")
+    verify_account(make_ctx(pending_grace_seconds=0), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert (account.status, account.last_error_code) == (
+        AccountStatus.FAILED,
+        "MissingPermissions",
+    )
+    assert account.error_message is not None
+    assert account.error_message.startswith(
+        "Role arn:aws:iam::123456789012:role/noperms-Bare can be assumed, but it is not allowed: "
+        "cloudtrail:DescribeTrails, ec2:DescribeRegions, iam:GetAccountSummary, "
+        "s3:ListAllMyBuckets."
+    )
+    assert (account.permissions_proven, account.permissions_missing) == ([], list(ALL_PROBES))
+    status, permissions = _events(scratch_sessions, account_id)
+    assert (status.event_type, status.reason) == (
+        AuditEventType.STATUS_CHANGED,
+        "MissingPermissions",
+    )
+    assert (permissions.event_type, permissions.from_status, permissions.to_status) == (
+        AuditEventType.PERMISSIONS_CHANGED,
+        None,
+        None,
+    )
+    assert permissions.details == {
+        "before": None,
+        "after": sorted(ALL_PROBES),
+        "proven": [],
+    }
+
+
+def test_a_change_in_the_missing_set_is_audited_once(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Missing ec2 twice: one event; then no longer probed for it: connected, and missing
+    [ec2] -> [] recorded."""
+    account_id, lease_id = _account(scratch_sessions, "noec2-Partial")
+    verify_account(make_ctx(pending_grace_seconds=0), account_id, lease_id)
+    for probes in (",".join(ALL_PROBES), ",".join(p for p in ALL_PROBES if p.startswith("ec2"))):
+        with scratch_sessions.begin() as session:
+            session.execute(
+                update(AwsAccount).where(AwsAccount.id == account_id).values(next_due_at=func.now())
+            )
+            lease = claim_due_accounts(session, limit=1, lease_seconds=60).lease_id
+        verify_account(
+            make_ctx(pending_grace_seconds=0, permission_probes=probes), account_id, lease
+        )
+        assert _read(scratch_sessions, account_id).status is AccountStatus.FAILED
+    with scratch_sessions.begin() as session:
+        session.execute(
+            update(AwsAccount).where(AwsAccount.id == account_id).values(next_due_at=func.now())
+        )
+        lease = claim_due_accounts(session, limit=1, lease_seconds=60).lease_id
+    others = ",".join(p for p in ALL_PROBES if not p.startswith("ec2"))
+    verify_account(make_ctx(permission_probes=others), account_id, lease)
+    account = _read(scratch_sessions, account_id)
+    assert (account.status, account.permissions_missing) == (AccountStatus.CONNECTED, [])
+    changes = [
+        e.details
+        for e in _events(scratch_sessions, account_id)
+        if e.event_type is AuditEventType.PERMISSIONS_CHANGED
+    ]
+    assert [(c["before"], c["after"]) for c in changes] == [
+        (None, ["ec2:DescribeRegions"]),
+        (["ec2:DescribeRegions"], []),
+    ]
+
+
+def test_a_failing_probe_service_keeps_a_connected_account_connected(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """503s from the probed services: transient, status kept, nothing recorded about
+    permissions, and the log names the service."""
+    account_id, lease_id = _account(
+        scratch_sessions, "probeerror-Flaky", status=AccountStatus.CONNECTED
+    )
+    with capture_logs() as logs:
+        verify_account(make_ctx(), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert (account.status, account.last_outcome, account.last_error_code) == (
+        AccountStatus.CONNECTED,
+        OutcomeKind.TRANSIENT,
+        "ServiceUnavailable",
+    )
+    assert account.permissions_checked_at is None
+    [completed] = [log for log in logs if log["event"] == "verification.completed"]
+    assert (completed["outcome"], completed["service"], completed["probe_calls"]) == (
+        "transient",
+        "iam",
+        4,
+    )
+    assert _events(scratch_sessions, account_id) == []
+
+
+def test_probes_that_are_not_due_are_not_made(
+    make_ctx: Callable[..., Verification],
+    scratch_sessions: sessionmaker[Session],
+    standin: StsStandIn,
+) -> None:
+    """Proven an hour ago: the next verification calls no other service and keeps the record."""
+    proven_at = datetime.now(UTC) - timedelta(hours=1)
+    account_id, lease_id = _account(
+        scratch_sessions,
+        "noperms-WouldFail",
+        status=AccountStatus.CONNECTED,
+        role_changed_at=proven_at - timedelta(days=1),
+        permissions_checked_at=proven_at,
+        permissions_proven=list(ALL_PROBES),
+        permissions_missing=[],
+    )
+    before = standin.stats(roles=False)["probe_requests"]
+    verify_account(make_ctx(), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert account.status is AccountStatus.CONNECTED
+    assert account.permissions_checked_at == proven_at
+    assert standin.stats(roles=False)["probe_requests"] == before
