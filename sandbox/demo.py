@@ -4,7 +4,8 @@ Each connection is what the API would hold for a customer (alias, AWS account, r
 ID) plus what the sandbox does when the worker verifies it. `seed_demo_roles` creates the roles
 through the sandbox's IAM API, so a worker pointed at the sandbox shows the customer mistakes seen
 most: a role that trusts someone else, one that requires another external ID, one that was never
-created, and one that does not require the external ID at all (the confused-deputy case).
+created, one that does not require the external ID at all (the confused-deputy case), and one that
+can be assumed but has no policy attached, so it lacks the permissions a scan needs.
 
 The first three look the same to the customer, as they do with AWS: STS answers all of them with
 one `AccessDenied` and does not say which it is, on purpose (a caller learns nothing about roles it
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, create_customer_role
+from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, SCANNER_ACTIONS, create_customer_role
 
 __all__ = [
     "DEMO_CONNECTIONS",
@@ -56,6 +57,8 @@ class DemoBehaviour(enum.StrEnum):
     """The role trusts the platform with no external ID condition: assumed even without one."""
     MISSING_ROLE = "missing_role"
     """No role was created: the same AccessDenied."""
+    MISSING_PERMISSIONS = "missing_permissions"
+    """Assumed as for `works`, but no policy is attached: the permission probes are refused."""
 
 
 _SHOWS = {
@@ -64,6 +67,7 @@ _SHOWS = {
     DemoBehaviour.WRONG_EXTERNAL_ID: "AccessDenied",
     DemoBehaviour.EXTERNAL_ID_NOT_ENFORCED: "ExternalIdNotEnforced",
     DemoBehaviour.MISSING_ROLE: "AccessDenied",
+    DemoBehaviour.MISSING_PERMISSIONS: "MissingPermissions",
 }
 
 
@@ -121,6 +125,7 @@ DEMO_CONNECTIONS: tuple[DemoConnection, ...] = (
     _connection("Staging", "210000000003", DemoBehaviour.WRONG_EXTERNAL_ID),
     _connection("Legacy sandbox", "210000000004", DemoBehaviour.EXTERNAL_ID_NOT_ENFORCED),
     _connection("Data lake", "210000000005", DemoBehaviour.MISSING_ROLE),
+    _connection("Audit logs", "210000000006", DemoBehaviour.MISSING_PERMISSIONS),
 )
 
 
@@ -157,6 +162,12 @@ def seed_demo_roles(
                 connection.role_name,
                 trusted,
                 connection.required_external_id,
+                # Every other role carries what the worker's permission probes check.
+                permissions=(
+                    ()
+                    if connection.behaviour is DemoBehaviour.MISSING_PERMISSIONS
+                    else SCANNER_ACTIONS
+                ),
             )
         )
     return created

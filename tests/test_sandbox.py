@@ -646,6 +646,13 @@ def test_demo_connections_behave_as_labelled(sandbox: SandboxSts) -> None:
             assume(sandbox, connection.role_arn, connection.external_id)
         assert_access_denied(error, connection.role_arn)
 
+    # Assumed like `works`, but refused every probe: shown failed with the missing list.
+    lacking = demo_connection(DemoBehaviour.MISSING_PERMISSIONS)
+    assert assume(sandbox, lacking.role_arn, lacking.external_id)
+    lacking_iam = role_client(sandbox, lacking.role_arn, "iam", external_id=lacking.external_id)
+    assert error_code(lacking_iam.get_account_summary) == "AccessDenied"
+    role_client(sandbox, works.role_arn, "iam", external_id=works.external_id).get_account_summary()
+
     denies = demo_connection(DemoBehaviour.DENIES)
     trusted = json.dumps(
         sandbox.iam_client_for(denies.aws_account_id).get_role(RoleName=denies.role_name)["Role"][
@@ -786,10 +793,17 @@ def test_permission_policies_are_evaluated_as_iam_does(
     assert evaluate_permission([json.dumps(document)], action) is expected
 
 
-def role_client(sandbox: SandboxSts, role_arn: str, service: str, policy: str | None = None) -> Any:
+def role_client(
+    sandbox: SandboxSts,
+    role_arn: str,
+    service: str,
+    policy: str | None = None,
+    *,
+    external_id: str = EXTERNAL_ID,
+) -> Any:
     """A `service` client signing with credentials of `role_arn` (session policy `policy`)."""
     params: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": SESSION}
-    params.update(ExternalId=EXTERNAL_ID, **({"Policy": policy} if policy else {}))
+    params.update(ExternalId=external_id, **({"Policy": policy} if policy else {}))
     credentials = sts_client(sandbox.endpoint_url).assume_role(**params)["Credentials"]
     return boto3.session.Session(
         aws_access_key_id=credentials["AccessKeyId"],
