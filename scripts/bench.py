@@ -1615,6 +1615,7 @@ def summarize(
             "dispatch_interval_seconds": settings.dispatch_interval_seconds,
             "dispatch_batch_size": settings.dispatch_batch_size,
             "dispatch_max_queued": settings.dispatch_max_queued,
+            "permission_probes": settings.permission_probes,
             "worker_env": opts.worker_env,
             "seed": opts.seed,
             "timeout_seconds": opts.timeout,
@@ -1658,6 +1659,9 @@ def summarize(
             "throttled": throttled,
             "throttled_share": rounded(throttled / requests if requests else 0.0, 4),
             "by_outcome": sts_stats.get("by_outcome", {}),
+            # The permission probes go to other services: they spend no STS budget.
+            "probe_requests": int(sts_stats.get("probe_requests", 0)),
+            "probe_calls_per_verification": rounded(int(sts_stats.get("probe_requests", 0)) / n),
             "standin_cpu_ms_per_verification": rounded(
                 (after.standin.cpu_seconds - before.standin.cpu_seconds) / n * 1000
             ),
@@ -1836,6 +1840,11 @@ def render_table(r: dict[str, Any]) -> str:
         rows.append(row(label, _fmt(c["worker_sts_budget_bound"])))
     rows += [
         row("STS calls per verification", _fmt(sts["calls_per_verification"], ".2f")),
+        row(
+            "probe calls per verification",
+            f"{_fmt(sts.get('probe_calls_per_verification'), '.2f')} "
+            f"(PERMISSION_PROBES={cfg.get('permission_probes')})",
+        ),
         row("mean STS call, measured (ms)", _fmt(sts["mean_call_ms"], ".1f")),
         row("worker CPU per verification (ms)", _fmt(w["cpu_ms_per_verification"], ".2f")),
         row(

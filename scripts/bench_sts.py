@@ -4,7 +4,8 @@
 
 The stand-in runs as a separate process, so the figures are the worker-side cost alone: our
 checks, botocore's signing, serialization, HTTP and XML parsing. Target: under 3 ms per
-verification.
+verification. The last figure adds the four permission probes (the stand-in answers them too),
+so the difference is the CPU of one probe set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 import uuid
 
+from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
 from worker.sts import RoleDetails, StsVerifier
 
@@ -36,10 +38,12 @@ def _start_standin() -> tuple[subprocess.Popen[str], str]:
     return process, url
 
 
-def _measure(sts: StsVerifier, details: list[RoleDetails], *, check: bool) -> tuple[float, float]:
+def _measure(
+    sts: StsVerifier, details: list[RoleDetails], *, check: bool, probe: tuple[str, ...] = ()
+) -> tuple[float, float]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for item in details:
-        outcome = sts.verify(item, check_external_id=check)
+        outcome = sts.verify(item, check_external_id=check, probe=probe)
         if not outcome.verified:
             raise SystemExit(f"unexpected outcome: {outcome.code}: {outcome.message}")
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ.update(
             AWS_ENDPOINT_URL_STS=url,
+            AWS_ENDPOINT_URL=url,  # the permission probes' services
             AWS_ACCESS_KEY_ID="AKIABENCHMARKKEY0001",
             AWS_SECRET_ACCESS_KEY="benchmark-secret",  # noqa: S106 - a fake for the stand-in
         )
@@ -71,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             for _ in range(args.count)
         ]
-        _measure(sts, details[: args.warmup] or details[:1], check=True)
+        _measure(sts, details[: args.warmup] or details[:1], check=True, probe=DEFAULT_PROBES)
         print(f"{'figure':<56}{'median':>10}  rounds")
-        for check, label in (
-            (False, "AssumeRole only (1 STS call)"),
-            (True, "with external-ID check (2 calls)"),
+        for check, probe, label in (
+            (False, (), "AssumeRole only (1 STS call)"),
+            (True, (), "with external-ID check (2 calls)"),
+            (True, DEFAULT_PROBES, "with the check and 4 probes (2+4 calls)"),
         ):
-            rounds = [_measure(sts, details, check=check) for _ in range(args.rounds)]
+            rounds = [_measure(sts, details, check=check, probe=probe) for _ in range(args.rounds)]
             cpu = [r[0] for r in rounds]
             wall = [r[1] for r in rounds]
             print(

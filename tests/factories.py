@@ -64,12 +64,14 @@ def make_sandbox_account(
     organization: Organization,
     trusted: str | None = None,
     enforce_external_id: bool = True,
+    permissions: tuple[str, ...] | None = None,
     **fields: Any,
 ) -> AwsAccount:
     """An account whose role exists in the sandbox STS at `endpoint_url`.
 
     The role trusts `trusted` (default: the platform) and requires the account's external ID
-    unless `enforce_external_id` is False. `trusted=""` creates no role at all.
+    unless `enforce_external_id` is False. `trusted=""` creates no role at all. `permissions`
+    are the actions its policy allows (default: what the permission probes check; () none).
     """
     from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, create_customer_role  # noqa: PLC0415
 
@@ -84,6 +86,7 @@ def make_sandbox_account(
             role_name,
             principal,
             external_id if enforce_external_id else None,
+            **({} if permissions is None else {"permissions": permissions}),
         )
     return make_account(
         session,

@@ -137,6 +137,7 @@ def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         "peak RSS total, shared pages once per process (MB)",
         "throughput / machine ceiling (concurrency and CPU only)",
         "STS calls throttled",
+        "probe calls per verification",
     ):
         assert label in completed.stdout
     results: dict[str, Any] = json.loads(out.read_text())
@@ -148,6 +149,12 @@ def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     assert results["config"]["concurrency_is_default"] is True
     assert results["config"]["worker_env"]["LEASE_SECONDS"] == "15"
     assert results["sts"]["throttled"] == 0
+    # Probes are on by default: each account's first success probes its four permissions, on
+    # the stand-in's other services (counted apart from STS requests).
+    assert results["config"]["permission_probes"] == (
+        "iam:GetAccountSummary,ec2:DescribeRegions,s3:ListAllMyBuckets,cloudtrail:DescribeTrails"
+    )
+    assert results["sts"]["probe_calls_per_verification"] >= 4
     assert results["database"]["trace"]["verifications"] == 5
     assert {t["name"] for t in results["targets"]} == {
         "ratio to the sequential loop",

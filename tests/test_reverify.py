@@ -209,7 +209,28 @@ def test_inline_on_a_working_role_shows_each_step(
     assert result.returncode == 0, result.stderr
     for step in ("input check", "AssumeRole", "identity", "external-ID check"):
         assert step in result.stdout
+    for permission in ("iam:GetAccountSummary", "ec2:DescribeRegions", "s3:ListAllMyBuckets"):
+        assert f"probe              {permission} ok" in result.stdout
     assert "pending -> connected" in result.stdout
+
+
+def test_inline_on_a_role_without_permissions_names_each_denied_probe(
+    env: dict[str, str], sandbox: SandboxSts, scratch_sessions: sessionmaker[Session]
+) -> None:
+    """Assumed, then every probe refused in its service's words; failed with the list; exit 1."""
+    account_id = _account(scratch_sessions, sandbox, permissions=())
+    result = reverify(env, str(account_id), "--inline")
+    assert result.returncode == 1
+    assert "AssumeRole         ok" in result.stdout
+    assert "probe              ec2:DescribeRegions DENIED (UnauthorizedOperation)" in result.stdout
+    assert "probe              cloudtrail:DescribeTrails DENIED (AccessDeniedException)" in (
+        result.stdout
+    )
+    assert "pending -> failed" in result.stdout
+    with scratch_sessions() as session:
+        account = session.get(AwsAccount, account_id)
+        assert account is not None
+        assert account.last_error_code == "MissingPermissions"
 
 
 def test_inline_on_a_denying_role_explains_the_failure(
