@@ -73,7 +73,11 @@ def make_sandbox_account(
     unless `enforce_external_id` is False. `trusted=""` creates no role at all. `permissions`
     are the actions its policy allows (default: what the permission probes check; () none).
     """
-    from sandbox.moto_sts import PLATFORM_PRINCIPAL_ARN, create_customer_role  # noqa: PLC0415
+    from sandbox.moto_sts import (  # noqa: PLC0415
+        PLATFORM_PRINCIPAL_ARN,
+        SCANNER_ACTIONS,
+        create_customer_role,
+    )
 
     aws_id = fields.pop("aws_account_id", unique_aws_account_id())
     external_id = fields.pop("external_id", f"ext-{uuid.uuid4().hex}")
@@ -86,7 +90,7 @@ def make_sandbox_account(
             role_name,
             principal,
             external_id if enforce_external_id else None,
-            **({} if permissions is None else {"permissions": permissions}),
+            permissions=SCANNER_ACTIONS if permissions is None else permissions,
         )
     return make_account(
         session,

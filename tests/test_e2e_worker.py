@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -358,7 +359,7 @@ def test_connected_means_the_role_can_do_what_scans_need(
     missing one fails naming it; an EC2 outage during a probe keeps a connected account connected.
     """
     endpoint = sandbox.endpoint_url
-    roles = {
+    roles: dict[str, dict[str, Any]] = {
         "audit": {"permissions": (), "security_audit": True},
         "bare": {"permissions": ()},
         "partial": {"permissions": ["iam:GetAccountSummary", "ec2:DescribeRegions", "s3:*"]},

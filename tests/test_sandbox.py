@@ -805,12 +805,13 @@ def role_client(
     params: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": SESSION}
     params.update(ExternalId=external_id, **({"Policy": policy} if policy else {}))
     credentials = sts_client(sandbox.endpoint_url).assume_role(**params)["Credentials"]
-    return boto3.session.Session(
+    session: Any = boto3.session.Session(
         aws_access_key_id=credentials["AccessKeyId"],
         aws_secret_access_key=credentials["SecretAccessKey"],
         aws_session_token=credentials["SessionToken"],
         region_name=REGION,
-    ).client(
+    )
+    return session.client(
         service,
         endpoint_url=sandbox.endpoint_url,
         config=Config(retries={"total_max_attempts": 1}),
@@ -950,6 +951,7 @@ def test_an_explicit_deny_beats_an_allow(
     )  # fmt: skip
     details = RoleDetails(uuid.uuid4(), account, arn, EXTERNAL_ID)
     denied = probing_verifier.verify(details, check_external_id=False, probe=DEFAULT_PROBES)
+    assert denied.permissions is not None
     assert denied.permissions.missing == ("s3:ListAllMyBuckets",)
 
 
