@@ -1615,7 +1615,7 @@ def summarize(
             "dispatch_interval_seconds": settings.dispatch_interval_seconds,
             "dispatch_batch_size": settings.dispatch_batch_size,
             "dispatch_max_queued": settings.dispatch_max_queued,
-            "permission_probes": settings.permission_probes,
+            "permission_probes": ",".join(settings.permission_probes) or "none",
             "worker_env": opts.worker_env,
             "seed": opts.seed,
             "timeout_seconds": opts.timeout,

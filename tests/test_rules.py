@@ -258,7 +258,7 @@ def test_the_failure_count_is_capped() -> None:
     assert decision.consecutive_failures == MAX_CONSECUTIVE_FAILURES
 
 
-ALL = SETTINGS.probed_permissions
+ALL = SETTINGS.permission_probes
 
 
 def test_permissions_are_probed_first_and_then_daily() -> None:

@@ -165,16 +165,16 @@ def test_permission_probes_default_to_the_four(monkeypatch: pytest.MonkeyPatch) 
     """Without PERMISSION_PROBES every catalogue probe runs, daily."""
     monkeypatch.delenv("PERMISSION_PROBES", raising=False)
     settings = load_settings()
-    assert settings.probed_permissions == DEFAULT_PROBES
+    assert settings.permission_probes == DEFAULT_PROBES
     assert settings.permission_probe_interval_seconds == 86400
 
 
 def test_permission_probes_can_be_chosen_or_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A comma-separated subset is taken as given; `none` turns probing off."""
     monkeypatch.setenv("PERMISSION_PROBES", "s3:ListAllMyBuckets,iam:GetAccountSummary")
-    assert load_settings().probed_permissions == ("iam:GetAccountSummary", "s3:ListAllMyBuckets")
+    assert load_settings().permission_probes == ("iam:GetAccountSummary", "s3:ListAllMyBuckets")
     monkeypatch.setenv("PERMISSION_PROBES", "none")
-    assert load_settings().probed_permissions == ()
+    assert load_settings().permission_probes == ()
 
 
 def test_an_unknown_probe_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

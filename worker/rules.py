@@ -83,7 +83,7 @@ def permissions_to_probe(state: AccountState, now: datetime, settings: Settings)
     once while permissions are missing (the customer is fixing them), after the role changed, or
     when the configured set names a permission not yet proven.
     """
-    wanted = settings.probed_permissions
+    wanted = settings.permission_probes
     if not wanted:
         return ()
     checked = state.permissions_checked_at

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     external_id_check_interval_seconds: int = Field(default=_DAY, ge=60)
     # Permission probes (worker/permissions.py, docs/permissions.md): comma-separated names from
     # the catalogue, or "none". Run on an account's first success, then at most once per interval.
-    permission_probes: str = ",".join(DEFAULT_PROBES)
+    permission_probes: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PROBES
     permission_probe_interval_seconds: int = Field(default=_DAY, ge=60)
     # Circuit breaker for the platform's own credentials.
     platform_pause_seconds: int = Field(default=60, ge=1)
@@ -252,10 +252,12 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("permission_probes")
+    @field_validator("permission_probes", mode="before")
     @classmethod
-    def _known_probes(cls, value: str) -> str:
-        return ",".join(parse_probe_names(value)) or "none"
+    def _known_probes(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value) or "none"
+        return parse_probe_names(value) if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -278,11 +280,6 @@ class Settings(BaseSettings):
                 "TRANSIENT_RETRY_MAX_SECONDS must be at least TRANSIENT_RETRY_INITIAL_SECONDS"
             )
         return self
-
-    @property
-    def probed_permissions(self) -> tuple[str, ...]:
-        """The permissions to probe, in catalogue order; () when probing is off."""
-        return parse_probe_names(self.permission_probes)
 
     @property
     def database_url_masked(self) -> str:

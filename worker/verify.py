@@ -496,7 +496,7 @@ def check_account(
     if probe_permissions is None:
         probe = permissions_to_probe(attempt.state, attempt.now, ctx.settings)
     else:
-        probe = ctx.settings.probed_permissions if probe_permissions else ()
+        probe = ctx.settings.permission_probes if probe_permissions else ()
     outcome = ctx.verifier.verify(
         attempt.details, check_external_id=check, probe=probe, observe=observe
     )
