@@ -923,6 +923,10 @@ class SandboxSts:
         if "MOTO_ACCOUNT_ID" in os.environ:
             # moto would put every request, admin or not, in that one account.
             raise RuntimeError("unset MOTO_ACCOUNT_ID: the sandbox serves several accounts")
+        # moto builds an EC2 backend per account on its first EC2 call (a permission probe's
+        # DescribeRegions) and by default loads hundreds of sample AMIs into it: about a second
+        # of CPU per customer account, enough to time a probe out. Nothing here needs them.
+        os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
         # Bind here rather than in werkzeug: on a port in use werkzeug prints to stderr and calls
         # sys.exit(1), which a test or an embedding program cannot handle as an OSError.
         family = select_address_family(self._host, self._port)

@@ -669,6 +669,7 @@ def test_demo_connections_show_what_the_readme_says(
     and the three AccessDenied causes give the customer one and the same message."""
     seed_demo_roles(sandbox.endpoint_url)
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sandbox.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.endpoint_url)  # the permission probes'
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_ACCESS_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET_ACCESS_KEY)
     verifier = StsVerifier(
@@ -681,7 +682,8 @@ def test_demo_connections_show_what_the_readme_says(
         details = RoleDetails(
             connection.id, connection.aws_account_id, connection.role_arn, connection.external_id
         )
-        outcome = verifier.verify(details, check_external_id=True)
+        # As on a first success: the enforcement check and the default permission probes.
+        outcome = verifier.verify(details, check_external_id=True, probe=DEFAULT_PROBES)
         assert ("connected" if outcome.verified else outcome.code) == connection.shows, outcome
         row = re.search(rf"^\| {re.escape(connection.alias)} \|.*\|(.*)\|$", readme, re.M)
         assert row is not None, f"the README's demo table has no row for {connection.alias}"

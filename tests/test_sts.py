@@ -650,6 +650,7 @@ def test_probing_assume_role_carries_a_policy_allowing_exactly_the_probes(
     details = role("ok-Role")
     sts = verifier()
     stubber = Stubber(sts.client())
+    expect_platform_identity(stubber)
     stubber.add_response(
         "assume_role",
         {
