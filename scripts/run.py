@@ -40,8 +40,9 @@ AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or AWS_CONTAINER_CREDENTIALS_FULL_URI is 
 environment. Then the worker uses those settings as they are (credentials files such as
 ~/.aws/credentials are read only when AWS_PROFILE names a profile), and no sandbox or demo data is
 started. `--sandbox` uses the sandbox whatever the environment says. With the sandbox the worker
-gets AWS_ENDPOINT_URL_STS=<sandbox>, AWS_ACCESS_KEY_ID=AKIASANDBOXPLATFORM0 and a dummy secret,
-and every other AWS_* variable except the region is removed from its environment.
+gets AWS_ENDPOINT_URL_STS and AWS_ENDPOINT_URL=<sandbox> (the permission probes' IAM, EC2, S3 and
+CloudTrail are served there too), AWS_ACCESS_KEY_ID=AKIASANDBOXPLATFORM0 and a dummy secret, and
+every other AWS_* variable except the region is removed from its environment.
 
 `scripts/run services` starts only the embedded PostgreSQL and Redis (fresh ports with
 --postgres-port 0 / --redis-port 0), creates and migrates the `verifier` database, and prints the

@@ -430,6 +430,7 @@ def test_sandbox_environment_replaces_every_aws_setting_but_the_region() -> None
     assert env["AWS_REGION"] == "eu-west-1"
     assert env["LOG_LEVEL"] == "DEBUG"
     assert env["AWS_ENDPOINT_URL_STS"] == "http://127.0.0.1:1234"
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1234"  # the permission probes'
     assert env["AWS_ACCESS_KEY_ID"] == "AKIASANDBOXPLATFORM0"
 
 

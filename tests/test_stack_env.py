@@ -16,6 +16,7 @@ SANDBOX_STACK = {
     "DATABASE_URL": "postgresql://postgres@127.0.0.1:55432/verifier",
     "REDIS_URL": "redis://127.0.0.1:56379/0",
     "AWS_ENDPOINT_URL_STS": "http://127.0.0.1:55050",
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:55050",
     "AWS_ACCESS_KEY_ID": "AKIASANDBOXPLATFORM0",
     "AWS_SECRET_ACCESS_KEY": "sandbox-dummy-secret",
     "AWS_CONFIG_FILE": os.devnull,
@@ -98,6 +99,8 @@ def test_reverify_takes_the_file_only_for_what_the_environment_leaves_unset(
     assert environ["REDIS_URL"] == "redis://mine:6379/3"
     assert environ["DATABASE_URL"] == SANDBOX_STACK["DATABASE_URL"]
     assert environ["AWS_ENDPOINT_URL_STS"] == SANDBOX_STACK["AWS_ENDPOINT_URL_STS"]
+    # The permission probes' services (reverify --inline) go to the sandbox too.
+    assert environ["AWS_ENDPOINT_URL"] == SANDBOX_STACK["AWS_ENDPOINT_URL"]
 
 
 def test_an_explicit_database_url_means_the_file_is_not_read(data_dir: Path) -> None:

@@ -488,10 +488,6 @@ class PermissionProber:
             self._credentials.set(None)
         return _ProbeResult(probe, None)
 
-    def close(self) -> None:
-        """Stop the probe threads (the process is ending)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
     """A probe's failure: denied (the customer's to fix), or transient (nobody's fault).

@@ -178,7 +178,6 @@ class Checked:
     decision: Decision
     external_id_checked: bool
     started: float  # time.perf_counter() when the attempt began
-    probed: tuple[str, ...] = ()  # the permissions probed (empty: no probe was due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +526,6 @@ def check_account(
         decision=decision,
         external_id_checked=check,
         started=started,
-        probed=probe,
     )
 
 
