@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for check, probe, label in (
             (False, (), "AssumeRole only (1 STS call)"),
             (True, (), "with external-ID check (2 calls)"),
-            (True, DEFAULT_PROBES, "with the check and 4 probes (2+4 calls)"),
+            (True, DEFAULT_PROBES, "with the check and 4 probes (2+4)"),
         ):
             rounds = [_measure(sts, details, check=check, probe=probe) for _ in range(args.rounds)]
             cpu = [r[0] for r in rounds]

@@ -680,3 +680,18 @@ def test_probing_assume_role_carries_a_policy_allowing_exactly_the_probes(
     stubber.assert_no_pending_responses()
     assert outcome.permissions is not None
     assert outcome.permissions.proven == ("ec2:DescribeRegions",)
+
+
+def test_probes_do_not_spend_the_sts_budget(aws_env: None) -> None:
+    """The rate limiter hook runs for STS calls only: probing adds none to an attempt."""
+    spent: list[int] = []
+    settings = Settings(sts_max_attempts=1, platform_principal_arn="arn:aws:iam::111122223333:root")
+    sts = StsVerifier(settings, before_call=lambda: spent.append(1))
+    sts.verify(role("ok-Role"), check_external_id=True)  # the platform check's call, once
+    spent.clear()
+    assert sts.verify(role("ok-Role"), check_external_id=True).verified
+    without = len(spent)
+    spent.clear()
+    outcome = sts.verify(role("ok-Role"), check_external_id=True, probe=DEFAULT_PROBES)
+    assert (outcome.verified, outcome.probe_calls) == (True, 4)
+    assert len(spent) == without == 2
