@@ -226,7 +226,7 @@ def check_readme_commands(data_dir: Path) -> None:
         shown = f"{shlex.join(argv)} -> {result.returncode}:\n{output[-3000:]}"
         if "--dry-run" in argv:
             assert result.returncode == 0, shown
-            assert "would re-verify 4 account(s)" in result.stdout, shown
+            assert "would re-verify 5 account(s)" in result.stdout, shown
         elif "--inline" in argv:
             # Production connects; Legacy sandbox is refused for its missing external ID.
             assert result.returncode == 1, shown
@@ -236,14 +236,14 @@ def check_readme_commands(data_dir: Path) -> None:
         else:
             assert "--wait" in argv, shown
             assert result.returncode == 1, shown
-            assert result.stdout.count("failed -> failed") == 4, shown
+            assert result.stdout.count("failed -> failed") == 5, shown
             assert "(not finished)" not in result.stdout, shown
     # Any other command: `scripts/run exec` gives it the stack and the virtual environment.
     listed = in_another_terminal(
         [RUN, "exec", "--", "scripts/reverify", "--all", "--dry-run", "--json"], data_dir
     )
     assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert len(json.loads(listed.stdout)["accounts"]) == 5
+    assert len(json.loads(listed.stdout)["accounts"]) == 6
 
 
 @pytest.mark.e2e
@@ -267,10 +267,10 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
     first = Running([RUN], env, tmp_path / "first-run.log")
     try:
         first.wait_for(r"account\.status_changed .*to_status=connected", timeout=150)
-        first.wait_for(r"account\.status_changed .*to_status=failed", timeout=60, count=4)
+        first.wait_for(r"account\.status_changed .*to_status=failed", timeout=60, count=5)
         first.wait_for(r"msg_\w+  account\.status_changed .*\(signature verified\)", timeout=30)
         took = time.monotonic() - started
-        first.wait_for(r"^run +\| .*5 of 5 account\(s\) due now", timeout=5)
+        first.wait_for(r"^run +\| .*6 of 6 account\(s\) due now", timeout=5)
         assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
         check_readme_commands(data_dir)
         # The summary says where each process serves its metrics and health checks.
@@ -295,7 +295,7 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
     assert still_alive(family) == [], output[-3000:]
     for kind, port in ports.items():
         assert not port_in_use(port), f"{kind} still listens on {port}"
-    for line in ("creating a PostgreSQL data directory", "5 new account(s)", "stopping postgres"):
+    for line in ("creating a PostgreSQL data directory", "6 new account(s)", "stopping postgres"):
         assert line in output
     assert "stopped; the data stays in" in output
     assert run.SANDBOX_SECRET_ACCESS_KEY not in output
@@ -303,9 +303,9 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
 
     second = Running([RUN], env, tmp_path / "second-run.log")
     try:
-        second.wait_for(r"0 new account\(s\), 5 already there", timeout=120)
+        second.wait_for(r"0 new account\(s\), 6 already there", timeout=120)
         second.wait_for(
-            r"5 account\(s\) \(1 connected, 4 failed\), none due: .* next check, due at "
+            r"6 account\(s\) \(1 connected, 5 failed\), none due: .* next check, due at "
             r"\d\d:\d\d:\d\d UTC \(in \d+ min\)",
             timeout=30,
         )
@@ -319,9 +319,9 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
     assert "creating a PostgreSQL data directory" not in second.output()
     assert not (data_dir / "run-children.json").exists()
     shown = f"{shlex.join(command)} -> {again.returncode}:\n{again.stdout}{again.stderr}"
-    assert again.returncode == 1, shown  # four of them are broken on purpose
-    assert "requested 5 verification(s)" in again.stdout, shown
-    assert again.stdout.count(" -> ") == 5, shown
+    assert again.returncode == 1, shown  # five of them are broken on purpose
+    assert "requested 6 verification(s)" in again.stdout, shown
+    assert again.stdout.count(" -> ") == 6, shown
     assert "(not finished)" not in again.stdout, shown
 
 
