@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL_STS) or botocore's Stubber; never through a mocked function of 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import cast
@@ -695,3 +696,22 @@ def test_probes_do_not_spend_the_sts_budget(aws_env: None) -> None:
     outcome = sts.verify(role("ok-Role"), check_external_id=True, probe=DEFAULT_PROBES)
     assert (outcome.verified, outcome.probe_calls) == (True, 4)
     assert len(spent) == without == 2
+
+
+def test_the_probes_of_one_account_run_at_once_beside_the_enforcement_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every answer taking one second: AssumeRole, then the enforcement check with the four
+    probes beside it, is about two seconds, not six."""
+    with StsStandIn(median_ms=1000, latency_sigma=0, seed=5) as slow:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", slow.endpoint_url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET)
+        sts = StsVerifier(Settings(sts_max_attempts=1, sts_read_timeout_seconds=5))
+        sts.verify(role("ok-Role"), check_external_id=False)  # the platform check, once
+        started = time.perf_counter()
+        outcome = sts.verify(role("ok-Role"), check_external_id=True, probe=DEFAULT_PROBES)
+        took = time.perf_counter() - started
+    assert (outcome.verified, outcome.probe_calls) == (True, 4)
+    # Sequential probes would take at least 6 s; concurrent ones 2 s and some overhead.
+    assert took < 4.5, took
