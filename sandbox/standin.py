@@ -1,4 +1,5 @@
-"""A fast, scriptable stand-in for AWS STS that answers in STS's real wire format.
+"""A fast, scriptable stand-in for AWS STS (and the permission probes' four calls) that answers
+in the services' real wire format.
 
 Why it exists: moto accepts every role, every external ID and every duration, so it can only
 show the happy path. The worker's failure paths (a role that refuses us, throttling, 5xx, a
@@ -1638,8 +1639,10 @@ def build_parser() -> argparse.ArgumentParser:
             "A fast STS stand-in speaking AWS's real wire format. Prints its URL on one line "
             "when ready; exits on SIGINT/SIGTERM. Role behaviour follows the role name prefix "
             "(ok, noext, otheracct, deny, throttle, error500, error503, slow, reset, garbage, "
-            "regiondisabled, expiredtoken, invalidtoken, badsignature, flakyN); see the module "
-            "docstring. Knobs can be changed later with POST /_standin/config."
+            "regiondisabled, expiredtoken, invalidtoken, badsignature, flakyN, noperms, noec2, "
+            "probeerror); the four permission-probe calls (IAM, EC2, S3, CloudTrail) are "
+            "answered too; see the module docstring. Knobs can be changed later with "
+            "POST /_standin/config."
         ),
     )
     add = parser.add_argument

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 import pytest
@@ -724,3 +724,112 @@ def test_command_line_prints_its_url_serves_and_exits_on_sigterm() -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+# --- permission probes -------------------------------------------------------------------------
+
+PROBE_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["iam:GetAccountSummary", "s3:ListAllMyBuckets"],
+                "Resource": "*",
+            }
+        ],
+    }
+)
+
+
+def probe_client(standin: StsStandIn, client: STSClient, name: str, policy: str | None) -> Any:
+    """An IAM, EC2, S3 or CloudTrail client factory signing with credentials for role `name`."""
+    params: dict[str, Any] = {
+        "RoleArn": role(name),
+        "RoleSessionName": "verifier-test",
+        "ExternalId": EXTERNAL_ID,
+    }
+    if policy is not None:
+        params["Policy"] = policy
+    credentials = client.assume_role(**params)["Credentials"]
+    session: Any = boto3.session.Session(
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+        region_name="us-east-1",
+    )
+
+    def make(service: str) -> Any:
+        return session.client(
+            service,
+            endpoint_url=standin.endpoint_url,
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+        )
+
+    return make
+
+
+def probe_error(call: Any) -> str:
+    """The error code of a probe call that must be refused."""
+    with pytest.raises(ClientError) as error:
+        call()
+    return str(error.value.response["Error"]["Code"])
+
+
+def test_the_four_probe_calls_are_answered_in_their_services_formats(
+    standin: StsStandIn, client: STSClient
+) -> None:
+    """Without a session policy an `ok` role may make all four; boto3 parses every answer."""
+    make = probe_client(standin, client, "ok-Probed", None)
+    assert make("iam").get_account_summary()["SummaryMap"] == {"Users": 0}
+    assert make("ec2").describe_regions()["Regions"][0]["RegionName"] == "us-east-1"
+    assert make("s3").list_buckets()["Buckets"] == []
+    assert make("cloudtrail").describe_trails()["trailList"] == []
+    stats = standin.stats(roles=False)
+    # Counted apart: STS requests (and the STS rate limit) see only the AssumeRole.
+    assert (stats["requests"], stats["probe_requests"]) == (1, 4)
+
+
+def test_the_session_policy_and_the_role_name_decide_what_a_probe_may_do(
+    standin: StsStandIn, client: STSClient
+) -> None:
+    """Only what both the role (by name) and the session policy allow is answered; the rest
+    gets each service's own refusal; a deny-all policy allows nothing."""
+    make = probe_client(standin, client, "ok-Narrowed", PROBE_POLICY)
+    make("iam").get_account_summary()
+    make("s3").list_buckets()
+    assert probe_error(make("ec2").describe_regions) == "UnauthorizedOperation"
+    assert probe_error(make("cloudtrail").describe_trails) == "AccessDeniedException"
+    assert probe_error(make("iam").list_users) == "AccessDenied"  # outside the four
+    bare = probe_client(standin, client, "noperms-Bare", PROBE_POLICY)
+    assert probe_error(bare("iam").get_account_summary) == "AccessDenied"
+    denied = probe_client(standin, client, "ok-DenyAll", DENY_ALL)
+    assert probe_error(denied("s3").list_buckets) == "AccessDenied"
+    lacking = probe_client(standin, client, "noec2-Partial", None)
+    lacking("cloudtrail").describe_trails()
+    assert probe_error(lacking("ec2").describe_regions) == "UnauthorizedOperation"
+
+
+def test_credentials_the_stand_in_did_not_issue_are_refused(standin: StsStandIn) -> None:
+    """A probe signed with any other key is InvalidClientTokenId (EC2: AuthFailure)."""
+    session: Any = boto3.session.Session(
+        aws_access_key_id=PLATFORM_KEY,
+        aws_secret_access_key="x",
+        region_name="us-east-1",
+    )
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+    iam = session.client("iam", endpoint_url=standin.endpoint_url, config=config)
+    ec2 = session.client("ec2", endpoint_url=standin.endpoint_url, config=config)
+    assert probe_error(iam.get_account_summary) == "InvalidClientTokenId"
+    assert probe_error(ec2.describe_regions) == "AuthFailure"
+
+
+def test_probeerror_roles_get_503_from_every_probed_service(
+    standin: StsStandIn, client: STSClient
+) -> None:
+    """The transient path of the probes: ServiceUnavailable, HTTP 503."""
+    make = probe_client(standin, client, "probeerror-Down", None)
+    with pytest.raises(ClientError) as error:
+        make("s3").list_buckets()
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert probe_error(make("cloudtrail").describe_trails) == "ServiceUnavailable"
