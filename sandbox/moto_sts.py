@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Self
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import boto3
+import botocore.exceptions
 import botocore.session
 from moto.core.utils import utcnow
 from moto.iam.models import iam_backends
@@ -627,6 +628,31 @@ def _request_action(environ: WSGIEnvironment, service: str) -> str:
     return f"{service}:{action or 'Unknown'}"
 
 
+def _unauthenticated(service: str | None, message: str) -> Response:
+    """A service's own answer to credentials it does not know (or none at all)."""
+    try:
+        protocol = _botocore_session().get_service_model(service).protocol if service else ""
+    except botocore.exceptions.UnknownServiceError:
+        protocol = ""  # a signing name botocore does not know: answered like IAM or STS
+    if protocol == "ec2":
+        return _service_error(
+            "ec2",
+            401,
+            "AuthFailure",
+            "AWS was not able to validate the provided access credentials",
+        )
+    if protocol == "rest-xml":
+        return _service_error(
+            service or "s3",
+            403,
+            "InvalidAccessKeyId",
+            "The AWS Access Key Id you provided does not exist in our records.",
+        )
+    if protocol in ("json", "rest-json"):
+        return _service_error(service or "sts", 400, "UnrecognizedClientException", message)
+    return _service_error(service or "sts", 403, "InvalidClientTokenId", message)
+
+
 def _service_error(service: str, status: int, code: str, message: str) -> Response:
     """An error in `service`'s own wire format; an empty `code` means the service's access-denied
     code (EC2: UnauthorizedOperation, JSON services: AccessDeniedException, others AccessDenied).
@@ -745,11 +771,22 @@ class TrustPolicyMiddleware:
     def _authorize(
         self, environ: WSGIEnvironment, access_key_id: str | None, service: str | None
     ) -> Response | None:
-        """IAM's answer for a request signed by an assumed role: None to let moto serve it."""
-        if access_key_id is None or service is None or access_key_id in self._platform:
-            return None
+        """IAM's answer for a request to a service other than STS: None to let moto serve it.
+
+        Only credentials moto issued (an assumed role's, judged by its policies, or an IAM
+        user's) are served. Unsigned requests, the platform's own keys and keys nobody issued
+        get the service's authentication error, as AWS would answer: moto alone would serve
+        them, so a worker signing its probes with the platform's credentials would pass.
+        """
+        if access_key_id is None or service is None:
+            return _unauthenticated(service, "Request is missing Authentication Token")
+        if access_key_id in self._platform:
+            # The platform's keys are STS's business only (it has no account in the sandbox).
+            return _unauthenticated(service, _INVALID_KEY_MESSAGE)
         caller = _moto_caller(access_key_id)
-        if caller is None or caller.role_arn is None:
+        if caller is None:
+            return _unauthenticated(service, _INVALID_KEY_MESSAGE)
+        if caller.role_arn is None:
             return None
         with self._lock:
             fault = self._probe_faults.get(service)

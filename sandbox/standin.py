@@ -41,6 +41,9 @@ role name prefix    answer to AssumeRole
                     The region is read from the SigV4 credential scope, so one instance serves
                     both the primary region and the fallback: a client with
                     ``region_name="eu-south-1"`` is refused, one with ``"us-east-1"`` succeeds.
+                    Its credentials are refused by the probed services in those regions too
+                    (EC2: ``AuthFailure``, others ``InvalidClientTokenId``), as an opt-in
+                    region the account has not enabled refuses its tokens.
 ``expiredtoken``    ``ExpiredToken`` (400), as if the platform's credentials had expired
 ``invalidtoken``    ``InvalidClientTokenId`` (403), as if the platform's key were unknown
 ``badsignature``    ``SignatureDoesNotMatch`` (403), as if the platform's secret were wrong
@@ -49,6 +52,9 @@ role name prefix    answer to AssumeRole
 ``noperms``         like ``ok``, but the role is allowed none of the probed permissions below
 ``noec2``           like ``ok``, but the role is not allowed ``ec2:DescribeRegions``
 ``probeerror``      like ``ok``, but every probe call gets ``ServiceUnavailable`` (503)
+``bigquota``        like ``ok``, but the account's bucket quota is above 10,000: an unpaged
+                    ListBuckets (no ``max-buckets``) is refused, as S3 documents (the code,
+                    ``InvalidRequest`` (400), is our guess: AWS does not document it)
 ==================  ==========================================================================
 
 Permission probes: the four read-only calls the worker makes with the credentials AssumeRole
@@ -215,6 +221,7 @@ ROLE_PREFIXES: Final[tuple[str, ...]] = tuple(
             "noperms",
             "noec2",
             "probeerror",
+            "bigquota",
         ),
         key=len,
         reverse=True,
@@ -740,7 +747,7 @@ class _Core:
             return self._control(request)
         scope = _credential_scope(request.authorization).split("/")
         if len(scope) == 5 and scope[3] != "sts":
-            reply = self._probe(request, scope[0], scope[3])
+            reply = self._probe(request, scope[0], scope[3], scope[2])
         else:
             reply = self._sts(request)
         if request.close:
@@ -922,7 +929,7 @@ class _Core:
 
     # -- permission probes ------------------------------------------------------------------------
 
-    def _probe(self, request: _Request, access_key: str, service: str) -> _Reply:
+    def _probe(self, request: _Request, access_key: str, service: str, region: str) -> _Reply:
         """A call to another service with credentials this stand-in issued (module docstring)."""
         config = self._config
         st = self.stats
@@ -930,7 +937,14 @@ class _Core:
         request_id = self._request_id()
         permission = _probe_permission(request, service)
         st.by_probe[permission] = st.by_probe.get(permission, 0) + 1
-        if len(access_key) != 20 or not access_key.startswith(_ISSUED_KEY_PREFIX):
+        if (
+            len(access_key) != 20
+            or not access_key.startswith(_ISSUED_KEY_PREFIX)
+            or (
+                access_key[9] == "R"
+                and not (region in config.enabled_regions or "*" in config.enabled_regions)
+            )
+        ):
             code = "AuthFailure" if service == "ec2" else "InvalidClientTokenId"
             reply = self._service_error(
                 service,
@@ -942,6 +956,19 @@ class _Core:
         elif access_key[9] == "E":
             reply = self._service_error(
                 service, 503, "ServiceUnavailable", "Service is unavailable.", request_id
+            )
+        elif (
+            access_key[9] == "Q"
+            and permission == "s3:ListAllMyBuckets"
+            and "max-buckets=" not in request.target.partition("?")[2]
+        ):
+            reply = self._service_error(
+                service,
+                400,
+                "InvalidRequest",
+                "Unpaginated ListBuckets requests are not supported for accounts with a general "
+                "purpose bucket quota above 10,000.",
+                request_id,
             )
         else:
             mask = int(access_key[8], 16)
@@ -982,7 +1009,7 @@ class _Core:
     def _issued_key(self, role: _Role, policy: str | None) -> str:
         """A fake access key id that carries what the credentials may do (module docstring)."""
         mask = _ROLE_PROBE_MASKS.get(role.behaviour, _ALL_PROBES) & self._policy_mask(policy)
-        fault = "E" if role.behaviour == "probeerror" else "0"
+        fault = {"probeerror": "E", "bigquota": "Q", "regiondisabled": "R"}.get(role.behaviour, "0")
         return f"{_ISSUED_KEY_PREFIX}{mask:X}{fault}{self._rng.getrandbits(40):010X}"
 
     def _policy_mask(self, policy: str | None) -> int:
@@ -1640,7 +1667,7 @@ def build_parser() -> argparse.ArgumentParser:
             "when ready; exits on SIGINT/SIGTERM. Role behaviour follows the role name prefix "
             "(ok, noext, otheracct, deny, throttle, error500, error503, slow, reset, garbage, "
             "regiondisabled, expiredtoken, invalidtoken, badsignature, flakyN, noperms, noec2, "
-            "probeerror); the four permission-probe calls (IAM, EC2, S3, CloudTrail) are "
+            "probeerror, bigquota); the four permission-probe calls (IAM, EC2, S3, CloudTrail) are "
             "answered too; see the module docstring. Knobs can be changed later with "
             "POST /_standin/config."
         ),

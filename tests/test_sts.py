@@ -6,20 +6,22 @@ AWS_ENDPOINT_URL_STS) or botocore's Stubber; never through a mocked function of 
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import time
 import uuid
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import boto3
+import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
 from structlog.testing import capture_logs
 
 from models import OutcomeKind
 from sandbox.standin import StsStandIn
-from worker.permissions import DEFAULT_PROBES, probe_session_policy
+from worker.permissions import CATALOGUE, DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
 from worker.sts import (
     DENY_ALL_POLICY,
@@ -27,6 +29,8 @@ from worker.sts import (
     RoleDetails,
     StsVerifier,
     check_role_details,
+    classify_probe_error,
+    probe_budget_seconds,
     session_name_for,
 )
 
@@ -529,6 +533,7 @@ ALL_BEHAVIOURS = [
     "noperms-Role",
     "noec2-Role",
     "probeerror-Role",
+    "bigquota-Role",
 ]
 
 
@@ -616,16 +621,135 @@ def test_a_role_missing_one_permission_fails_naming_only_that_one(aws_env: None)
     assert "ec2:DescribeRegions" not in outcome.permissions.proven
 
 
-def test_a_failing_probe_service_is_transient_and_named(aws_env: None) -> None:
-    """A 503 from the probed services changes nothing and says which service answered."""
+def test_a_failing_probe_service_is_inconclusive_and_named(aws_env: None) -> None:
+    """A 503 from the probed services (nothing denied) leaves the account verified with its
+    permissions unknown, naming the service, and keeps the external-ID check's result."""
     outcome = attempt("probeerror-Role", probe=DEFAULT_PROBES)
-    assert (outcome.kind, outcome.code, outcome.service) == (
-        OutcomeKind.TRANSIENT,
+    assert (outcome.kind, outcome.permissions_unknown, outcome.service) == (
+        OutcomeKind.VERIFIED,
         "ServiceUnavailable",
         "iam",
     )
     assert outcome.permissions is None
-    assert "from iam" in outcome.message
+    assert (outcome.external_id_enforced, outcome.probe_calls) == (True, 4)
+
+
+def test_missing_permissions_keep_the_external_id_checks_result(aws_env: None) -> None:
+    """A role lacking a permission was still shown to enforce the external ID: the outcome
+    says so, and the rules record the check (it is not repeated on every retry)."""
+    outcome = attempt("noec2-Role", probe=DEFAULT_PROBES)
+    assert (outcome.code, outcome.external_id_enforced) == ("MissingPermissions", True)
+
+
+def test_unpaged_list_buckets_is_never_sent(aws_env: None) -> None:
+    """An account whose bucket quota is above 10,000 refuses an unpaged ListBuckets: the S3
+    probe asks for one bucket, so its permission is proven there too."""
+    outcome = attempt("bigquota-Role", probe=DEFAULT_PROBES)
+    assert outcome.permissions is not None, outcome.permissions_unknown
+    assert outcome.permissions.proven == DEFAULT_PROBES
+
+
+def test_probes_ask_the_region_assume_role_answered_in(aws_env: None) -> None:
+    """STS off in the configured region (an opt-in region the account has not enabled, where
+    its tokens are refused too): AssumeRole falls back, and so do the probes."""
+    outcome = attempt(
+        "regiondisabled-Role",
+        probe=DEFAULT_PROBES,
+        aws_region="eu-south-1",
+        sts_fallback_region="us-east-1",
+    )
+    assert outcome.region == "us-east-1"
+    assert outcome.permissions is not None, outcome.permissions_unknown
+    assert outcome.permissions.proven == DEFAULT_PROBES
+
+
+def test_a_malformed_service_endpoint_is_the_platforms_fault(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad AWS_ENDPOINT_URL_S3 fails the S3 probe's client: a platform fault naming s3 (the
+    circuit breaker's business), never an exception out of verify()."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "not a url")
+    outcome = attempt("ok-Role", probe=DEFAULT_PROBES)
+    assert (outcome.kind, outcome.code, outcome.service) == (
+        OutcomeKind.PLATFORM_FAULT,
+        "ProbeClientError",
+        "s3",
+    )
+
+
+def test_a_probe_without_an_answer_in_time_is_a_probe_timeout(aws_env: None) -> None:
+    """A probe still unanswered when the budget is spent is given up on: transient ProbeTimeout
+    naming its service (so the verification is inconclusive, not stuck)."""
+    prober = verifier().prober()
+    never: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    probe = CATALOGUE["ec2:DescribeRegions"]
+    started = time.monotonic() - prober.budget_seconds
+    (result,) = prober.finish([probe], [never], started)
+    assert result.outcome is not None
+    assert (result.outcome.kind, result.outcome.code, result.outcome.service) == (
+        OutcomeKind.TRANSIENT,
+        "ProbeTimeout",
+        "ec2",
+    )
+    assert never.cancelled()
+
+
+def test_the_probe_budget_covers_every_attempt_at_its_limits() -> None:
+    """Three attempts of 2 s connect + 5 s read, backoffs of 1 and 2 s, a second's margin."""
+    settings = Settings(
+        sts_connect_timeout_seconds=2, sts_read_timeout_seconds=5, sts_max_attempts=3
+    )
+    assert probe_budget_seconds(settings) == 3 * 7 + 1 + 2 + 1
+
+
+def _denial(message: str) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": "UnauthorizedOperation", "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        },
+        "DescribeRegions",
+    )
+
+
+@pytest.mark.parametrize(
+    "why",
+    [
+        "because no session policy allows the ec2:DescribeRegions action",
+        "with an explicit deny in a session policy",
+        "because no VPC endpoint policy allows the ec2:DescribeRegions action",
+    ],
+)
+def test_a_denial_by_our_own_policies_is_the_platforms_fault(why: str) -> None:
+    """A denial that blames the session policy (ours, built from the catalogue) or a VPC
+    endpoint policy (the platform's network) trips the circuit instead of failing customers."""
+    probe = CATALOGUE["ec2:DescribeRegions"]
+    outcome = classify_probe_error(
+        probe,
+        _denial(f"User: arn:aws:sts::1:assumed-role/R/s is not authorized to perform: {why}"),
+    )
+    assert (outcome.kind, outcome.service) == (OutcomeKind.PLATFORM_FAULT, "ec2")
+
+
+def test_a_denial_by_the_customers_policies_is_theirs() -> None:
+    """An identity-based policy or an SCP denial stays the customer's to fix."""
+    probe = CATALOGUE["ec2:DescribeRegions"]
+    for why in (
+        "because no identity-based policy allows the ec2:DescribeRegions action",
+        "with an explicit deny in a service control policy",
+    ):
+        outcome = classify_probe_error(probe, _denial(f"not authorized to perform: {why}"))
+        assert outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX, why
+
+
+def test_a_probe_without_thread_credentials_is_never_signed_by_the_default_chain(
+    aws_env: None,
+) -> None:
+    """The platform's keys are in the environment, yet a probe client used on a thread that
+    set no credentials raises NoCredentialsError instead of signing with them."""
+    client = verifier().prober()._client("iam", "us-east-1")
+    with pytest.raises(botocore.exceptions.NoCredentialsError):
+        client.get_account_summary()
 
 
 def test_only_the_configured_probes_are_called(aws_env: None, standin: StsStandIn) -> None:

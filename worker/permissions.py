@@ -30,7 +30,15 @@ class Probe:
 
     permission: str  # the IAM action, "service:Action"
     service: str  # botocore's service name
-    operation: str  # the client method, called without arguments
+    operation: str  # the client method
+    # Its keyword arguments, as pairs (a frozen dataclass stays hashable): each keeps the answer
+    # to one small page, whatever the account holds.
+    arguments: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, object]:
+        """The call's keyword arguments."""
+        return dict(self.arguments)
 
     @property
     def service_name(self) -> str:
@@ -44,8 +52,16 @@ CATALOGUE: dict[str, Probe] = {
     for probe in (
         Probe("iam:GetAccountSummary", "iam", "get_account_summary"),
         Probe("ec2:DescribeRegions", "ec2", "describe_regions"),
-        Probe("s3:ListAllMyBuckets", "s3", "list_buckets"),
-        Probe("cloudtrail:DescribeTrails", "cloudtrail", "describe_trails"),
+        # Unpaged, ListBuckets is refused for an account whose bucket quota is above 10,000 and
+        # otherwise answers with up to 10,000 buckets; one is enough to prove the permission.
+        Probe("s3:ListAllMyBuckets", "s3", "list_buckets", (("MaxBuckets", 1),)),
+        # Without shadow trails (other regions' multi-region trails) the answer stays small.
+        Probe(
+            "cloudtrail:DescribeTrails",
+            "cloudtrail",
+            "describe_trails",
+            (("includeShadowTrails", False),),
+        ),
     )
 }
 

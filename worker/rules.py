@@ -148,7 +148,7 @@ def decide(
             last_outcome=kind,
             last_error_code=outcome.code,
             verified=False,
-            external_id_checked=False,
+            external_id_checked=outcome.external_id_enforced is True,
         )
     return _customer_must_fix(state, outcome, failures, now=now, settings=settings, rng=rng)
 
@@ -171,7 +171,8 @@ def _customer_must_fix(
             last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
             last_error_code=outcome.code,
             verified=False,
-            external_id_checked=False,
+            # Proven in this attempt (a role that lacks permissions is still the right role).
+            external_id_checked=outcome.external_id_enforced is True,
             hold=hold,
         )
 
@@ -206,7 +207,7 @@ def _customer_must_fix(
         last_outcome=OutcomeKind.CUSTOMER_MUST_FIX,
         last_error_code=outcome.code,
         verified=False,
-        external_id_checked=False,
+        external_id_checked=outcome.external_id_enforced is True,
     )
 
 
@@ -236,6 +237,6 @@ def hold_for_wave(
         last_outcome=decision.last_outcome,
         last_error_code=decision.last_error_code,
         verified=False,
-        external_id_checked=False,
+        external_id_checked=decision.external_id_checked,
         hold=Hold.WAVE,
     )

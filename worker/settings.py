@@ -28,6 +28,8 @@ from worker.permissions import DEFAULT_PROBES, parse_probe_names
 from worker.redact import mask_url
 
 _DAY = 24 * 3600
+#: The most permission-probe threads a worker process may need (see `_consistent`).
+MAX_PROBE_THREADS = 1000
 _ACCOUNT_ID = re.compile(r"\d{12}", re.ASCII)
 
 # An AWS region's name: us-east-1, eu-central-1, ap-southeast-4, us-gov-west-1, cn-north-1,
@@ -278,6 +280,13 @@ class Settings(BaseSettings):
         if self.transient_retry_max_seconds < self.transient_retry_initial_seconds:
             raise ValueError(
                 "TRANSIENT_RETRY_MAX_SECONDS must be at least TRANSIENT_RETRY_INITIAL_SECONDS"
+            )
+        if self.worker_concurrency * len(self.permission_probes) > MAX_PROBE_THREADS:
+            # A thread per probe of every verification thread, so none waits for another's
+            # probes and times out (worker.sts.PermissionProber).
+            raise ValueError(
+                f"WORKER_CONCURRENCY x the number of PERMISSION_PROBES must be at most "
+                f"{MAX_PROBE_THREADS} (probe threads per process)"
             )
         return self
 

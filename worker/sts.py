@@ -24,6 +24,7 @@ import dataclasses
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,9 @@ class Outcome:
     probe_calls: int = 0
     # The service whose answer made this outcome, when it was not STS (a probe's).
     service: str | None = None
+    # Verified, but a probe failed transiently and no probe was denied: the error code that
+    # left the permissions unknown this time (they stay as recorded, and due next attempt).
+    permissions_unknown: str | None = None
 
     @property
     def verified(self) -> bool:
@@ -376,6 +380,10 @@ def classify_error(
 DENIED_CODES = frozenset(
     {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError"}
 )
+# A denial that names one of these was caused by our side, not the customer's role: our session
+# policy (the probe catalogue and the policy built from it must agree) or a VPC endpoint policy
+# in the platform's network. Blaming the customer would fail every account at once.
+_PLATFORM_DENIALS = ("session policy", "vpc endpoint policy")
 
 
 class _ThreadCredentials(botocore.credentials.Credentials):
@@ -436,7 +444,6 @@ class PermissionProber:
     """
 
     def __init__(self, settings: Settings, config: Config) -> None:
-        self._region = settings.aws_region
         self._config = config
         self._credentials = _ThreadCredentials()
         self._session = botocore.session.Session()
@@ -444,42 +451,85 @@ class PermissionProber:
             "credential_provider",
             botocore.credentials.CredentialResolver([_ThreadCredentialProvider(self._credentials)]),
         )
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         # Probes are a few per account while a verification thread waits: enough threads that
-        # every verification thread of the process can have its probes in flight at once.
+        # every verification thread of the process can have all its probes in flight at once
+        # (the settings bound the product; threads start only when needed).
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(256, settings.worker_concurrency * len(CATALOGUE)),
-            thread_name_prefix="probe",
+            max_workers=probe_threads(settings), thread_name_prefix="probe"
         )
+        #: How long a verification waits for its probes: every attempt botocore may make, each
+        #: at its connect and read limits, the standard retry mode's longest backoffs between
+        #: them, and a second's margin. A probe still running then is given up on (ProbeTimeout).
+        self.budget_seconds = probe_budget_seconds(settings)
 
-    def _client(self, service: str) -> Any:
-        client = self._clients.get(service)
+    def _client(self, service: str, region: str) -> Any:
+        key = (service, region)
+        client = self._clients.get(key)
         if client is None:
             with self._lock:  # botocore sessions are not thread-safe; clients are
-                client = self._clients.get(service)
+                client = self._clients.get(key)
                 if client is None:
                     client = self._session.create_client(
-                        service, region_name=self._region, config=self._config
+                        service, region_name=region, config=self._config
                     )
-                    self._clients[service] = client
+                    self._clients[key] = client
         return client
 
     def start(
         self,
         probes: Sequence[Probe],
         credentials: botocore.credentials.ReadOnlyCredentials,
+        region: str,
     ) -> list[concurrent.futures.Future[_ProbeResult]]:
-        """Send every probe now; the caller collects the answers with `finish`."""
-        return [self._pool.submit(self._run, probe, credentials) for probe in probes]
+        """Send every probe now, to `region`; the caller collects the answers with `finish`."""
+        return [self._pool.submit(self._run, probe, credentials, region) for probe in probes]
+
+    def finish(
+        self,
+        probes: Sequence[Probe],
+        pending: Sequence[concurrent.futures.Future[_ProbeResult]],
+        started: float,
+    ) -> list[_ProbeResult]:
+        """Every probe's answer, waiting at most the budget from `started` (a monotonic time);
+        a probe not answered by then is a transient ProbeTimeout."""
+        remaining = max(0.0, started + self.budget_seconds - time.monotonic())
+        concurrent.futures.wait(pending, timeout=remaining)
+        results = []
+        for probe, future in zip(probes, pending, strict=True):
+            if future.done() and not future.cancelled():
+                results.append(future.result())
+                continue
+            # Cancelled if still queued; a running one ends by botocore's own limits.
+            future.cancel()
+            results.append(
+                _ProbeResult(
+                    probe,
+                    Outcome(
+                        OutcomeKind.TRANSIENT,
+                        "ProbeTimeout",
+                        f"probe {probe.permission}: no answer from {probe.service_name} within "
+                        f"{self.budget_seconds:g} s",
+                        service=probe.service_name,
+                    ),
+                )
+            )
+        return results
 
     def _run(
-        self, probe: Probe, credentials: botocore.credentials.ReadOnlyCredentials
+        self, probe: Probe, credentials: botocore.credentials.ReadOnlyCredentials, region: str
     ) -> _ProbeResult:
-        client = self._client(probe.service)
+        try:
+            client = self._client(probe.service, region)
+        except (*_OTHER_ERRORS, ValueError) as error:
+            # A malformed AWS_ENDPOINT_URL_<SERVICE> (botocore raises ValueError) or a service
+            # botocore cannot build: our configuration, so the platform's fault, never an
+            # exception out of verify() (the lease would churn).
+            return _ProbeResult(probe, probe_client_fault(probe, error))
         self._credentials.set(credentials)
         try:
-            getattr(client, probe.operation)()
+            getattr(client, probe.operation)(**probe.kwargs)
         except botocore.exceptions.ClientError as error:
             return _ProbeResult(probe, classify_probe_error(probe, error))
         except _OTHER_ERRORS as error:
@@ -489,12 +539,42 @@ class PermissionProber:
         return _ProbeResult(probe, None)
 
 
-def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
-    """A probe's failure: denied (the customer's to fix), or transient (nobody's fault).
+def probe_threads(settings: Settings) -> int:
+    """Threads for the probes of a process: every verification thread's probes at once."""
+    return settings.worker_concurrency * max(1, len(settings.permission_probes))
 
-    Never platform_fault: probes are signed with the customer's role, not the platform's own
-    credentials (those were proven by AssumeRole a moment ago). A token a service refuses is
-    transient too: in a region the account has not opted into, STS tokens are not valid.
+
+def probe_budget_seconds(settings: Settings) -> float:
+    """The longest a probe can take within botocore's own limits, plus a second's margin."""
+    attempts = settings.sts_max_attempts
+    per_attempt = settings.sts_connect_timeout_seconds + settings.sts_read_timeout_seconds
+    # botocore's standard retry mode sleeps at most min(20, 2 ** n) seconds before retry n + 1.
+    backoff = sum(min(20.0, 2.0**n) for n in range(attempts - 1))
+    return attempts * per_attempt + backoff + 1.0
+
+
+def probe_client_fault(probe: Probe, error: BaseException) -> Outcome:
+    """No client for a probe's service: the platform's configuration is wrong."""
+    return Outcome(
+        OutcomeKind.PLATFORM_FAULT,
+        "ProbeClientError",
+        scrub_text(
+            f"probe {probe.permission}: no {probe.service} client "
+            f"({type(error).__name__}: {_shorten(str(error), 200)}); check the endpoint settings"
+        ),
+        service=probe.service_name,
+    )
+
+
+def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
+    """A probe's failure: denied (the customer's to fix), our side's denial (platform fault), or
+    transient (nobody's fault, and inconclusive: see `probe_verdict`).
+
+    A denial that blames a session policy or a VPC endpoint policy is ours: the session policy
+    is built from the probe catalogue, and VPC endpoints are in the platform's network. A token
+    a service refuses is transient: probes are signed with the customer's role (the platform's
+    own credentials were proven by AssumeRole a moment ago), and in a region the account has not
+    opted into STS tokens are not valid.
     """
     service = probe.service_name
     if isinstance(error, botocore.exceptions.ClientError):
@@ -506,6 +586,9 @@ def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
             f"{_shorten(str(body.get('Message') or ''), 300)}"
         )
         if code in DENIED_CODES:
+            text = str(body.get("Message") or "").lower()
+            if any(words in text for words in _PLATFORM_DENIALS):
+                return Outcome(OutcomeKind.PLATFORM_FAULT, code, detail, service=service)
             return _customer(code, detail, service=service)
         known = code in _TRANSIENT_CODES or code in _PLATFORM_CODES or status >= 500
         return Outcome(
@@ -521,20 +604,25 @@ def classify_probe_error(probe: Probe, error: BaseException) -> Outcome:
 
 def probe_verdict(
     details: RoleDetails, results: Sequence[_ProbeResult], observe: Observer
-) -> Outcome | None:
-    """Every probe's answer in one outcome: None when all were allowed.
+) -> Outcome | PermissionReport:
+    """Every probe's answer: the report when each was allowed, else the outcome that decides.
 
-    A denial is definite whatever the other services did, so denied permissions fail the
-    account (naming each of them) even if another probe met a transient error.
+    Our side's fault (platform_fault) comes first: it says nothing about the customer's role. A
+    denial is definite whatever the other services did, so denied permissions fail the account
+    (naming each of them) even if another probe met a transient error. Otherwise the first
+    transient error is returned as it is; the caller takes it as inconclusive.
     """
     missing = [result.probe.permission for result in results if _denied(result)]
-    failed = None
+    failed: Outcome | None = None
+    ours: Outcome | None = None
     for result in results:
         if result.outcome is None:
             observe("probe", f"{result.probe.permission} ok")
         elif _denied(result):
             observe("probe", f"{result.probe.permission} DENIED ({result.outcome.code})")
         else:
+            if result.outcome.kind is OutcomeKind.PLATFORM_FAULT:
+                ours = ours or result.outcome
             failed = failed or result.outcome
             observe(
                 "probe",
@@ -545,6 +633,8 @@ def probe_verdict(
         proven=tuple(r.probe.permission for r in results if r.outcome is None),
         missing=tuple(missing),
     )
+    if ours is not None:
+        return dataclasses.replace(ours, probe_calls=len(results))
     if missing:
         return _customer(
             "MissingPermissions",
@@ -554,7 +644,7 @@ def probe_verdict(
         )
     if failed is not None:
         return dataclasses.replace(failed, probe_calls=len(results))
-    return None
+    return report
 
 
 def _denied(result: _ProbeResult) -> bool:
@@ -749,9 +839,15 @@ class StsVerifier:
         permission probes, which run at the same time."""
         prefix = self._settings.session_name_prefix
         principal = self._settings.platform_principal_arn
-        # The probes go out now and run while the enforcement check waits on STS.
+        # The probes go out now and run while the enforcement check waits on STS. They ask the
+        # region AssumeRole answered in: when STS is off in the configured region for this
+        # account (it may be an opt-in region it has not enabled), other services there refuse
+        # its tokens too, and the fallback region is the one known to work.
         probes = [CATALOGUE[name] for name in probe]
-        pending = self.prober().start(probes, credentials) if credentials is not None else []
+        started = time.monotonic()
+        pending = (
+            self.prober().start(probes, credentials, region) if credentials is not None else []
+        )
         del credentials
         enforced: bool | None = None
         if check_external_id:
@@ -767,13 +863,28 @@ class StsVerifier:
         else:
             say("external-ID check", "skipped: checked recently")
         report: PermissionReport | None = None
+        unknown: Outcome | None = None
         if pending:
-            verdict = probe_verdict(details, [future.result() for future in pending], say)
-            if verdict is not None:
+            results = self.prober().finish(probes, pending, started)
+            verdict = probe_verdict(details, results, say)
+            if isinstance(verdict, PermissionReport):
+                report = verdict
+            elif verdict.kind is OutcomeKind.TRANSIENT:
+                # STS verified the account and nothing was denied: a probe that could not get
+                # an answer (an opt-in region's AuthFailure, an outage, a timeout) leaves the
+                # permissions unknown, not the connection. Retrying the whole verification
+                # would keep a pending account from ever connecting, and AssumeRole and the
+                # external-ID check with it; the probes stay due on the next attempt.
+                unknown = verdict
+                say("probe", f"inconclusive: {verdict.code} from {verdict.service}")
+            else:
                 return dataclasses.replace(
-                    verdict, assumed_role_arn=assumed_arn, sts_calls=calls, region=region
+                    verdict,
+                    assumed_role_arn=assumed_arn,
+                    sts_calls=calls,
+                    region=region,
+                    external_id_enforced=enforced,
                 )
-            report = PermissionReport(proven=tuple(probe), missing=())
         elif probe:
             say("probe", "FAILED: AssumeRole answered without credentials")
             return Outcome(
@@ -782,6 +893,7 @@ class StsVerifier:
                 "AssumeRole answered without usable Credentials",
                 sts_calls=calls,
                 region=region,
+                external_id_enforced=enforced,
             )
         else:
             say("probe", "skipped: not due, or probing is off")
@@ -795,6 +907,9 @@ class StsVerifier:
             sts_calls=calls,
             permissions=report,
             probe_calls=len(pending),
+            service=unknown.service if unknown else None,
+            permissions_unknown=unknown.code if unknown else None,
+            unclassified=unknown.unclassified if unknown else False,
         )
 
     def _refuse_before_calling(self, details: RoleDetails, say: Observer) -> Outcome | None:

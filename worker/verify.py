@@ -278,10 +278,13 @@ UPDATE aws_accounts AS a SET
     last_attempted_at = v.attempted_at,
     last_verified_at = coalesce(v.verified_at, a.last_verified_at),
     external_id_checked_at = coalesce(v.checked_at, a.external_id_checked_at),
-    permissions_checked_at = coalesce(v.probed_at, a.permissions_checked_at),
-    permissions_proven = CASE WHEN v.probed_at IS NULL THEN a.permissions_proven
+    permissions_checked_at = CASE WHEN v.forget THEN NULL
+        ELSE coalesce(v.probed_at, a.permissions_checked_at) END,
+    permissions_proven = CASE WHEN v.forget THEN NULL
+        WHEN v.probed_at IS NULL THEN a.permissions_proven
         ELSE string_to_array(v.proven, ',') END,
-    permissions_missing = CASE WHEN v.probed_at IS NULL THEN a.permissions_missing
+    permissions_missing = CASE WHEN v.forget THEN NULL
+        WHEN v.probed_at IS NULL THEN a.permissions_missing
         ELSE string_to_array(v.missing, ',') END,
     lease_id = NULL,
     lease_expires_at = NULL
@@ -293,11 +296,13 @@ FROM unnest(
     CAST(:consecutive_failures AS integer[]), CAST(:last_outcomes AS text[]),
     CAST(:last_error_codes AS text[]), CAST(:attempted_ats AS timestamptz[]),
     CAST(:verified_ats AS timestamptz[]), CAST(:checked_ats AS timestamptz[]),
-    CAST(:probed_ats AS timestamptz[]), CAST(:proven AS text[]), CAST(:missing AS text[])
+    CAST(:probed_ats AS timestamptz[]), CAST(:proven AS text[]), CAST(:missing AS text[]),
+    CAST(:forgets AS boolean[])
 ) AS v(
     id, lease_id, b_status, b_role_arn, b_external_id, b_aws_account_id, new_status,
     new_error_message, new_next_due_at, new_consecutive_failures, new_last_outcome,
-    new_last_error_code, attempted_at, verified_at, checked_at, probed_at, proven, missing
+    new_last_error_code, attempted_at, verified_at, checked_at, probed_at, proven, missing,
+    forget
 )
 WHERE a.id = v.id
     AND a.lease_id = v.lease_id
@@ -311,7 +316,9 @@ RETURNING a.id
 _INSERT_EVENTS = insert(cast(Table, AuditEvent.__table__))
 
 
-def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, list[Any]]:
+def _apply_parameters(
+    pairs: Sequence[tuple[Checked, Decision]], *, probing: bool
+) -> dict[str, list[Any]]:
     """The compare-and-set's arrays: one element per account, in the same order everywhere."""
     columns: dict[str, list[Any]] = {
         name: []
@@ -334,6 +341,7 @@ def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, li
             "probed_ats",
             "proven",
             "missing",
+            "forgets",
         )
     }
     for checked, decision in pairs:
@@ -361,6 +369,10 @@ def _apply_parameters(pairs: Sequence[tuple[Checked, Decision]]) -> dict[str, li
             ("probed_ats", attempt.now if report is not None else None),
             ("proven", ",".join(report.proven) if report is not None else None),
             ("missing", ",".join(report.missing) if report is not None else None),
+            # With probing off (PERMISSION_PROBES=none) a connected account's recorded verdict
+            # is no longer checked, so it is forgotten rather than left to go stale; turned
+            # back on, the next success probes (nothing recorded means due).
+            ("forgets", decision.verified and report is None and not probing),
         ):
             columns[name].append(value)
     return columns
@@ -440,7 +452,11 @@ def apply_checked(
         return []
     decisions = _hold_waves(ctx, session, checked)
     pairs = list(zip(checked, decisions, strict=True))
-    applied_ids = set(session.scalars(_APPLY_MANY, _apply_parameters(pairs)))
+    applied_ids = set(
+        session.scalars(
+            _APPLY_MANY, _apply_parameters(pairs, probing=bool(ctx.settings.permission_probes))
+        )
+    )
     events = [
         event
         for item, decision in pairs
@@ -567,6 +583,7 @@ def report_applied(result: Applied) -> Result:
         probe_calls=outcome.probe_calls,
         permissions_missing=list(outcome.permissions.missing) if outcome.permissions else None,
         service=outcome.service,
+        permissions_unknown=outcome.permissions_unknown,
         hold=decision.hold.value if decision.hold else None,
         status=decision.status.value,
     )
