@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from worker.permissions import (
     CATALOGUE,
@@ -13,6 +14,8 @@ from worker.permissions import (
     parse_probe_names,
     probe_session_policy,
 )
+from worker.settings import Settings
+from worker.sts import probe_threads
 
 
 def test_the_default_set_is_the_four_securityaudit_probes() -> None:
@@ -84,3 +87,20 @@ def test_the_message_names_every_missing_permission_and_the_fix() -> None:
         "to the role, or a policy that allows these actions. If it is attached, a service "
         "control policy may deny them."
     )
+
+
+def test_probe_threads_are_every_verification_threads_probes_and_bounded() -> None:
+    """32 threads x 4 probes is 128 probe threads; 300 x 4 would be more than a process may
+    start, and is refused at start-up rather than queueing probes into their timeout."""
+    assert probe_threads(Settings(worker_concurrency=32)) == 128
+    assert probe_threads(Settings(worker_concurrency=32, permission_probes="none")) == 32
+    assert Settings(worker_concurrency=300, permission_probes="ec2:DescribeRegions")
+    with pytest.raises(ValidationError, match="WORKER_CONCURRENCY x the number of"):
+        Settings(worker_concurrency=300)
+
+
+def test_the_probe_calls_ask_for_one_small_page() -> None:
+    """ListBuckets unpaged is refused above a 10,000-bucket quota; shadow trails only add
+    other regions' trails to the answer."""
+    assert CATALOGUE["s3:ListAllMyBuckets"].kwargs == {"MaxBuckets": 1}
+    assert CATALOGUE["cloudtrail:DescribeTrails"].kwargs == {"includeShadowTrails": False}

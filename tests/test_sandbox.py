@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, NoCredentialsError
 
 from sandbox.demo import (
     DEMO_CONNECTIONS,
@@ -55,9 +55,9 @@ from sandbox.moto_sts import (
     sts_calls,
     trust_policy,
 )
-from worker.permissions import DEFAULT_PROBES, probe_session_policy
+from worker.permissions import CATALOGUE, DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
-from worker.sts import RoleDetails, StsVerifier
+from worker.sts import RoleDetails, StsVerifier, classify_probe_error
 
 if TYPE_CHECKING:
     from mypy_boto3_sts import STSClient
@@ -957,18 +957,75 @@ def test_an_explicit_deny_beats_an_allow(
     assert denied.permissions.missing == ("s3:ListAllMyBuckets",)
 
 
-def test_a_probe_fault_is_a_transient_naming_the_service(
+def test_a_probe_fault_is_inconclusive_naming_the_service(
     sandbox: SandboxSts, probing_verifier: StsVerifier
 ) -> None:
-    """With EC2 answering 503 (switched over HTTP), the attempt is transient, naming ec2."""
+    """With EC2 answering 503 (switched over HTTP), the account is verified with its
+    permissions unknown, naming ec2; once EC2 answers, they are proven."""
     set_probe_fault(sandbox.endpoint_url, "ec2", "Unavailable")
     try:
         outcome = probe_role(sandbox, probing_verifier)
     finally:
         set_probe_fault(sandbox.endpoint_url, "ec2", None)
-    assert (outcome.kind.value, outcome.code, outcome.service) == (
-        "transient",
+    assert (outcome.kind.value, outcome.permissions_unknown, outcome.service) == (
+        "verified",
         "Unavailable",
         "ec2",
     )
-    assert probe_role(sandbox, probing_verifier).verified
+    assert outcome.permissions is None
+    assert probe_role(sandbox, probing_verifier).permissions.proven == DEFAULT_PROBES
+
+
+def test_a_session_policy_denial_from_the_sandbox_is_the_platforms_fault(
+    sandbox: SandboxSts,
+) -> None:
+    """Credentials whose session policy (ours) lacks ec2:DescribeRegions are refused by the
+    sandbox for the session policy's sake; the worker blames itself, not the customer."""
+    role_arn = admin_role(sandbox)
+    ec2 = role_client(sandbox, role_arn, "ec2", probe_session_policy(["iam:GetAccountSummary"]))
+    with pytest.raises(ClientError) as error:
+        ec2.describe_regions()
+    outcome = classify_probe_error(CATALOGUE["ec2:DescribeRegions"], error.value)
+    assert (outcome.kind.value, outcome.code) == ("platform_fault", "UnauthorizedOperation")
+
+
+def platform_client(sandbox: SandboxSts, service: str, key: str) -> Any:
+    """A `service` client signing with access key `key` (no session token)."""
+    session: Any = boto3.session.Session(
+        aws_access_key_id=key, aws_secret_access_key="x", region_name=REGION
+    )
+    config = Config(retries={"total_max_attempts": 1})
+    return session.client(service, endpoint_url=sandbox.endpoint_url, config=config)
+
+
+@pytest.mark.parametrize("key", [PLATFORM_ACCESS_KEY_ID, "AKIANOBODYISSUEDTHIS"])
+def test_the_probed_services_refuse_keys_that_are_not_a_customers_role(
+    sandbox: SandboxSts, key: str
+) -> None:
+    """The platform's own key, or one nobody issued, gets each service's authentication
+    error: a worker that signed its probes with the platform's credentials would fail here."""
+    assert error_code(platform_client(sandbox, "iam", key).get_account_summary) == (
+        "InvalidClientTokenId"
+    )
+    assert error_code(platform_client(sandbox, "ec2", key).describe_regions) == "AuthFailure"
+    assert error_code(platform_client(sandbox, "s3", key).list_buckets) == "InvalidAccessKeyId"
+    assert error_code(platform_client(sandbox, "cloudtrail", key).describe_trails) == (
+        "UnrecognizedClientException"
+    )
+
+
+def test_an_unsigned_request_to_a_probed_service_is_refused(sandbox: SandboxSts) -> None:
+    """No signature at all: refused, where moto alone would answer it."""
+    url = sandbox.endpoint_url + "/?Action=GetAccountSummary&Version=2010-05-08"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(url, timeout=10)  # noqa: S310 - the sandbox's http:// URL
+    with error.value:  # its response holds the connection
+        assert error.value.code == 403
+
+
+def test_the_platforms_credentials_never_sign_a_probe(probing_verifier: StsVerifier) -> None:
+    """A probe client on a thread that set no credentials, with the platform's keys in the
+    environment, raises NoCredentialsError: it never falls back to the default chain."""
+    client = probing_verifier.prober()._client("iam", REGION)
+    with pytest.raises(NoCredentialsError):
+        client.get_account_summary()

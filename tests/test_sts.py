@@ -703,13 +703,12 @@ def test_the_probe_budget_covers_every_attempt_at_its_limits() -> None:
 
 
 def _denial(message: str) -> botocore.exceptions.ClientError:
-    return botocore.exceptions.ClientError(
-        {
-            "Error": {"Code": "UnauthorizedOperation", "Message": message},
-            "ResponseMetadata": {"HTTPStatusCode": 403},
-        },
-        "DescribeRegions",
-    )
+    """EC2's refusal as botocore raises it, with AWS's own message."""
+    response: Any = {
+        "Error": {"Code": "UnauthorizedOperation", "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": 403},
+    }
+    return botocore.exceptions.ClientError(response, "DescribeRegions")
 
 
 @pytest.mark.parametrize(

@@ -725,30 +725,71 @@ def test_a_change_in_the_missing_set_is_audited_once(
     ]
 
 
-def test_a_failing_probe_service_keeps_a_connected_account_connected(
+def test_a_failing_probe_service_does_not_hold_a_pending_account_back(
     make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
 ) -> None:
-    """503s from the probed services: transient, status kept, nothing recorded about
-    permissions, and the log names the service."""
-    account_id, lease_id = _account(
-        scratch_sessions, "probeerror-Flaky", status=AccountStatus.CONNECTED
-    )
+    """503s from every probed service, nothing denied: the account connects (STS verified it),
+    the external-ID check is recorded, the permissions stay unknown (so the probes are due next
+    time) and the log names the service and the error."""
+    account_id, lease_id = _account(scratch_sessions, "probeerror-Flaky")
     with capture_logs() as logs:
         verify_account(make_ctx(), account_id, lease_id)
     account = _read(scratch_sessions, account_id)
     assert (account.status, account.last_outcome, account.last_error_code) == (
         AccountStatus.CONNECTED,
-        OutcomeKind.TRANSIENT,
-        "ServiceUnavailable",
+        OutcomeKind.VERIFIED,
+        None,
     )
-    assert account.permissions_checked_at is None
+    assert account.external_id_checked_at == account.last_verified_at
+    assert (account.permissions_checked_at, account.permissions_proven) == (None, None)
     [completed] = [log for log in logs if log["event"] == "verification.completed"]
-    assert (completed["outcome"], completed["service"], completed["probe_calls"]) == (
-        "transient",
-        "iam",
-        4,
+    assert (
+        completed["outcome"],
+        completed["service"],
+        completed["permissions_unknown"],
+        completed["probe_calls"],
+    ) == ("verified", "iam", "ServiceUnavailable", 4)
+    assert [e.event_type for e in _events(scratch_sessions, account_id)] == [
+        AuditEventType.STATUS_CHANGED
+    ]
+
+
+def test_missing_permissions_record_the_external_id_check(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """A role lacking a permission was shown to enforce the external ID in the same attempt:
+    the check is recorded, so the retries while the customer fixes the policy skip it."""
+    account_id, lease_id = _account(scratch_sessions, "noec2-Checked")
+    verify_account(make_ctx(), account_id, lease_id)  # held in the grace window
+    account = _read(scratch_sessions, account_id)
+    assert (account.status, account.last_error_code) == (
+        AccountStatus.PENDING,
+        "MissingPermissions",
     )
-    assert _events(scratch_sessions, account_id) == []
+    assert account.external_id_checked_at is not None
+
+
+def test_probing_off_forgets_the_recorded_permissions(
+    make_ctx: Callable[..., Verification], scratch_sessions: sessionmaker[Session]
+) -> None:
+    """PERMISSION_PROBES=none: a connected account's recorded verdict (ec2 missing, from when
+    probing was on) is cleared on its next success instead of going stale."""
+    account_id, lease_id = _account(
+        scratch_sessions,
+        "ok-Stale",
+        status=AccountStatus.CONNECTED,
+        permissions_checked_at=datetime.now(UTC) - timedelta(days=3),
+        permissions_proven=["iam:GetAccountSummary"],
+        permissions_missing=["ec2:DescribeRegions"],
+    )
+    verify_account(make_ctx(permission_probes="none"), account_id, lease_id)
+    account = _read(scratch_sessions, account_id)
+    assert account.status is AccountStatus.CONNECTED
+    assert (
+        account.permissions_checked_at,
+        account.permissions_proven,
+        account.permissions_missing,
+    ) == (None, None, None)
 
 
 def test_probes_that_are_not_due_are_not_made(
