@@ -3,7 +3,7 @@
 Three nullable columns on aws_accounts (NULL until the first probe; adding them rewrites no
 rows), and `permissions_changed` added to the event types the audit log's constraint accepts.
 
-Revision ID: 20261201_0003_permissions
+Revision ID: 20261201_0006_permissions
 Revises: 20261201_0005_webhooks
 Create Date: 2026-12-01
 """
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "20261201_0003_permissions"
+revision: str = "20261201_0006_permissions"
 down_revision: str | None = "20261201_0005_webhooks"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
