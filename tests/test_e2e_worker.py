@@ -356,7 +356,8 @@ def test_connected_means_the_role_can_do_what_scans_need(
     tmp_path: Path,
 ) -> None:
     """SecurityAudit connects; no policy fails naming all four probed permissions; a policy
-    missing one fails naming it; an EC2 outage during a probe keeps a connected account connected.
+    missing one fails naming it; an EC2 outage during the probes does not hold a pending account
+    back (connected, permissions unknown) and the next attempt proves them.
     """
     endpoint = sandbox.endpoint_url
     roles: dict[str, dict[str, Any]] = {
@@ -382,12 +383,9 @@ def test_connected_means_the_role_can_do_what_scans_need(
                 role_arn=f"arn:aws:iam::{aws_id}:role/{role_name}",
                 external_id=external_id,
                 role_changed_at=LONG_AGO,
-                # The flaky one is connected (never probed) and waits until EC2 is down.
+                # The flaky one (pending, never probed) waits until EC2 is down.
                 **(
-                    {
-                        "status": AccountStatus.CONNECTED,
-                        "next_due_at": datetime.now(UTC) + timedelta(days=1),
-                    }
+                    {"next_due_at": datetime.now(UTC) + timedelta(days=1)}
                     if label == "flaky"
                     else {}
                 ),
@@ -414,18 +412,26 @@ def test_connected_means_the_role_can_do_what_scans_need(
             flaky = wait_until(
                 lambda: (
                     row
-                    if (
-                        row := _accounts(scratch_sessions, [ids["flaky"]])[ids["flaky"]]
-                    ).last_error_code
-                    == "Unavailable"
+                    if (row := _accounts(scratch_sessions, [ids["flaky"]])[ids["flaky"]]).status
+                    is AccountStatus.CONNECTED
                     else None
                 ),
                 timeout=60,
-                what="the flaky account's probe to meet the EC2 outage",
+                what="the flaky account to connect during the EC2 outage",
             )
         finally:
             sandbox.set_probe_fault("ec2", None)
-        assert (flaky.status, flaky.permissions_checked_at) == (AccountStatus.CONNECTED, None)
+        assert (flaky.permissions_checked_at, flaky.external_id_checked_at) == (
+            None,
+            flaky.last_verified_at,
+        )
+        # The probes are still due: the next attempt (made due now) proves the permissions.
+        with scratch_sessions.begin() as session:
+            session.execute(
+                update(AwsAccount)
+                .where(AwsAccount.id == ids["flaky"])
+                .values(next_due_at=func.now())
+            )
         wait_until(
             lambda: (
                 _accounts(scratch_sessions, [ids["flaky"]])[ids["flaky"]].permissions_missing == []
@@ -436,10 +442,10 @@ def test_connected_means_the_role_can_do_what_scans_need(
         outage = [
             record
             for record in worker.events("verification.completed")
-            if record.get("account_id") == str(ids["flaky"]) and record["outcome"] == "transient"
+            if record.get("account_id") == str(ids["flaky"])
+            and record.get("permissions_unknown") == "Unavailable"
         ]
-        assert outage
-        assert outage[0]["service"] == "ec2"
+        assert [(r["outcome"], r["service"]) for r in outage] == [("verified", "ec2")]
     accounts = _accounts(scratch_sessions, list(ids.values()))
     assert accounts[ids["audit"]].permissions_proven == [
         "iam:GetAccountSummary",
