@@ -8,6 +8,7 @@ up after themselves (scratch database dropped, broker database emptied).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -252,3 +253,29 @@ def test_latency_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
     }
     assert not _database_exists(results["config"]["database"])
     assert redis.Redis.from_url(BENCH_REDIS_URL).dbsize() == 0
+
+
+@pytest.mark.timeout(120)
+def test_status_bench_times_the_real_command() -> None:
+    """`scripts/bench status` seeds a scratch database, runs `scripts/status --json` and prints
+    its median wall and database times against the target (tiny size: no figure is judged)."""
+    result = _run(
+        [
+            "-m",
+            "scripts.bench_status",
+            "--accounts",
+            "500",
+            "--repeat",
+            "1",
+            "--database-url",
+            ADMIN_URL,
+            "--redis-url",
+            TEST_REDIS_URL,  # read only
+        ],
+        timeout=100,
+    )
+    assert "scripts/status --json at 500 accounts" in result.stdout, result.stderr[-2000:]
+    assert re.search(
+        r"wall, median of 1 \(s\)\s+\d+\.\d{3}\s+target < 1: (met|NOT met)", result.stdout
+    )
+    assert re.search(r"database, median \(s\)\s+\d+\.\d{3}", result.stdout)
