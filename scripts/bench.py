@@ -1426,26 +1426,16 @@ class Bench:
     def cleanup(self) -> None:
         """Stop every child, drop the scratch database (unless --keep), flush Redis."""
         with _no_interrupts():
-            for child in reversed(self.children):
-                child.stop()
-            if self.admin is not None:
-                self.admin.close()
-            if self.scratch is not None and not self.opts.keep:
-                from worker.db import dispose_engine  # noqa: PLC0415
-
-                dispose_engine()
-                try:
-                    drop_scratch_database(self.opts.database_url, self.scratch)
-                except psycopg.Error as error:
-                    print(f"could not drop {database_name(self.scratch)}: {error}", file=sys.stderr)
-            elif self.scratch is not None:
-                print(f"kept the scratch database: {masked(self.scratch)}", file=sys.stderr)
-            with contextlib.suppress(redis.RedisError):
-                self.broker.flushdb()
-            self.broker.close()
-            if self.succeeded and not self.keep_logs:
-                shutil.rmtree(self.log_dir, ignore_errors=True)
-            else:
+            release_run(
+                children=self.children,
+                admin=self.admin,
+                admin_url=self.opts.database_url,
+                scratch=self.scratch,
+                keep=self.opts.keep,
+                broker=self.broker,
+                log_dir=self.log_dir if self.succeeded and not self.keep_logs else None,
+            )
+            if not (self.succeeded and not self.keep_logs):
                 print(f"logs of the processes kept in {self.log_dir}", file=sys.stderr)
 
 
@@ -1464,6 +1454,40 @@ def settings_from(env: Mapping[str, str]) -> Any:
         os.environ.clear()
         os.environ.update(saved)
     return settings
+
+
+def release_run(
+    *,
+    children: Sequence[Child],
+    admin: psycopg.Connection[Any] | None,
+    admin_url: str,
+    scratch: str | None,
+    keep: bool,
+    broker: redis.Redis,
+    log_dir: Path | None,
+) -> None:
+    """What every benchmark leaves behind, released: its children stopped (last started first),
+    its scratch database dropped (or named, with --keep), its Redis database flushed, and
+    `log_dir` removed when given (a run that succeeded)."""
+    for child in reversed(children):
+        child.stop()
+    if admin is not None:
+        admin.close()
+    if scratch is not None and not keep:
+        from worker.db import dispose_engine  # noqa: PLC0415
+
+        dispose_engine()
+        try:
+            drop_scratch_database(admin_url, scratch)
+        except psycopg.Error as error:
+            print(f"could not drop {database_name(scratch)}: {error}", file=sys.stderr)
+    elif scratch is not None:
+        print(f"kept the scratch database: {masked(scratch)}", file=sys.stderr)
+    with contextlib.suppress(redis.RedisError):
+        broker.flushdb()
+    broker.close()
+    if log_dir is not None:
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

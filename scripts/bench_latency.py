@@ -34,10 +34,8 @@ Exit status: 0 done, 1 failed or timed out, 2 bad usage, 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -69,7 +67,6 @@ from scripts.bench import (
     consumers,
     create_scratch_database,
     database_name,
-    drop_scratch_database,
     libpq_url,
     make_accounts,
     masked,
@@ -78,6 +75,7 @@ from scripts.bench import (
     pg_database_stats,
     read_proc,
     redis_db,
+    release_run,
     rounded,
     seed_accounts,
     settings_from,
@@ -484,26 +482,16 @@ class LatencyBench:
         with _no_interrupts():
             if self.api is not None:
                 self.api.close()
-            for child in reversed(self.children):
-                child.stop()
-            if self.admin is not None:
-                self.admin.close()
-            if self.scratch is not None and not self.opts.keep:
-                from worker.db import dispose_engine  # noqa: PLC0415
-
-                dispose_engine()
-                try:
-                    drop_scratch_database(self.opts.database_url, self.scratch)
-                except psycopg.Error as error:
-                    print(f"could not drop {database_name(self.scratch)}: {error}", file=sys.stderr)
-            elif self.scratch is not None:
-                print(f"kept the scratch database: {masked(self.scratch)}", file=sys.stderr)
-            with contextlib.suppress(redis.RedisError):
-                self.broker.flushdb()
-            self.broker.close()
-            if self.succeeded and not self.opts.keep:
-                shutil.rmtree(self.log_dir, ignore_errors=True)
-            else:
+            release_run(
+                children=self.children,
+                admin=self.admin,
+                admin_url=self.opts.database_url,
+                scratch=self.scratch,
+                keep=self.opts.keep,
+                broker=self.broker,
+                log_dir=self.log_dir if self.succeeded and not self.opts.keep else None,
+            )
+            if not (self.succeeded and not self.opts.keep):
                 print(f"logs of the processes kept in {self.log_dir}", file=sys.stderr)
 
 

@@ -677,6 +677,7 @@ class StsVerifier:
         # now, the worker's own credentials' account once GetCallerIdentity has named it.
         self._configured_platform_accounts = frozenset(settings.platform_account_ids)
         self._own_account: str | None = None
+        self._platform_accounts_known = self._configured_platform_accounts
         self._identity_lock = threading.Lock()
         self._config = Config(
             connect_timeout=settings.sts_connect_timeout_seconds,
@@ -970,7 +971,7 @@ class StsVerifier:
                     outcome = self.probe()
                     if not outcome.verified:
                         return outcome
-        return self._configured_platform_accounts | {self._own_account or ""}
+        return self._platform_accounts_known
 
     def probe(self) -> Outcome:
         """Check the platform's own credentials (GetCallerIdentity): the circuit breaker's probe.
@@ -985,6 +986,8 @@ class StsVerifier:
             return _with_calls(classify_error(error, None, None), 1, self._settings.aws_region)
         account = identity.get("Account")
         if isinstance(account, str) and re.fullmatch(r"\d{12}", account, re.ASCII):
+            # Built once: every verification tests membership in it.
+            self._platform_accounts_known = self._configured_platform_accounts | {account}
             self._own_account = account
         else:
             return Outcome(
