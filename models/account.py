@@ -106,6 +106,8 @@ class AwsAccount(Base):
     role_changed_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # Set by each applied result (and to now by a requested claim); a scheduled claim leaves it
+    # alone, the lease below keeps a claimed account from being claimed again.
     next_due_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )

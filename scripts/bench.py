@@ -752,28 +752,19 @@ def _verify_in_chunks(
     Returns each result, the CPU seconds spent and how many verifications that CPU covers (the
     first chunk builds clients and caches; the CPU figure leaves it out).
     """
-    from worker.tasks import verification_context  # noqa: PLC0415 - reads the settings at import
-    from worker.verify import (  # noqa: PLC0415
-        apply_checked,
-        check_account,
-        read_attempts,
-        report_applied,
-    )
+    from worker.chunk import verify_chunk  # noqa: PLC0415 - reads the settings at import
+    from worker.resources import process_resources  # noqa: PLC0415
 
-    ctx = verification_context()
-    size = ctx.settings.dispatch_chunk_size
+    deps = process_resources().deps
+    size = deps.settings.dispatch_chunk_size
     chunks = [account_ids[i : i + size] for i in range(0, len(account_ids), size)]
     warmup = len(chunks[0]) if len(chunks) > 1 else 0
     results: list[str] = []
     cpu = 0.0
     for i, chunk in enumerate(chunks):
         started = time.process_time()
-        with ctx.sessions.begin() as session:
-            attempts = read_attempts(session, chunk, lease_id)
-        checked = [check_account(ctx, attempt) for attempt in attempts]
-        with ctx.sessions.begin() as session:
-            applied = apply_checked(ctx, session, checked, actor="bench", correlation_id=None)
-        results.extend(report_applied(result).value for result in applied)
+        done = verify_chunk(deps, chunk, lease_id, actor="bench")
+        results.extend(result.value for result in done.values())
         if i > 0 or not warmup:
             cpu += time.process_time() - started
     return results, cpu, len(account_ids) - warmup
@@ -784,9 +775,9 @@ def trace_verifications(
 ) -> TraceResult:
     """Seed `accounts`, claim them as the dispatcher does and verify each, in this process.
 
-    The same code as the worker (`claim_due_accounts`, then what `verify_accounts_task` runs for
-    each chunk: `read_attempts`, `check_account` for each account, `apply_checked`, with the
-    worker's context and chunk size), single-threaded, with
+    The same code as the worker (`claim_due_accounts`, then `worker.chunk`'s steps for each
+    chunk, as `verify_accounts_task` runs them, with the worker's resources and chunk size), on
+    this thread instead of the window's, with
     SQLAlchemy's events counting statements, transactions and pool checkouts (each checkout
     is a `SELECT 1` pre-ping when the engine pings), and pg_stat_database counting what the
     server saw committed. The environment (DATABASE_URL, REDIS_URL, AWS_*) must point at the
@@ -796,8 +787,9 @@ def trace_verifications(
     from sqlalchemy.pool import Pool  # noqa: PLC0415
 
     from worker.claims import claim_due_accounts  # noqa: PLC0415
-    from worker.db import dispose_engine, session_factory  # noqa: PLC0415
+    from worker.db import session_factory  # noqa: PLC0415
     from worker.logging import configure_logging  # noqa: PLC0415
+    from worker.resources import close_process_resources  # noqa: PLC0415
     from worker.settings import get_settings  # noqa: PLC0415
 
     get_settings.cache_clear()
@@ -835,7 +827,7 @@ def trace_verifications(
     finally:
         for target, name_, listener in listeners:
             event.remove(target, name_, listener)
-        dispose_engine()
+        close_process_resources()
     wait_no_backends(admin, name)
     after = pg_database_stats(admin, name)["xact_commit"]
     return TraceResult(

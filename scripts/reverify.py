@@ -385,10 +385,11 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
 
 
 def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> None:
-    from worker.sts import StsVerifier  # noqa: PLC0415 - boto3 only when needed
-    from worker.verify import Result, Verification, verify_account  # noqa: PLC0415
+    from worker.chunk import verify_account  # noqa: PLC0415 - boto3 only when needed
+    from worker.sts import StsVerifier  # noqa: PLC0415
+    from worker.verify import CheckOptions, Result, VerificationDeps  # noqa: PLC0415
 
-    ctx = Verification(
+    deps = VerificationDeps(
         sessions=session_factory(),
         verifier=StsVerifier(settings),
         circuit=None,
@@ -399,7 +400,7 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
     for row in rows:
         if not args.json:
             print(f"\n{escape_controls(row.alias)} ({row.aws_account_id}, {row.id})")
-        with ctx.sessions.begin() as session:
+        with deps.sessions.begin() as session:
             claim = claim_accounts(session, [row.id], lease_seconds=settings.lease_seconds)
         if not claim.account_ids:
             row.not_verified, row.done = "a worker is verifying it", True
@@ -412,16 +413,14 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
                 print(f"  {step:<18} {escape_controls(detail)}")
 
         result = verify_account(
-            ctx,
+            deps,
             row.id,
             claim.lease_id,
             actor=args.requested_by,
             correlation_id=correlation_id,
-            check_external_id=True,
-            probe_permissions=True,
-            observe=observe,
+            options=CheckOptions(check_external_id=True, probe_permissions=True, observe=observe),
         )
-        with ctx.sessions() as session:
+        with deps.sessions() as session:
             state = session.execute(_STATE.where(AwsAccount.id == row.id)).one_or_none()
         if state is None:
             row.new_status, row.not_verified = "deleted", "deleted"

@@ -23,6 +23,10 @@ from worker.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The fixtures of a verification's steps: a zero-latency STS stand-in, a circuit breaker,
+# dependencies built for the scratch database.
+pytest_plugins = ["tests.verification"]
+
 # Where the scratch database is created: the server of TEST_DATABASE_URL (default: the machine's).
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -81,7 +81,7 @@ def expect_platform_identity(stubber: Stubber) -> None:
 def role(name: str, *, account: str = ACCOUNT, external_id: str = EXTERNAL_ID) -> RoleDetails:
     """Role details for a stand-in role whose name picks its behaviour."""
     return RoleDetails(
-        connection_id=uuid.UUID("550e8400-e29b-41d4-a716-446655440000"),
+        account_id=uuid.UUID("550e8400-e29b-41d4-a716-446655440000"),
         aws_account_id=account,
         role_arn=f"arn:aws:iam::{account}:role/{name}",
         external_id=external_id,
@@ -273,7 +273,7 @@ def test_assume_role_request_is_minimal_and_traceable() -> None:
         },
         expected_params={
             "RoleArn": details.role_arn,
-            "RoleSessionName": session_name_for(details.connection_id, "verifier"),
+            "RoleSessionName": session_name_for(details.account_id, "verifier"),
             "ExternalId": EXTERNAL_ID,
             "DurationSeconds": 900,
             "Policy": DENY_ALL_POLICY,
@@ -793,7 +793,7 @@ def test_probing_assume_role_carries_a_policy_allowing_exactly_the_probes(
         },
         expected_params={
             "RoleArn": details.role_arn,
-            "RoleSessionName": session_name_for(details.connection_id, "verifier"),
+            "RoleSessionName": session_name_for(details.account_id, "verifier"),
             "ExternalId": EXTERNAL_ID,
             "DurationSeconds": 900,
             "Policy": probe_session_policy(DEFAULT_PROBES),

@@ -25,10 +25,11 @@ from models import (
 )
 from sandbox.standin import StsStandIn
 from tests.factories import make_account, make_organization
+from worker.chunk import verify_account
 from worker.claims import claim_due_accounts
 from worker.settings import Settings
 from worker.sts import StsVerifier
-from worker.verify import Verification, verify_account
+from worker.verify import VerificationDeps
 from worker.webhooks import (
     EVENT_TYPES,
     EndpointNotFoundError,
@@ -176,16 +177,16 @@ def test_a_second_delivery_of_one_event_to_one_endpoint_is_refused(
 @pytest.fixture
 def verification(
     scratch_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[], Verification]]:
+) -> Iterator[Callable[[], VerificationDeps]]:
     """A verification context against a zero-latency STS stand-in."""
     with StsStandIn(median_ms=0, seed=5) as sts:
         monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts.endpoint_url)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLATFORMTESTKEY1")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
 
-        def build() -> Verification:
+        def build() -> VerificationDeps:
             settings = Settings(sts_max_attempts=1, jitter_ratio=0)
-            return Verification(
+            return VerificationDeps(
                 sessions=scratch_sessions,
                 verifier=StsVerifier(settings),
                 circuit=None,
@@ -199,7 +200,7 @@ def verification(
 def test_the_worker_announces_the_status_changes_it_applies(
     scratch_sessions: sessionmaker[Session],
     settings: Settings,
-    verification: Callable[[], Verification],
+    verification: Callable[[], VerificationDeps],
 ) -> None:
     """A verification that fails an account creates its delivery in the same commit; running
     the same lease again changes nothing and creates none."""

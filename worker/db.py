@@ -1,15 +1,22 @@
-"""The database engine (one per process, never built at import) and sessions."""
+"""The database engine (one per process, never built at import), sessions, and waiting out a
+database that is briefly away."""
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.logging import get_logger
 from worker.settings import Settings, get_settings
+
+log = get_logger("worker.db")
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -80,3 +87,44 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_T = TypeVar("_T")
+
+# Backoff for a database that is briefly away (a restart, a failover): about 15 s in all. Longer
+# outages fail the chunk, and its leases bring the accounts back.
+DATABASE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# SQLSTATEs of a server going away: admin_shutdown, crash_shutdown, cannot_connect_now.
+_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03"})
+
+
+def database_away(error: DBAPIError) -> bool:
+    """Whether an error means the database is away (restart, failover, network), not refusing.
+
+    A statement or lock timeout is the server answering, and a constraint violation is about the
+    statement: retrying those on a fresh connection would not help.
+    """
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    # No SQLSTATE: the connection itself failed; class 08: connection exception.
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
+
+
+def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
+    """Run a read or write of a chunk, again on a fresh connection while the database is away.
+
+    Safe to repeat: a write whose commit did happen finds its leases gone the second time, and
+    the compare-and-set applies nothing twice.
+    """
+    for delay in (*DATABASE_RETRY_DELAYS, None):
+        try:
+            return operation()
+        except DBAPIError as error:
+            if delay is None or not database_away(error):
+                raise
+            log.warning("database.reconnecting", accounts=accounts, retry_in_seconds=delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -26,3 +26,12 @@ def get_redis() -> redis.Redis:
                     retry_on_timeout=True,
                 )
     return _client
+
+
+def close_redis() -> None:
+    """Close the client's connections (a process exiting, a test's teardown)."""
+    global _client
+    with _lock:
+        client, _client = _client, None
+    if client is not None:
+        client.close()

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from models import AuditEvent, AuditEventType, AwsAccount
+from models import AwsAccount
+from worker.audit import insert_audit_events, requested_event
 from worker.claims import claim_accounts
 from worker.db import session_factory
 from worker.logging import get_logger
@@ -83,18 +84,19 @@ def _request(
         raise UnknownAccountsError(missing)
     claim = claim_accounts(session, ids, lease_seconds=get_settings().lease_seconds)
     leased = set(claim.account_ids)
-    session.add_all(
-        AuditEvent(
-            organization_id=organizations[account_id],
-            account_id=account_id,
-            event_type=AuditEventType.VERIFICATION_REQUESTED,
-            actor=requested_by,
-            correlation_id=correlation_id,
-            details={"already_in_flight": account_id not in leased},
-        )
-        for account_id in ids
+    insert_audit_events(
+        session,
+        [
+            requested_event(
+                organizations[account_id],
+                account_id,
+                actor=requested_by,
+                correlation_id=correlation_id,
+                already_in_flight=account_id not in leased,
+            )
+            for account_id in ids
+        ],
     )
-    session.flush()
     result = VerificationRequest(
         correlation_id=correlation_id,
         sent=[i for i in ids if i in leased],
@@ -103,9 +105,9 @@ def _request(
     lease = str(claim.lease_id)
 
     def send_after_commit(_: Session) -> None:
-        # Deferred to the first send: this loads the Celery app and its configuration, which reads
-        # the settings (and exits on invalid ones), and boto3.
-        from worker.tasks import send_verifications  # noqa: PLC0415
+        # Deferred to the first send: sending loads the Celery app and its configuration, which
+        # reads the settings (and exits on invalid ones).
+        from worker.sending import send_verifications  # noqa: PLC0415
 
         send_verifications(
             [str(account_id) for account_id in result.sent],

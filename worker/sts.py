@@ -41,7 +41,7 @@ from models import OutcomeKind
 from worker import metrics
 from worker.permissions import CATALOGUE, Probe, missing_permissions_message, probe_session_policy
 from worker.redact import scrub_text
-from worker.settings import Settings, get_settings
+from worker.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_sts.client import STSClient
@@ -53,7 +53,6 @@ __all__ = [
     "RoleDetails",
     "StsVerifier",
     "check_role_details",
-    "get_verifier",
     "session_name_for",
 ]
 
@@ -132,9 +131,9 @@ def _silent(_step: str, _detail: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RoleDetails:
-    """What a verification needs to know about one connection."""
+    """What a verification needs to know about one account connection."""
 
-    connection_id: uuid.UUID
+    account_id: uuid.UUID
     aws_account_id: str
     role_arn: str
     external_id: str
@@ -187,14 +186,14 @@ class Outcome:
         return self.kind is OutcomeKind.VERIFIED
 
 
-def session_name_for(connection_id: uuid.UUID, prefix: str, *, purpose: str = "") -> str:
-    """A RoleSessionName the customer can trace in CloudTrail back to this connection.
+def session_name_for(account_id: uuid.UUID, prefix: str, *, purpose: str = "") -> str:
+    """A RoleSessionName the customer can trace in CloudTrail back to this account connection.
 
-    `prefix-<32 hex of the connection id>` (at most 20 + 1 + 2 + 32 = 55 characters), valid for
+    `prefix-<32 hex of the account id>` (at most 20 + 1 + 2 + 32 = 55 characters), valid for
     STS's `[\\w+=,.@-]{2,64}`.
     """
     middle = f"-{purpose}" if purpose else ""
-    return f"{prefix}{middle}-{connection_id.hex}"
+    return f"{prefix}{middle}-{account_id.hex}"
 
 
 def _shorten(value: str, limit: int = 120) -> str:
@@ -763,7 +762,7 @@ class StsVerifier:
                 response = self._call(
                     region,
                     RoleArn=details.role_arn,
-                    RoleSessionName=session_name_for(details.connection_id, prefix),
+                    RoleSessionName=session_name_for(details.account_id, prefix),
                     ExternalId=details.external_id,
                     DurationSeconds=SESSION_DURATION_SECONDS,
                     Policy=probe_session_policy(probe) if probe else DENY_ALL_POLICY,
@@ -944,7 +943,7 @@ class StsVerifier:
             response = self._call(
                 region,
                 RoleArn=details.role_arn,
-                RoleSessionName=session_name_for(details.connection_id, prefix, purpose="x"),
+                RoleSessionName=session_name_for(details.account_id, prefix, purpose="x"),
                 DurationSeconds=SESSION_DURATION_SECONDS,
                 Policy=DENY_ALL_POLICY,
             )
@@ -1026,22 +1025,3 @@ def _credentials(response: dict[str, Any]) -> botocore.credentials.ReadOnlyCrede
 
 def _with_calls(outcome: Outcome, calls: int, region: str) -> Outcome:
     return dataclasses.replace(outcome, sts_calls=calls, region=region)
-
-
-_verifier: StsVerifier | None = None
-_verifier_lock = threading.Lock()
-
-
-def get_verifier(
-    before_call: Callable[[], object] | None = None,
-    on_throttled: Callable[[], object] | None = None,
-) -> StsVerifier:
-    """The process's verifier, built on first use (never at import)."""
-    global _verifier  # noqa: PLW0603 - one client set per process is the point
-    if _verifier is None:
-        with _verifier_lock:
-            if _verifier is None:
-                _verifier = StsVerifier(
-                    get_settings(), before_call=before_call, on_throttled=on_throttled
-                )
-    return _verifier
