@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
@@ -108,6 +109,16 @@ def database_url() -> Iterator[str]:
 def redis_url() -> str:
     """The session's private redis-server (database 0); tests may empty it."""
     return TEST_REDIS_URL
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[redis.Redis]:
+    """The test Redis (the broker of this process's Celery app), emptied before and after."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -222,16 +222,6 @@ def test_the_listener_reconnects_after_its_connection_is_cut(
         listener.stop()
 
 
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    """The test Redis (the broker of this process's Celery app), emptied."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
 def _dispatches(broker: redis.Redis) -> list[str]:
     messages = [json.loads(raw) for raw in broker.lrange(DISPATCH_QUEUE, 0, -1)]
     return [str(message["headers"]["task"]) for message in messages]

@@ -23,15 +23,6 @@ from worker.queues import REQUESTED_QUEUE
 
 
 @pytest.fixture
-def queue(redis_url: str) -> Iterator[redis.Redis]:
-    """The test Redis, emptied, to look at what was sent."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def api_sessions(
     scratch_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[sessionmaker[Session]]:
@@ -67,7 +58,7 @@ def _account(
 
 
 def test_a_rolled_back_request_sends_nothing(
-    api_sessions: sessionmaker[Session], queue: redis.Redis
+    api_sessions: sessionmaker[Session], broker: redis.Redis
 ) -> None:
     """Inside a transaction that rolls back: no message, no audit event, no lease."""
     account_id = _account(api_sessions)
@@ -76,7 +67,7 @@ def test_a_rolled_back_request_sends_nothing(
         result = request_verification([account_id], requested_by="api:user:1", session=session)
         assert result.sent == [account_id]
         session.rollback()
-    assert queue.llen(REQUESTED_QUEUE) == 0
+    assert broker.llen(REQUESTED_QUEUE) == 0
     with api_sessions() as session:
         assert session.scalars(select(AuditEvent)).all() == []
         assert (
@@ -85,7 +76,7 @@ def test_a_rolled_back_request_sends_nothing(
 
 
 def test_a_request_is_sent_only_when_the_transaction_commits(
-    api_sessions: sessionmaker[Session], queue: redis.Redis
+    api_sessions: sessionmaker[Session], broker: redis.Redis
 ) -> None:
     """Nothing is on the queue before COMMIT; one message is after it."""
     account_id = _account(api_sessions)
@@ -94,9 +85,9 @@ def test_a_request_is_sent_only_when_the_transaction_commits(
         request_verification(
             [account_id], requested_by="api:user:1", session=session, correlation_id="req-7"
         )
-        assert queue.llen(REQUESTED_QUEUE) == 0
+        assert broker.llen(REQUESTED_QUEUE) == 0
         session.commit()
-    assert queue.llen(REQUESTED_QUEUE) == 1
+    assert broker.llen(REQUESTED_QUEUE) == 1
     with api_sessions() as session:
         [event] = session.scalars(select(AuditEvent)).all()
     assert (event.event_type, event.actor, event.correlation_id) == (
@@ -107,7 +98,7 @@ def test_a_request_is_sent_only_when_the_transaction_commits(
 
 
 def test_an_account_already_in_flight_is_not_sent_again(
-    api_sessions: sessionmaker[Session], queue: redis.Redis
+    api_sessions: sessionmaker[Session], broker: redis.Redis
 ) -> None:
     """A dispatcher's live lease means the request is audited but not sent a second time."""
     account_id = _account(api_sessions)
@@ -115,18 +106,18 @@ def test_an_account_already_in_flight_is_not_sent_again(
         assert account_id in claim_due_accounts(session, limit=10, lease_seconds=60).account_ids
     result = request_verification([account_id], requested_by="api:user:1")
     assert (result.sent, result.in_flight) == ([], [account_id])
-    assert queue.llen(REQUESTED_QUEUE) == 0
+    assert broker.llen(REQUESTED_QUEUE) == 0
 
 
 def test_unknown_ids_request_nothing(
-    api_sessions: sessionmaker[Session], queue: redis.Redis
+    api_sessions: sessionmaker[Session], broker: redis.Redis
 ) -> None:
     """One unknown id refuses the whole request, naming it."""
     known = _account(api_sessions)
     missing = uuid.uuid4()
     with pytest.raises(UnknownAccountsError, match=str(missing)):
         request_verification([known, missing], requested_by="api:user:1")
-    assert queue.llen(REQUESTED_QUEUE) == 0
+    assert broker.llen(REQUESTED_QUEUE) == 0
 
 
 def test_many_unknown_ids_are_named_briefly() -> None:
@@ -148,7 +139,7 @@ def test_requested_by_is_required(api_sessions: sessionmaker[Session]) -> None:
 @pytest.mark.e2e
 def test_a_committed_request_is_verified_by_a_real_worker(
     api_sessions: sessionmaker[Session],
-    queue: redis.Redis,
+    broker: redis.Redis,
     scratch_database: str,
     redis_url: str,
     tmp_path: Path,
@@ -193,7 +184,7 @@ def test_a_committed_request_is_verified_by_a_real_worker(
 @pytest.mark.timeout(180)
 def test_a_request_during_a_sweep_is_verified_ahead_of_it(
     api_sessions: sessionmaker[Session],
-    queue: redis.Redis,
+    broker: redis.Redis,
     scratch_database: str,
     redis_url: str,
     tmp_path: Path,

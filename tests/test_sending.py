@@ -5,23 +5,11 @@ from __future__ import annotations
 import json
 import uuid
 from base64 import b64decode
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from worker.queues import REQUESTED_QUEUE
 from worker.sending import send_verifications
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    """The test Redis, emptied."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def test_accounts_are_sent_in_chunks_with_the_correlation_id(broker: redis.Redis) -> None:

@@ -4,7 +4,6 @@ connections (no worker, no eager mode)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -13,16 +12,6 @@ import redis
 from worker import db, tasks
 from worker.settings import get_settings
 from worker.tasks import _redelivered_too_often, verify_accounts_task
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    """The test Redis, emptied."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def test_a_message_redelivered_too_often_is_dropped(broker: redis.Redis) -> None:

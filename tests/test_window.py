@@ -22,16 +22,6 @@ from worker.window import YIELD_CHECK_SECONDS, VerificationWindow
 
 
 @pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    """The test Redis, emptied."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
 def full_window(broker: redis.Redis) -> Iterator[VerificationWindow]:
     """A window of one slot, taken."""
     window = VerificationWindow(1, broker)
