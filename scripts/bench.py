@@ -752,7 +752,7 @@ def _verify_in_chunks(
     Returns each result, the CPU seconds spent and how many verifications that CPU covers (the
     first chunk builds clients and caches; the CPU figure leaves it out).
     """
-    from worker.chunk import verify_chunk  # noqa: PLC0415 - reads the settings at import
+    from worker.chunk import verify_chunk  # noqa: PLC0415 - boto3 only when needed
     from worker.resources import process_resources  # noqa: PLC0415
 
     deps = process_resources().deps
