@@ -86,7 +86,7 @@ class Attempt:
 
 
 class Result(enum.StrEnum):
-    """How a verification task ended."""
+    """How one account's verification ended."""
 
     APPLIED = "applied"
     DISCARDED = "discarded"  # the account changed (or the lease was lost) during the attempt
