@@ -10,7 +10,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Final, TypeVar, cast
 
 from sandbox.standin.base import _Reply, _Request
@@ -313,12 +312,7 @@ class StsStandIn:
     def __enter__(self) -> StsStandIn:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
     # -- addresses -----------------------------------------------------------------------------
