@@ -64,3 +64,10 @@ def escape_controls(text: str) -> str:
     """Render control characters as visible escapes (`\\x1b`, `\\u202e`), so that customer text
     shown on a terminal cannot move the cursor, recolour, retitle or reorder anything."""
     return _TERMINAL_CONTROL.sub(_escape, text)
+
+
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL as libpq (psycopg) takes it: `postgresql://`, whatever PostgreSQL scheme
+    it has (SQLAlchemy's `postgresql+psycopg://` too); any other URL unchanged."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql://{rest}" if sep and scheme.startswith("postgres") else url
