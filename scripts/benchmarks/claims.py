@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import psycopg
@@ -38,6 +37,7 @@ from sqlalchemy.orm import Session
 from scripts.benchmarks.common import (
     DEFAULT_ADMIN_URL,
     BenchError,
+    add_json_out_option,
     percentile,
     positive_int,
     postgres_url,
@@ -302,12 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=3, help="untimed runs first (3)")
     add("--no-explain", action="store_true", help="do not print the plans (still in the JSON)")
     add("--keep", action="store_true", help="keep the scratch databases")
-    add(
-        "--json-out",
-        type=Path,
-        default=None,
-        help="where to write the results (default bench-results/claims-<UTC stamp>.json)",
-    )
+    add_json_out_option(add, prefix="claims-")
     add(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL),

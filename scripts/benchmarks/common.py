@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -15,9 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from worker.redact import libpq_url
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ROOT: Final = Path(__file__).resolve().parent.parent.parent
 VENV_BIN: Final = Path(sys.executable).parent
@@ -30,6 +34,7 @@ FAKE_SECRET: Final = "benchmark-secret"  # noqa: S105 - a fake for the stand-in
 POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql", "postgresql+psycopg"})
 
 T = TypeVar("T")
+OptionsT = TypeVar("OptionsT", bound="DataclassInstance")
 
 
 class BenchError(Exception):
@@ -163,6 +168,29 @@ def add_worker_env_option(add: AddArgument, *, example: str) -> None:
         help="another environment variable for worker and beat (repeatable), e.g. "
         f"{example}; recorded in the results",
     )
+
+
+def add_json_out_option(add: AddArgument, *, prefix: str = "") -> None:
+    """--json-out PATH, whose default `write_json` makes with the same `prefix`."""
+    add(
+        "--json-out",
+        type=Path,
+        default=None,
+        help=f"where to write the results (default bench-results/{prefix}<UTC stamp>.json)",
+    )
+
+
+def options_from(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, options: type[OptionsT]
+) -> OptionsT:
+    """Parse and check the command line into the dataclass `options`, whose fields are named
+    after the options (--worker-env's pairs become a dict)."""
+    args = parser.parse_args(argv)
+    check_service_options(parser, args)
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(options)}
+    if "worker_env" in values:
+        values["worker_env"] = dict(values["worker_env"])
+    return options(**values)
 
 
 def add_service_options(add: AddArgument) -> None:

@@ -49,12 +49,13 @@ import psycopg
 
 from scripts.benchmarks.common import (
     BenchError,
+    add_json_out_option,
     add_service_options,
     add_standin_options,
     add_worker_env_option,
-    check_service_options,
     no_interrupts,
     non_negative_float,
+    options_from,
     percentile,
     positive_float,
     positive_int,
@@ -543,36 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the scratch database and the processes' logs (their places are printed)",
     )
-    add(
-        "--json-out",
-        type=Path,
-        default=None,
-        help="where to write the results (default bench-results/latency-<UTC stamp>.json)",
-    )
+    add_json_out_option(add, prefix="latency-")
     add_service_options(add)
     return parser
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
     """Parse and check the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_service_options(parser, args)
-    return Options(
-        requests=args.requests,
-        inserts=args.inserts,
-        sweep=args.sweep,
-        median_ms=args.median_ms,
-        latency_sigma=args.latency_sigma,
-        seed=args.seed,
-        idle_seconds=args.idle_seconds,
-        timeout=args.timeout,
-        worker_env=dict(args.worker_env),
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        json_out=args.json_out,
-        keep=args.keep,
-    )
+    return options_from(build_parser(), argv, Options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

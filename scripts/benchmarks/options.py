@@ -25,17 +25,19 @@ Ctrl-C and SIGTERM included. Exit status: 0 done, 1 timed out or failed, 2 bad u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.benchmarks.common import (
+    add_json_out_option,
     add_service_options,
     add_standin_options,
     add_worker_env_option,
-    check_service_options,
     non_negative_int,
+    options_from,
     positive_float,
     positive_int,
 )
@@ -114,12 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(75: three chunks, the first one warming up; 0: none)",
     )
     add("--keep", action="store_true", help="keep the scratch database (its URL is printed)")
-    add(
-        "--json-out",
-        type=Path,
-        default=None,
-        help="where to write the results (default bench-results/<UTC stamp>.json)",
-    )
+    add_json_out_option(add)
     add_service_options(add)
     add("--seed", type=int, default=8, help="seed of the stand-in's latency (8)")
     add(
@@ -159,28 +156,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(argv: Sequence[str] | None) -> Options:
     """Parse and check the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_service_options(parser, args)
-    return Options(
-        accounts=args.accounts,
-        sample=min(args.sample, args.accounts),
-        median_ms=args.median_ms,
-        latency_sigma=args.latency_sigma,
-        rate_limit=args.rate_limit,
-        concurrency=args.concurrency,
-        dispatch_interval=args.dispatch_interval,
-        timeout=args.timeout,
-        keep=args.keep,
-        json_out=args.json_out,
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        seed=args.seed,
-        trace=args.trace,
-        progress_interval=args.progress_interval,
-        worker_env=dict(args.worker_env),
-        py_spy=args.py_spy,
-        cores=args.cores,
-        workers=args.workers,
-        webhooks=args.webhooks,
-    )
+    opts = options_from(build_parser(), argv, Options)
+    return dataclasses.replace(opts, sample=min(opts.sample, opts.accounts))

@@ -152,46 +152,17 @@ def consumers(client: redis.Redis, db: int) -> int:
     return sum(1 for c in clients if str(c.get("db")) == str(db) and c.get("cmd") == "brpop")
 
 
-def worker_environment(
-    *,
-    database_url: str,
-    redis_url: str,
-    sts_url: str,
-    concurrency: int | None,
-    dispatch_interval: float | None,
-    extra: Mapping[str, str],
-    log_dir: Path,
-) -> dict[str, str]:
-    """The worker's and beat's environment: ours minus every worker setting, plus the run's."""
-    from worker.settings import Settings  # noqa: PLC0415
-
-    setting_names = {name.upper() for name in Settings.model_fields} | {"AWS_DEFAULT_REGION"}
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("AWS_") and key not in setting_names
-    }
-    env.update(
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        AWS_ENDPOINT_URL_STS=sts_url,
+def standin_aws_env(sts_url: str) -> dict[str, str]:
+    """AWS_* for a client of the stand-in at `sts_url`, with the fake platform credentials."""
+    return {
+        "AWS_ENDPOINT_URL_STS": sts_url,
         # The stand-in answers the permission probes' services too.
-        AWS_ENDPOINT_URL=sts_url,
-        AWS_REGION="us-east-1",
-        AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
-        AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-        AWS_EC2_METADATA_DISABLED="true",
-        LOG_LEVEL="WARNING",
-        LOG_FORMAT="json",
-        # Not a tuning knob: beat's schedule file must not be shared with another beat.
-        BEAT_SCHEDULE_FILE=str(log_dir / "beat-schedule"),
-    )
-    if concurrency is not None:
-        env["WORKER_CONCURRENCY"] = str(concurrency)
-    if dispatch_interval is not None:
-        env["DISPATCH_INTERVAL_SECONDS"] = str(dispatch_interval)
-    env.update(extra)
-    return env
+        "AWS_ENDPOINT_URL": sts_url,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def settings_from(env: Mapping[str, str]) -> Any:
@@ -263,16 +234,30 @@ class Stack:
     ) -> tuple[dict[str, str], Any]:
         """The environment of this run's worker and beat, and the settings the worker will read
         from it (BenchError if it would refuse them)."""
+        from worker.settings import Settings  # noqa: PLC0415
+
         assert self.scratch is not None  # noqa: S101 - set by prepare()
-        env = worker_environment(
-            database_url=self.scratch,
-            redis_url=self.redis_url,
-            sts_url=sts_url,
-            concurrency=concurrency,
-            dispatch_interval=dispatch_interval,
-            extra=extra,
-            log_dir=self.log_dir,
+        # Ours minus every worker setting, plus the run's.
+        setting_names = {name.upper() for name in Settings.model_fields} | {"AWS_DEFAULT_REGION"}
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("AWS_") and key not in setting_names
+        }
+        env.update(
+            DATABASE_URL=self.scratch,
+            REDIS_URL=self.redis_url,
+            **standin_aws_env(sts_url),
+            LOG_LEVEL="WARNING",
+            LOG_FORMAT="json",
+            # Not a tuning knob: beat's schedule file must not be shared with another beat.
+            BEAT_SCHEDULE_FILE=str(self.log_dir / "beat-schedule"),
         )
+        if concurrency is not None:
+            env["WORKER_CONCURRENCY"] = str(concurrency)
+        if dispatch_interval is not None:
+            env["DISPATCH_INTERVAL_SECONDS"] = str(dispatch_interval)
+        env.update(extra)
         return env, settings_from(env)
 
     def start_celery(

@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from scripts.benchmarks.common import FAKE_KEY_ID, FAKE_SECRET, BenchError
-from scripts.benchmarks.services import start_standin
+from scripts.benchmarks.common import BenchError
+from scripts.benchmarks.services import standin_aws_env, start_standin
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
 from worker.sts import RoleDetails, StsVerifier
@@ -57,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir.cleanup()
         raise SystemExit(f"the STS stand-in did not start: {error}") from None
     try:
-        os.environ.update(
-            AWS_ENDPOINT_URL_STS=url,
-            AWS_ENDPOINT_URL=url,  # the permission probes' services
-            AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
-            AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-        )
+        os.environ.update(standin_aws_env(url))
         sts = StsVerifier(Settings(sts_max_attempts=1))
         details = [
             RoleDetails(

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from scripts.benchmarks.baseline import SequentialResult, sequential_loop
-from scripts.benchmarks.common import FAKE_KEY_ID, FAKE_SECRET, run_main
+from scripts.benchmarks.common import run_main
 from scripts.benchmarks.options import Options, parse_options
 from scripts.benchmarks.procs import Child, MemoryPeaks, start_py_spy, stop_py_spy
 from scripts.benchmarks.report import render_table, summarize
@@ -33,7 +33,7 @@ from scripts.benchmarks.sampling import (
     wait_no_backends,
 )
 from scripts.benchmarks.seeding import Account, make_accounts, seed_accounts
-from scripts.benchmarks.services import Stack, StandIn, database_name
+from scripts.benchmarks.services import Stack, StandIn, database_name, standin_aws_env
 from scripts.benchmarks.trace import TraceResult, trace_verifications
 
 if TYPE_CHECKING:
@@ -127,15 +127,7 @@ class Bench:
         # The sequential loop and the trace run in this process against the same stand-in.
         for key in [k for k in os.environ if k.startswith("AWS_")]:
             del os.environ[key]
-        os.environ.update(
-            AWS_ENDPOINT_URL_STS=sts_url,
-            AWS_ENDPOINT_URL=sts_url,
-            AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
-            AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-            AWS_REGION="us-east-1",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_EC2_METADATA_DISABLED="true",
-        )
+        os.environ.update(standin_aws_env(sts_url), AWS_DEFAULT_REGION="us-east-1")
         return standin, StandIn(sts_url)
 
     def sequential(
