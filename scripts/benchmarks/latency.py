@@ -214,10 +214,7 @@ class LatencyBench:
         self.opts = opts
         self.started_at = datetime.now(UTC)
         self.stack = Stack(
-            database_url=opts.database_url,
-            redis_url=opts.redis_url,
-            keep=opts.keep,
-            log_prefix="verifier-bench-latency-",
+            opts.database_url, opts.redis_url, keep=opts.keep, log_prefix="verifier-bench-latency-"
         )
         self.api: Api | None = None
         self.rng = random.Random(opts.seed)

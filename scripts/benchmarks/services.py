@@ -188,7 +188,7 @@ class Stack:
     named, when kept), the Redis database flushed, and the processes' logs removed after a run
     that succeeded."""
 
-    def __init__(self, *, database_url: str, redis_url: str, keep: bool, log_prefix: str) -> None:
+    def __init__(self, database_url: str, redis_url: str, *, keep: bool, log_prefix: str) -> None:
         self.database_url = database_url
         self.redis_url = redis_url
         self.keep = keep

@@ -69,10 +69,7 @@ class Bench:
         self.opts = opts
         self.started_at = datetime.now(UTC)
         self.stack = Stack(
-            database_url=opts.database_url,
-            redis_url=opts.redis_url,
-            keep=opts.keep,
-            log_prefix="verifier-bench-",
+            opts.database_url, opts.redis_url, keep=opts.keep, log_prefix="verifier-bench-"
         )
         self.succeeded = False
         self.keep_logs = False
