@@ -1,5 +1,6 @@
 """Keeping secrets out of output (URLs with passwords, external IDs, AWS credentials), and
-terminal control characters out of what a terminal shows."""
+terminal control characters out of what a terminal shows; and the one helper for URLs' spelling
+(`libpq_url`)."""
 
 from __future__ import annotations
 
