@@ -20,7 +20,8 @@ import uuid
 
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
-from worker.sts import RoleDetails, StsVerifier
+from worker.sts.outcome import RoleDetails
+from worker.sts.verifier import StsVerifier
 
 
 def _start_standin() -> tuple[subprocess.Popen[str], str]:
