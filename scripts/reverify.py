@@ -377,7 +377,7 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
 
 
 def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> None:
-    from worker.sts import StsVerifier  # noqa: PLC0415 - boto3 only when needed
+    from worker.sts.verifier import StsVerifier  # noqa: PLC0415 - boto3 only when needed
     from worker.verify import Result, Verification, verify_account  # noqa: PLC0415
 
     ctx = Verification(

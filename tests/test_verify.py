@@ -26,7 +26,7 @@ from worker.circuit import PlatformCircuit
 from worker.claims import claim_due_accounts
 from worker.dispatch import dispatch_due_accounts
 from worker.settings import Settings
-from worker.sts import StsVerifier
+from worker.sts.verifier import StsVerifier
 from worker.tasks import ChunkInFlight, VerificationWindow, check_in_window
 from worker.verify import (
     WORKER_ACTOR,

@@ -27,7 +27,7 @@ from sandbox.standin import StsStandIn
 from tests.factories import make_account, make_organization
 from worker.claims import claim_due_accounts
 from worker.settings import Settings
-from worker.sts import StsVerifier
+from worker.sts.verifier import StsVerifier
 from worker.verify import Verification, verify_account
 from worker.webhooks import (
     EVENT_TYPES,

@@ -30,7 +30,7 @@ from worker.ratelimit import REQUESTED_LANE, StsRateLimiter
 from worker.redis_client import get_redis
 from worker.settings import get_settings
 from worker.stall import StallWatch
-from worker.sts import get_verifier
+from worker.sts.verifier import get_verifier
 from worker.verify import (
     WORKER_ACTOR,
     Applied,

@@ -22,7 +22,8 @@ from scripts.benchmarks.common import BenchError
 from scripts.benchmarks.services import standin_aws_env, start_standin
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
-from worker.sts import RoleDetails, StsVerifier
+from worker.sts.outcome import RoleDetails
+from worker.sts.verifier import StsVerifier
 
 
 def _measure(
