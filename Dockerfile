@@ -31,8 +31,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY models ./models
 COPY worker ./worker
 # The operator commands (python -m scripts.reverify / status / webhooks), not the dev tooling.
-COPY scripts/__init__.py scripts/reverify.py scripts/stack_env.py scripts/status.py \
-     scripts/webhooks.py ./scripts/
+COPY scripts/__init__.py scripts/_cli.py scripts/reverify.py scripts/stack_env.py \
+     scripts/status.py scripts/webhooks.py ./scripts/
 RUN pip install --no-deps . \
     && groupadd --system --gid 10001 verifier \
     && useradd --system --no-create-home --uid 10001 --gid 10001 verifier

@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import logging
 import random
-import shutil
 import sys
 import time
-import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,16 +52,24 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import AccountStatus, AuditEvent, AwsAccount, OutcomeKind
-from scripts.stack_env import apply_stack_env
+from scripts import _cli
+from scripts._cli import (
+    EXIT_OK,
+    UnreachableError,
+    UsageError,
+    cut,
+    database_unreachable,
+    fit_width,
+    table,
+)
 from worker.circuit import PlatformCircuit
 from worker.claims import claim_accounts
 from worker.db import session_factory
-from worker.logging import configure_logging
 from worker.redact import escape_controls
 from worker.requests import UnknownAccountsError
-from worker.settings import Settings, get_settings_or_exit
+from worker.settings import Settings
 
-EXIT_OK, EXIT_NOT_CONNECTED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_VERIFIED = 0, 1, 2, 3, 4
+EXIT_NOT_CONNECTED, EXIT_NOT_VERIFIED = 1, 4
 
 # The audit event's column that records --requested-by.
 ACTOR_MAX_LENGTH = cast(String, AuditEvent.__table__.c.actor.type).length or 255
@@ -72,10 +77,6 @@ ACTOR_MAX_LENGTH = cast(String, AuditEvent.__table__.c.actor.type).length or 255
 # this (a narrower terminal wraps the line instead).
 ALIAS_WIDTH = 24
 MIN_ERROR_WIDTH = 20
-
-
-class UnreachableError(Exception):
-    """The database or broker did not answer; the message names it (password masked)."""
 
 
 @dataclass
@@ -129,12 +130,7 @@ class Row:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="reverify",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("reverify", __doc__)
     select_group = parser.add_argument_group("which accounts (combine to narrow down)")
     select_group.add_argument("ids", nargs="*", metavar="ID", help="account ids (UUIDs)")
     select_group.add_argument("--aws-account-id", action="append", default=[], metavar="ID")
@@ -177,10 +173,6 @@ def _uuid(value: str, what: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise UsageError(f"{what} {value!r} is not a UUID") from None
-
-
-class UsageError(Exception):
-    """Bad arguments or unknown ids (exit code 2)."""
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -386,7 +378,7 @@ def _request(rows: list[Row], args: argparse.Namespace) -> str:
 
 def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> None:
     from worker.chunk import verify_account  # noqa: PLC0415 - boto3 only when needed
-    from worker.sts import StsVerifier  # noqa: PLC0415
+    from worker.sts.verifier import StsVerifier  # noqa: PLC0415
     from worker.verify import CheckOptions, Result, VerificationDeps  # noqa: PLC0415
 
     deps = VerificationDeps(
@@ -436,27 +428,6 @@ def _inline(rows: list[Row], args: argparse.Namespace, settings: Settings) -> No
 # --- the table ---------------------------------------------------------------------------------
 
 
-def _width(text: str) -> int:
-    """Columns `text` takes on a terminal: East Asian wide characters two, combining ones none."""
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
-
-
-def _cut(text: str, width: int) -> str:
-    """`text` if it fits in `width` columns, else as much as fits followed by an ellipsis."""
-    if _width(text) <= width:
-        return text
-    kept, used = [], 0
-    for char in text:
-        used += _width(char)
-        if used > width - 1:
-            break
-        kept.append(char)
-    return "".join(kept) + "…"
-
-
 def _status_cell(row: Row, *, dry_run: bool) -> str:
     if dry_run:
         return row.old_status
@@ -474,39 +445,21 @@ def _table(rows: Sequence[Row], *, dry_run: bool, fit: int | None) -> None:
             r.aws_account_id,
             _status_cell(r, dry_run=dry_run),
             *([] if dry_run else [escape_controls(r.outcome_text())]),
+            escape_controls(r.error_message or ""),
         ]
         for r in rows
     ]
-    errors = [escape_controls(r.error_message or "") for r in rows]
-    cut = False
+    cut_alias = False
     if fit is not None:
         for line in lines:
-            alias = _cut(line[1], ALIAS_WIDTH)
-            cut = cut or alias != line[1]
+            alias = cut(line[1], ALIAS_WIDTH)
+            cut_alias = cut_alias or alias != line[1]
             line[1] = alias
-    widths = [max(_width(h), *(_width(line[i]) for line in lines)) for i, h in enumerate(headers)]
-    if fit is not None:
-        room = max(MIN_ERROR_WIDTH, fit - sum(widths) - 2 * len(widths))
-        shown = [_cut(error, room) for error in errors]
-        cut = cut or shown != errors
-        errors = shown
-    rows_out = [[*line, error] for line, error in zip(lines, errors, strict=True)]
-    for cells in [[*headers, "ERROR"], *rows_out]:
-        *fixed, error = cells
-        padded = [
-            cell + " " * (width - _width(cell)) for cell, width in zip(fixed, widths, strict=True)
-        ]
-        print("  ".join([*padded, error]).rstrip())
-    if cut:
+    shown, cut_error = table([[*headers, "ERROR"], *lines], fit=fit, min_last=MIN_ERROR_WIDTH)
+    for text in shown:
+        print(text)
+    if cut_alias or cut_error:
         print("(cut to fit the terminal: --wide or --json shows whole aliases and messages)")
-
-
-def _fit_width(args: argparse.Namespace) -> int | None:
-    """The width to fit the table to: the terminal's; None (nothing cut) with --wide or when the
-    output is not a terminal (a file or a pipe keeps every character)."""
-    if args.wide or not sys.stdout.isatty():
-        return None
-    return shutil.get_terminal_size().columns
 
 
 def _act(rows: list[Row], args: argparse.Namespace, settings: Settings) -> str | None:
@@ -553,15 +506,9 @@ class _ReportedHere(logging.Filter):
         return not (isinstance(record.msg, dict) and record.msg.get("event") in self.EVENTS)
 
 
-def _configure_logging(settings: Settings) -> None:
-    # Step-by-step output and the table are the interface here; only errors are worth a line, on
-    # stderr, and in console form on a terminal (LOG_FORMAT=json is for the services' collectors,
-    # not for a person reading the table).
-    log_format = "console" if sys.stderr.isatty() else settings.log_format
-    configure_logging(
-        settings.model_copy(update={"log_level": "ERROR", "log_format": log_format}),
-        stream=sys.stderr,
-    )
+def _configure_logging() -> None:
+    # Step-by-step output and the table are the interface here; only errors are worth a line
+    # (`_cli.load_settings`), and none about what the table shows.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ReportedHere())
 
@@ -570,39 +517,30 @@ def run(argv: Sequence[str] | None = None) -> int:
     """The command; returns the exit code."""
     args = _parser().parse_args(argv)
     _check_arguments(args)
-    stack_file = apply_stack_env()
-    if stack_file is not None:
-        print(f"reverify: using the running scripts/run's settings: {stack_file}", file=sys.stderr)
-    settings = get_settings_or_exit()
-    _configure_logging(settings)
+    settings = _cli.load_settings("reverify")
+    _configure_logging()
     try:
         with session_factory()() as session:
             rows = _load(session, args)
     except OperationalError as error:
-        raise UnreachableError(
-            f"cannot reach the database at {settings.database_url_masked}: "
-            + (str(error.orig).strip().splitlines() or ["no answer"])[0]
-        ) from None
+        raise database_unreachable(settings, error) from None
     if not rows:
         print("no account matches", file=sys.stderr)
         return EXIT_OK
     _confirm(rows, args)
     correlation_id = _act(rows, args, settings)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "dryRun": args.dry_run,
-                    "correlationId": correlation_id,
-                    "accounts": [r.as_json() for r in rows],
-                },
-                indent=2,
-            )
+        _cli.print_json(
+            {
+                "dryRun": args.dry_run,
+                "correlationId": correlation_id,
+                "accounts": [r.as_json() for r in rows],
+            }
         )
     elif args.dry_run or args.wait or args.inline:
         if args.dry_run:
             print(f"would re-verify {len(rows)} account(s):")
-        _table(rows, dry_run=args.dry_run, fit=_fit_width(args))
+        _table(rows, dry_run=args.dry_run, fit=fit_width(wide=args.wide))
     if args.dry_run or not (args.wait or args.inline):
         return EXIT_OK
     code = _exit_code(rows)
@@ -617,17 +555,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and messages."""
-    try:
-        return run(argv)
-    except UsageError as error:
-        print(f"reverify: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except UnreachableError as error:
-        print(f"reverify: error: {error}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except KeyboardInterrupt:
-        print("\nreverify: interrupted", file=sys.stderr)
-        return 130
+    return _cli.run_main("reverify", run, argv)
 
 
 if __name__ == "__main__":

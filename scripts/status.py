@@ -17,7 +17,6 @@ Exit codes: 0 shown; 2 bad usage; 3 the database or Redis cannot be reached.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import uuid
@@ -30,32 +29,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from models import Organization
-from scripts.stack_env import apply_stack_env
+from scripts import _cli
+from scripts._cli import EXIT_OK, UnreachableError, UsageError, database_unreachable, table
 from worker.db import session_factory
 from worker.fleet import BrokerState, FleetSummary, read_broker_state, summarize_fleet
-from worker.logging import configure_logging
 from worker.redact import escape_controls
-from worker.settings import Settings, get_settings_or_exit
+from worker.settings import Settings
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 2, 3
 STATUSES = ("pending", "connected", "failed")
 
 
-class UsageError(Exception):
-    """Bad arguments (exit code 2)."""
-
-
-class UnreachableError(Exception):
-    """The database or Redis did not answer; the message names it (password masked)."""
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scripts/status",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("scripts/status", __doc__)
     parser.add_argument(
         "--organization",
         action="append",
@@ -141,10 +126,7 @@ def collect(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
     except OperationalError as error:
-        raise UnreachableError(
-            f"cannot reach the database at {settings.database_url_masked}: "
-            + (str(error.orig).strip().splitlines() or ["no answer"])[0]
-        ) from None
+        raise database_unreachable(settings, error) from None
     database_seconds = time.perf_counter() - started
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
@@ -228,12 +210,11 @@ def _backlog_lines(report: dict[str, Any], overdue: float, indent: str = "") -> 
     ]
     if report["failures"]:
         lines.append(f"{indent}not verified, by last error:")
-        width = max(len(escape_controls(f["errorCode"])) for f in report["failures"])
-        for failure in report["failures"][:15]:
-            code = escape_controls(failure["errorCode"])
-            lines.append(
-                f"{indent}  {failure['outcome']:<18} {code:<{width}} {failure['accounts']:>10,}"
-            )
+        rows = [
+            [f["outcome"], escape_controls(f["errorCode"]), f"{f['accounts']:,}"]
+            for f in report["failures"][:15]
+        ]
+        lines += table(rows, right={2}, indent=f"{indent}  ")[0]
         if len(report["failures"]) > 15:
             lines.append(f"{indent}  ... {len(report['failures']) - 15} more (--json has all)")
     return lines
@@ -282,15 +263,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.watch is not None and args.watch <= 0:
         raise UsageError("--watch must be positive")
-    stack_file = apply_stack_env()
-    if stack_file is not None:
-        print(f"status: using the running scripts/run's settings: {stack_file}", file=sys.stderr)
-    settings = get_settings_or_exit()
-    configure_logging(settings.model_copy(update={"log_level": "ERROR"}), stream=sys.stderr)
+    settings = _cli.load_settings("status")
     while True:
         report = collect(settings, args)
         if args.json:
-            print(json.dumps(report, indent=None if args.watch else 2), flush=True)
+            _cli.print_json(report, indent=None if args.watch else 2)
         else:
             if args.watch is not None and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")  # clear the screen
@@ -302,16 +279,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: maps errors to exit codes and messages."""
-    try:
-        return run(argv)
-    except UsageError as error:
-        print(f"status: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except UnreachableError as error:
-        print(f"status: error: {error}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except KeyboardInterrupt:
-        return 130
+    return _cli.run_main("status", run, argv, say_interrupted=False)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
-import sys
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,11 +33,14 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from scripts import _cli
+from scripts._cli import EXIT_OK, UsageError, database_unreachable, table
 from worker.db import session_factory
-from worker.logging import configure_logging
-from worker.settings import Settings, get_settings_or_exit
+from worker.redact import escape_controls
+from worker.settings import Settings
 from worker.webhooks import (
     EVENT_TYPES,
+    DeliveryInfo,
     EndpointInfo,
     EndpointNotFoundError,
     SecretKeyError,
@@ -58,18 +59,6 @@ from worker.webhooks import (
 )
 from worker.webhooks.signing import generate_key
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 2, 3
-
-
-class UsageError(Exception):
-    """Bad arguments or unknown ids; the message says which."""
-
-
-def _escape(value: object) -> str:
-    """Customer-controlled text with control characters escaped for the terminal."""
-    text = str(value)
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
-
 
 def _uuid(value: str) -> uuid.UUID:
     try:
@@ -79,12 +68,7 @@ def _uuid(value: str) -> uuid.UUID:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="webhooks",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("webhooks", __doc__)
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser("create", help="register an endpoint; prints its secret once")
@@ -124,12 +108,37 @@ def _actor() -> str:
 
 
 def _endpoint_lines(endpoints: Sequence[EndpointInfo]) -> list[str]:
-    lines = []
-    for e in endpoints:
-        state = "enabled" if e.enabled else f"DISABLED ({_escape(e.disabled_reason)})"
-        types = "all" if e.event_types is None else ", ".join(e.event_types)
-        lines.append(f"{e.id}  {state:<10} {_escape(e.url)}  [{types}]")
-    return lines or ["no endpoint"]
+    rows = [
+        [
+            str(e.id),
+            "enabled" if e.enabled else f"DISABLED ({escape_controls(str(e.disabled_reason))})",
+            escape_controls(e.url),
+            "[all]" if e.event_types is None else f"[{', '.join(e.event_types)}]",
+        ]
+        for e in endpoints
+    ]
+    return table(rows)[0] or ["no endpoint"]
+
+
+def _delivery_lines(deliveries: Sequence[DeliveryInfo]) -> list[str]:
+    rows = [
+        [
+            d.webhook_id,
+            d.event_type,
+            f"attempts {d.attempts}",
+            "delivered"
+            if d.delivered_at
+            else "given up"
+            if d.given_up_at
+            else f"next {d.next_attempt_at:%Y-%m-%d %H:%M:%S}"
+            if d.next_attempt_at
+            else "?",
+            f"last {d.last_status_code}" if d.last_status_code else "",
+            escape_controls(d.last_error) if d.last_error else "",
+        ]
+        for d in deliveries
+    ]
+    return table(rows)[0] or ["no delivery"]
 
 
 def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -169,25 +178,7 @@ def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict
         found = list_deliveries(
             session, args.endpoint, organization_id=organization_id, limit=args.limit
         )
-        return {
-            "deliveries": [d.as_json() for d in found],
-            "lines": [
-                f"{d.webhook_id}  {d.event_type:<32} attempts {d.attempts}  "
-                + (
-                    "delivered"
-                    if d.delivered_at
-                    else "given up"
-                    if d.given_up_at
-                    else f"next {d.next_attempt_at:%Y-%m-%d %H:%M:%S}"
-                    if d.next_attempt_at
-                    else "?"
-                )
-                + (f"  last {d.last_status_code}" if d.last_status_code else "")
-                + (f"  {_escape(d.last_error)}" if d.last_error else "")
-                for d in found
-            ]
-            or ["no delivery"],
-        }
+        return {"deliveries": [d.as_json() for d in found], "lines": _delivery_lines(found)}
     if command == "replay":
         ids = replay_event(
             session,
@@ -237,26 +228,22 @@ def run(argv: Sequence[str] | None = None, *, out: Callable[[str], None] = print
     args = _parser().parse_args(argv)
     if args.command == "new-key":
         key = generate_key()
-        out(json.dumps({"key": key}) if args.json else key)
+        if args.json:
+            _cli.print_json({"key": key}, indent=None, out=out)
+        else:
+            out(key)
         return EXIT_OK
-    settings = get_settings_or_exit()
-    configure_logging(settings.model_copy(update={"log_level": "ERROR"}), stream=sys.stderr)
+    settings = _cli.load_settings("webhooks", stack_env=False)
     try:
         with session_factory().begin() as session:
             result = _act(session, args, settings)
     except OperationalError as error:
-        print(
-            f"webhooks: error: cannot reach the database at {settings.database_url_masked}: "
-            + (str(error.orig).strip().splitlines() or ["no answer"])[0],
-            file=sys.stderr,
-        )
-        return EXIT_UNREACHABLE
+        raise database_unreachable(settings, error) from None
     except (EndpointNotFoundError, UnsafeUrlError, SecretKeyError, ValueError) as error:
-        print(f"webhooks: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(error)) from None
     lines = result.pop("lines")
     if args.json:
-        out(json.dumps(result, indent=2))
+        _cli.print_json(result, out=out)
     else:
         for line in lines:
             out(line)
@@ -264,12 +251,8 @@ def run(argv: Sequence[str] | None = None, *, out: Callable[[str], None] = print
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point."""
-    try:
-        return run(argv)
-    except KeyboardInterrupt:
-        print("\nwebhooks: interrupted", file=sys.stderr)
-        return 130
+    """Entry point: maps errors to exit codes and messages."""
+    return _cli.run_main("webhooks", run, argv)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def _database_exists(name: str) -> bool:
 
 def test_help_documents_both_benchmarks() -> None:
     """`--help` of both commands works without any service and names the key options."""
-    bench = _run(["-m", "scripts.bench", "--help"], timeout=30).stdout
+    bench = _run(["-m", "scripts.benchmarks", "--help"], timeout=30).stdout
     for option in (
         "--accounts",
         "--sample",
@@ -93,7 +93,7 @@ def test_help_documents_both_benchmarks() -> None:
         "scripts/bench claims",
     ):
         assert option in bench
-    claims = _run(["-m", "scripts.bench_claims", "--help"], timeout=30).stdout
+    claims = _run(["-m", "scripts.benchmarks.claims", "--help"], timeout=30).stdout
     for option in ("--sizes", "--due-shares", "--repeat", "--limit"):
         assert option in claims
 
@@ -123,7 +123,7 @@ def test_throughput_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         ("--worker-env", "DISPATCH_INTERVAL_SECONDS=0.5"),
     ]
     completed = _run(
-        ["-m", "scripts.bench", *(part for pair in options for part in pair)], timeout=110
+        ["-m", "scripts.benchmarks", *(part for pair in options for part in pair)], timeout=110
     )
     for label in (
         "verifications/s, worker",
@@ -177,7 +177,7 @@ def test_claims_bench_runs_and_explains(tmp_path: Path) -> None:
     completed = _run(
         [
             "-m",
-            "scripts.bench_claims",
+            "scripts.benchmarks.claims",
             "--sizes",
             "1000",
             "--due-shares",
@@ -224,11 +224,12 @@ def test_latency_bench_runs_and_reports_every_figure(tmp_path: Path) -> None:
         ("--worker-env", "TRANSIENT_RETRY_INITIAL_SECONDS=1"),
         ("--worker-env", "PENDING_RETRY_SECONDS=1"),
     ]
-    help_text = _run(["-m", "scripts.bench_latency", "--help"], timeout=30).stdout
+    help_text = _run(["-m", "scripts.benchmarks.latency", "--help"], timeout=30).stdout
     for option in ("--requests", "--inserts", "--sweep", "--idle-seconds", "--worker-env"):
         assert option in help_text
     completed = _run(
-        ["-m", "scripts.bench_latency", *(part for pair in options for part in pair)], timeout=230
+        ["-m", "scripts.benchmarks.latency", *(part for pair in options for part in pair)],
+        timeout=230,
     )
     for label in (
         "time to verdict, idle: p50 / p99 (ms)",
@@ -262,7 +263,7 @@ def test_status_bench_times_the_real_command() -> None:
     result = _run(
         [
             "-m",
-            "scripts.bench_status",
+            "scripts.benchmarks.status",
             "--accounts",
             "500",
             "--repeat",

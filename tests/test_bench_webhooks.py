@@ -32,7 +32,7 @@ def test_the_bench_delivers_a_webhook_per_status_change(tmp_path: Path) -> None:
         ("--worker-env", "DISPATCH_INTERVAL_SECONDS=0.5"),
     ]
     _run(
-        ["-m", "scripts.bench", "--webhooks", *(part for pair in options for part in pair)],
+        ["-m", "scripts.benchmarks", "--webhooks", *(part for pair in options for part in pair)],
         timeout=140,
     )
     results: dict[str, Any] = json.loads(out.read_text())

@@ -1,5 +1,6 @@
-"""worker.health: the checks' answers and the HTTP app (the real worker's endpoints are tested
-end to end in tests/test_e2e_metrics.py)."""
+"""worker.health and its checks (worker.liveness, worker.readiness, worker.beat_health): the
+checks' answers and the HTTP app (the real worker's endpoints are tested end to end in
+tests/test_e2e_metrics.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.factories import make_account, make_organization
 from worker import health
+from worker.beat_health import BeatState, beat_checks, beat_tick
 from worker.db import build_engine
+from worker.liveness import LIVENESS_SECONDS, LoopState, worker_liveness
+from worker.readiness import OLDEST_DUE, READINESS_CACHE_SECONDS, WorkerReadiness
 from worker.settings import Settings, get_settings
 
 
@@ -63,15 +67,15 @@ def test_endpoints_answer_200_or_503_with_each_check_named() -> None:
 def test_worker_liveness_follows_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Alive while starting, while the loop turns and while reconnecting to the broker; not once
     the loop has not turned for LIVENESS_SECONDS."""
-    state = health.LoopState(started=time.monotonic())
-    monkeypatch.setattr(health, "loop_state", state)
-    assert health.worker_liveness()[0]
+    state = LoopState(started=time.monotonic())
+    monkeypatch.setattr("worker.liveness.loop_state", state)
+    assert worker_liveness()[0]
     state.tick()
-    assert health.worker_liveness()[0]
-    state.last_tick = time.monotonic() - health.LIVENESS_SECONDS - 1
-    assert not health.worker_liveness()[0]
+    assert worker_liveness()[0]
+    state.last_tick = time.monotonic() - LIVENESS_SECONDS - 1
+    assert not worker_liveness()[0]
     state.reconnecting()
-    ok, checks = health.worker_liveness()
+    ok, checks = worker_liveness()
     assert ok
     assert checks["loop"].startswith("reconnecting")
     state.tick()
@@ -81,10 +85,10 @@ def test_worker_liveness_follows_the_event_loop(monkeypatch: pytest.MonkeyPatch)
 def test_worker_stuck_starting_is_not_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting (no turn of the loop yet) is alive only for the start-up limit: a worker that
     never gets its loop going is restarted."""
-    state = health.LoopState(started=time.monotonic() - 100)
-    monkeypatch.setattr(health, "loop_state", state)
-    assert health.worker_liveness(starting_limit=120)[0]
-    ok, checks = health.worker_liveness(starting_limit=90)
+    state = LoopState(started=time.monotonic() - 100)
+    monkeypatch.setattr("worker.liveness.loop_state", state)
+    assert worker_liveness(starting_limit=120)[0]
+    ok, checks = worker_liveness(starting_limit=90)
     assert not ok
     assert checks["loop"].startswith("starting for")
 
@@ -92,17 +96,15 @@ def test_worker_stuck_starting_is_not_alive(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture
 def make_readiness(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[Settings], health.WorkerReadiness]]:
+) -> Iterator[Callable[[Settings], WorkerReadiness]]:
     """WorkerReadiness on its own engine (disposed afterwards), the multiprocess directory an
     empty one (this worker verified nothing)."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     engines: list[Engine] = []
 
-    def make(settings: Settings) -> health.WorkerReadiness:
+    def make(settings: Settings) -> WorkerReadiness:
         engines.append(build_engine(settings))
-        return health.WorkerReadiness(
-            settings, engines[-1], redis.Redis.from_url(settings.redis_url)
-        )
+        return WorkerReadiness(settings, engines[-1], redis.Redis.from_url(settings.redis_url))
 
     yield make
     for built in engines:
@@ -110,7 +112,7 @@ def make_readiness(
 
 
 def test_readiness_fails_within_its_statement_timeout_while_the_database_hangs(
-    engine: Engine, make_readiness: Callable[[Settings], health.WorkerReadiness]
+    engine: Engine, make_readiness: Callable[[Settings], WorkerReadiness]
 ) -> None:
     """A database that does not answer (here: the accounts table locked by another session)
     fails the database check after the check's 2 s statement timeout, not the engine's lock
@@ -119,7 +121,7 @@ def test_readiness_fails_within_its_statement_timeout_while_the_database_hangs(
     assert readiness()[1]["database"] == "ok"
     with engine.connect() as locker, locker.begin():
         locker.execute(text("LOCK TABLE aws_accounts IN ACCESS EXCLUSIVE MODE"))
-        time.sleep(health.READINESS_CACHE_SECONDS + 0.1)
+        time.sleep(READINESS_CACHE_SECONDS + 0.1)
         ok, checks = readiness()
     assert not ok
     assert "statement timeout" in checks["database"], checks
@@ -128,7 +130,7 @@ def test_readiness_fails_within_its_statement_timeout_while_the_database_hangs(
 def test_readiness_stall_rule_reads_the_oldest_unleased_due_account(
     scratch_database: str,
     scratch_sessions: sessionmaker[Session],
-    make_readiness: Callable[[Settings], health.WorkerReadiness],
+    make_readiness: Callable[[Settings], WorkerReadiness],
 ) -> None:
     """Stalled: an account nobody holds has been due longer than STALL_IDLE_SECONDS while this
     worker verified nothing for as long; an older account under a live lease does not count."""
@@ -177,9 +179,7 @@ ANALYZE aws_accounts;
     with scratch_sessions() as session:
         plan = "\n".join(
             row[0]
-            for row in session.execute(
-                text("EXPLAIN (ANALYZE, COSTS OFF) " + str(health.OLDEST_DUE))
-            )
+            for row in session.execute(text("EXPLAIN (ANALYZE, COSTS OFF) " + str(OLDEST_DUE)))
         )
     assert "Index Scan using ix_aws_accounts_next_due_at" in plan, plan
     assert "Seq Scan" not in plan, plan
@@ -195,13 +195,13 @@ def test_beat_is_alive_while_it_ticks_and_ready_once_a_dispatch_was_sent(
 ) -> None:
     """Beat: live within its start-up grace and while it ticks; ready only after a dispatch
     reached the broker, and no longer when the last one is old."""
-    state = health.BeatState(started=time.monotonic())
-    monkeypatch.setattr(health, "beat_state", state)
-    liveness, readiness = health.beat_checks(get_settings())
+    state = BeatState(started=time.monotonic())
+    monkeypatch.setattr("worker.beat_health.beat_state", state)
+    liveness, readiness = beat_checks(get_settings())
     assert liveness()[0]
     assert not readiness()[0]
-    health.beat_tick(sent=False)
-    health.beat_tick(sent=True)
+    beat_tick(sent=False)
+    beat_tick(sent=True)
     assert liveness()[0]
     assert readiness()[0]
     long_ago = time.monotonic() - 3600

@@ -1,5 +1,5 @@
-"""worker.metrics: bounded labels and the cached fleet reads (the multiprocess endpoint itself is
-proven end to end in tests/test_e2e_metrics.py)."""
+"""worker.metric_definitions and worker.cached_value: bounded labels and the cached fleet reads
+(the multiprocess endpoint itself is proven end to end in tests/test_e2e_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import redis
 
+from worker.cached_value import CachedValue
 from worker.fleet import read_broker_state
-from worker.metrics import MAX_ERROR_CODES, OTHER, CachedValue, WorkerMetrics
+from worker.metric_definitions import MAX_ERROR_CODES, OTHER, WorkerMetrics
 
 
 def test_error_codes_are_bounded() -> None:

@@ -15,7 +15,7 @@ from worker.permissions import (
     probe_session_policy,
 )
 from worker.settings import Settings
-from worker.sts import probe_threads
+from worker.sts.probes import probe_threads
 
 
 def test_the_default_set_is_the_four_securityaudit_probes() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.redact import escape_controls, mask_external_id, mask_url, scrub_text
+from worker.redact import escape_controls, libpq_url, mask_external_id, mask_url, scrub_text
 
 
 def test_mask_url_hides_the_password() -> None:
@@ -18,6 +18,17 @@ def test_mask_url_leaves_urls_without_password_alone() -> None:
 def test_mask_url_handles_a_password_only_redis_url() -> None:
     """`redis://:pw@host` keeps its shape."""
     assert mask_url("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+
+
+def test_libpq_url_takes_every_postgresql_spelling() -> None:
+    """SQLAlchemy's `postgresql+psycopg://` and `postgres://` become `postgresql://`, the rest of
+    the URL kept; any other URL is left alone."""
+    assert libpq_url("postgresql+psycopg://app:pw@db:5432/main?sslmode=require") == (
+        "postgresql://app:pw@db:5432/main?sslmode=require"
+    )
+    assert libpq_url("postgres://db/main") == "postgresql://db/main"
+    assert libpq_url("postgresql://db/main") == "postgresql://db/main"
+    assert libpq_url("redis://cache:6379/0") == "redis://cache:6379/0"
 
 
 def test_mask_external_id_keeps_only_a_hint() -> None:

@@ -22,7 +22,7 @@ from worker.rules import (
     permissions_to_probe,
 )
 from worker.settings import Settings
-from worker.sts import Outcome
+from worker.sts.outcome import Outcome
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 SETTINGS = Settings(jitter_ratio=0.0)

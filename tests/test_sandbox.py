@@ -57,7 +57,9 @@ from sandbox.moto_sts import (
 )
 from worker.permissions import CATALOGUE, DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
-from worker.sts import RoleDetails, StsVerifier, classify_probe_error
+from worker.sts.classify import classify_probe_error
+from worker.sts.outcome import RoleDetails
+from worker.sts.verifier import StsVerifier
 
 if TYPE_CHECKING:
     from mypy_boto3_sts import STSClient

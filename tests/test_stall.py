@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from models import OutcomeKind
 from worker.stall import StallWatch
-from worker.sts import Outcome
+from worker.sts.outcome import Outcome
 
 WINDOW = 300
 T0 = 1_800_000_000.0  # a Unix time at the start of a window (divisible by 300)

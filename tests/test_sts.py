@@ -23,16 +23,11 @@ from models import OutcomeKind
 from sandbox.standin import StsStandIn
 from worker.permissions import CATALOGUE, DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
-from worker.sts import (
-    DENY_ALL_POLICY,
-    Outcome,
-    RoleDetails,
-    StsVerifier,
-    check_role_details,
-    classify_probe_error,
-    probe_budget_seconds,
-    session_name_for,
-)
+from worker.sts.checks import check_role_details
+from worker.sts.classify import classify_probe_error
+from worker.sts.outcome import Outcome, RoleDetails
+from worker.sts.probes import probe_budget_seconds
+from worker.sts.verifier import DENY_ALL_POLICY, StsVerifier, session_name_for
 
 ACCOUNT = "123456789012"
 EXTERNAL_ID = "ext-0f1e2d3c4b5a"

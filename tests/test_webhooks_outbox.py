@@ -28,7 +28,7 @@ from tests.factories import make_account, make_organization
 from worker.chunk import verify_account
 from worker.claims import claim_due_accounts
 from worker.settings import Settings
-from worker.sts import StsVerifier
+from worker.sts.verifier import StsVerifier
 from worker.verify import VerificationDeps
 from worker.webhooks import (
     EVENT_TYPES,

@@ -11,7 +11,7 @@ import celery.apps.beat
 import celery.apps.worker
 from celery import Celery, signals
 
-from worker import health, metrics
+from worker import beat_health, health, liveness, metrics
 from worker.logging import bind_context, clear_context, configure_logging, get_logger
 from worker.settings import get_settings_or_exit
 from worker.startup import require_services
@@ -145,7 +145,7 @@ def _clear_task_context(**_: Any) -> None:
 
 # --- metrics and health (worker.metrics, worker.health): only with METRICS_PORT set ------------
 
-app.steps["consumer"].add(health.LoopHeartbeat)
+app.steps["consumer"].add(liveness.LoopHeartbeat)
 
 
 @signals.celeryd_init.connect
@@ -185,9 +185,9 @@ def _start_beat_metrics(**_: Any) -> None:
 
 def _beat_tick(sender: str | None = None, **_: Any) -> None:
     if sender == DISPATCH_TASK:
-        health.beat_tick(sent=False)
+        beat_health.beat_tick(sent=False)
 
 
 def _beat_sent(sender: str | None = None, **_: Any) -> None:
     if sender == DISPATCH_TASK:
-        health.beat_tick(sent=True)
+        beat_health.beat_tick(sent=True)

@@ -18,7 +18,7 @@ from models import AccountStatus, AuditEvent, AuditEventType
 
 if TYPE_CHECKING:  # `request_verification` writes events without loading boto3
     from worker.rules import Decision
-    from worker.sts import Outcome
+    from worker.sts.outcome import Outcome
     from worker.verify import Attempt
 
 _INSERT_EVENTS = insert(cast(Table, AuditEvent.__table__))

@@ -11,7 +11,7 @@ from worker.circuit import PlatformCircuit
 from worker.claims import claim_due_accounts
 from worker.logging import get_logger
 from worker.settings import Settings
-from worker.sts import StsVerifier
+from worker.sts.verifier import StsVerifier
 
 log = get_logger("worker.dispatch")
 

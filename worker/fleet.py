@@ -1,6 +1,6 @@
 """The fleet at a glance: what the database and Redis say, read in a few cheap statements.
 
-Shared by `scripts/status` and the worker's fleet gauges (`worker.metrics`, on scrapes only:
+Shared by `scripts/status` and the worker's fleet gauges (`worker.scrape`, on scrapes only:
 readiness has a cheaper statement of its own). The database part is two statements: one scan
 that counts the table and one read of the due accounts (README has the time at a million
 accounts); callers that repeat it (the metrics) cache it.

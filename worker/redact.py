@@ -1,5 +1,6 @@
 """Keeping secrets out of output (URLs with passwords, external IDs, AWS credentials), and
-terminal control characters out of what a terminal shows."""
+terminal control characters out of what a terminal shows; and the one helper for URLs' spelling
+(`libpq_url`)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,10 @@ def escape_controls(text: str) -> str:
     """Render control characters as visible escapes (`\\x1b`, `\\u202e`), so that customer text
     shown on a terminal cannot move the cursor, recolour, retitle or reorder anything."""
     return _TERMINAL_CONTROL.sub(_escape, text)
+
+
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL as libpq (psycopg) takes it: `postgresql://`, whatever PostgreSQL scheme
+    it has (SQLAlchemy's `postgresql+psycopg://` too); any other URL unchanged."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql://{rest}" if sep and scheme.startswith("postgres") else url

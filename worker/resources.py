@@ -23,7 +23,7 @@ from worker.ratelimit import StsRateLimiter
 from worker.redis_client import close_redis, get_redis
 from worker.settings import Settings, get_settings
 from worker.stall import StallWatch
-from worker.sts import StsVerifier
+from worker.sts.verifier import StsVerifier
 from worker.verify import VerificationDeps
 from worker.window import VerificationWindow
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from models import AccountStatus, OutcomeKind
 from worker.settings import Settings
-from worker.sts import Outcome
+from worker.sts.outcome import Outcome
 
 MAX_CONSECUTIVE_FAILURES = 1_000_000
 

@@ -283,7 +283,7 @@ class Settings(BaseSettings):
             )
         if self.worker_concurrency * len(self.permission_probes) > MAX_PROBE_THREADS:
             # A thread per probe of every verification thread, so none waits for another's
-            # probes and times out (worker.sts.PermissionProber).
+            # probes and times out (worker.sts.probes.PermissionProber).
             raise ValueError(
                 f"WORKER_CONCURRENCY x the number of PERMISSION_PROBES must be at most "
                 f"{MAX_PROBE_THREADS} (probe threads per process)"

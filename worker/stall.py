@@ -24,7 +24,7 @@ import redis
 
 from models import OutcomeKind
 from worker.logging import get_logger
-from worker.sts import Outcome
+from worker.sts.outcome import Outcome
 
 log = get_logger("worker.stall")
 

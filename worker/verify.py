@@ -37,7 +37,9 @@ from worker.rules import (
 )
 from worker.settings import Settings
 from worker.stall import StallWatch
-from worker.sts import PLATFORM_ACCOUNT_CODE, Observer, Outcome, RoleDetails, StsVerifier
+from worker.sts.outcome import Observer, Outcome, RoleDetails
+from worker.sts.platform import PLATFORM_ACCOUNT_CODE
+from worker.sts.verifier import StsVerifier
 
 log = get_logger("worker.verify")
 

@@ -18,7 +18,6 @@ most 1.5% of a 1,000,000-row table, and the index entries of those versions poin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -29,26 +28,25 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
 
-from scripts.bench import (
+from scripts.benchmarks.common import (
     DEFAULT_ADMIN_URL,
-    ROOT,
     BenchError,
-    create_scratch_database,
-    drop_scratch_database,
-    libpq_url,
-    masked,
-    migrate,
+    add_json_out_option,
     percentile,
+    positive_int,
+    postgres_url,
     rounded,
+    write_json,
 )
+from scripts.benchmarks.services import create_scratch_database, drop_scratch_database, migrate
 from worker.claims import claim_due_accounts
+from worker.redact import mask_url
 
 SCHEMA: Final = "account-verifier-bench-claims/1"
 TARGET_MS: Final = 10.0
@@ -146,7 +144,7 @@ def scratch_database(admin_url: str, *, keep: bool) -> Iterator[str]:
         yield url
     finally:
         if keep:
-            print(f"kept the scratch database: {masked(url)}", file=sys.stderr)
+            print(f"kept the scratch database: {mask_url(url)}", file=sys.stderr)
         else:
             drop_scratch_database(admin_url, url)
 
@@ -280,13 +278,6 @@ def _shares(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `scripts/bench claims`."""
     parser = argparse.ArgumentParser(
@@ -306,17 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.01, 1.0],
         help="shares of due accounts, comma-separated (0.01,1: '1%% due' and 'all due')",
     )
-    add("--limit", type=_positive, default=500, help="the claim's batch size (500)")
-    add("--repeat", type=_positive, default=30, help="timed runs per scenario (30)")
+    add("--limit", type=positive_int, default=500, help="the claim's batch size (500)")
+    add("--repeat", type=positive_int, default=30, help="timed runs per scenario (30)")
     add("--warmup", type=int, default=3, help="untimed runs first (3)")
     add("--no-explain", action="store_true", help="do not print the plans (still in the JSON)")
     add("--keep", action="store_true", help="keep the scratch databases")
-    add(
-        "--json-out",
-        type=Path,
-        default=None,
-        help="where to write the results (default bench-results/claims-<UTC stamp>.json)",
-    )
+    add_json_out_option(add, prefix="claims-")
     add(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL),
@@ -335,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        libpq_url(args.database_url)
+        postgres_url(args.database_url)
     except BenchError as error:
         parser.error(f"--database-url: {error}")
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -381,12 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target_accounts": TARGET_SIZE,
         "scenarios": [s.to_json() for s in scenarios],
     }
-    path = args.json_out
-    if path is None:
-        path = ROOT / "bench-results" / f"claims-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nresults: {path}")
+    print(f"\nresults: {write_json(results, args.json_out, prefix='claims-')}")
     return 0
 
 

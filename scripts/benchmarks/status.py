@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import psycopg
 
-from scripts.bench import DEFAULT_ADMIN_URL, ROOT
-from scripts.bench_claims import Scenario, scratch_database, seed
+from scripts.benchmarks.claims import Scenario, scratch_database, seed
+from scripts.benchmarks.common import DEFAULT_ADMIN_URL, ROOT
 
 STATUS = str(ROOT / "scripts" / "status")
 TARGET_SECONDS = 1.0

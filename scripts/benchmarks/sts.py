@@ -1,6 +1,6 @@
 """Client CPU per verification against a zero-latency local STS stand-in.
 
-    .venv/bin/python -m scripts.bench_sts [--count 2000] [--warmup 200]
+    .venv/bin/python -m scripts.benchmarks.sts [--count 2000] [--warmup 200]
 
 The stand-in runs as a separate process, so the figures are the worker-side cost alone: our
 checks, botocore's signing, serialization, HTTP and XML parsing. Target: under 3 ms per
@@ -13,29 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
+from scripts.benchmarks.common import BenchError
+from scripts.benchmarks.services import standin_aws_env, start_standin
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
-from worker.sts import RoleDetails, StsVerifier
-
-
-def _start_standin() -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.standin", "--median-ms", "0", "--seed", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None  # noqa: S101 - set by PIPE
-    line = process.stdout.readline()
-    url = next((w for w in line.split() if w.startswith("http://")), None)
-    if url is None:
-        process.kill()
-        raise SystemExit(f"the STS stand-in did not start: {line!r}")
-    return process, url
+from worker.sts.outcome import RoleDetails
+from worker.sts.verifier import StsVerifier
 
 
 def _measure(
@@ -53,7 +41,7 @@ def _measure(
 def main(argv: list[str] | None = None) -> int:
     """Print CPU ms per verification, with and without the external-ID check."""
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.bench_sts", description=__doc__.split("\n\n")[0]
+        prog="python -m scripts.benchmarks.sts", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--count", type=int, default=2000, help="verifications per figure")
     parser.add_argument("--warmup", type=int, default=200, help="untimed verifications first")
@@ -61,14 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--count and --rounds must be positive, --warmup not negative")
-    process, url = _start_standin()
+    log_dir = tempfile.TemporaryDirectory(prefix="verifier-bench-sts-")
     try:
-        os.environ.update(
-            AWS_ENDPOINT_URL_STS=url,
-            AWS_ENDPOINT_URL=url,  # the permission probes' services
-            AWS_ACCESS_KEY_ID="AKIABENCHMARKKEY0001",
-            AWS_SECRET_ACCESS_KEY="benchmark-secret",  # noqa: S106 - a fake for the stand-in
+        standin, url = start_standin(
+            median_ms=0, sigma=0, seed=1, rate_limit=None, log_dir=Path(log_dir.name)
         )
+    except BenchError as error:
+        log_dir.cleanup()
+        raise SystemExit(f"the STS stand-in did not start: {error}") from None
+    try:
+        os.environ.update(standin_aws_env(url))
         sts = StsVerifier(Settings(sts_max_attempts=1))
         details = [
             RoleDetails(
@@ -95,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(f"{w:.3f}" for w in wall)
             )
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        standin.stop()
+        log_dir.cleanup()
     return 0
 
 

@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -48,42 +46,27 @@ from pathlib import Path
 from typing import Any, Final
 
 import psycopg
-import redis
 
-from scripts.bench import (
-    CELERY,
-    DEFAULT_ADMIN_URL,
-    DEFAULT_REDIS_URL,
+from scripts.benchmarks.common import (
     BenchError,
-    Child,
-    Interrupted,
-    _env_pair,
-    _no_interrupts,
-    _non_negative_float,
-    _positive_float,
-    _positive_int,
-    _raise_interrupted,
-    claim_redis_db,
-    consumers,
-    create_scratch_database,
-    database_name,
-    libpq_url,
-    make_accounts,
-    masked,
-    migrate,
+    add_json_out_option,
+    add_service_options,
+    add_standin_options,
+    add_worker_env_option,
+    no_interrupts,
+    non_negative_float,
+    options_from,
     percentile,
-    pg_database_stats,
-    read_proc,
-    redis_db,
-    release_run,
+    positive_float,
+    positive_int,
     rounded,
-    seed_accounts,
-    settings_from,
-    start_standin,
+    run_main,
     wait_for,
-    worker_environment,
-    write_json,
 )
+from scripts.benchmarks.procs import Child, read_proc
+from scripts.benchmarks.sampling import pg_database_stats
+from scripts.benchmarks.seeding import make_accounts, seed_accounts
+from scripts.benchmarks.services import Stack, database_name
 
 SCHEMA: Final = "account-verifier-bench-latency/1"
 RATIO_TARGET: Final = 1.5
@@ -230,50 +213,32 @@ class LatencyBench:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.started_at = datetime.now(UTC)
-        self.log_dir = Path(tempfile.mkdtemp(prefix="verifier-bench-latency-"))
-        self.children: list[Child] = []
-        self.scratch: str | None = None
-        self.admin: psycopg.Connection[Any] | None = None
+        self.stack = Stack(
+            opts.database_url, opts.redis_url, keep=opts.keep, log_prefix="verifier-bench-latency-"
+        )
         self.api: Api | None = None
-        self.broker = redis.Redis.from_url(opts.redis_url, socket_timeout=10)
         self.rng = random.Random(opts.seed)
         self.succeeded = False
 
-    def execute(self) -> dict[str, Any]:
-        """Every phase in order; returns the results."""
+    def execute(self) -> tuple[dict[str, Any], bool]:
+        """Every phase in order; returns the results (and True: a run that ends is complete)."""
         try:
-            return self._phases()
+            return self._phases(), True
         finally:
             self.cleanup()
 
     def _phases(self) -> dict[str, Any]:
         opts = self.opts
-        try:
-            claim_redis_db(self.broker)
-        except redis.RedisError as error:
-            raise BenchError(f"Redis at {masked(opts.redis_url)}: {error}") from None
-        print(f"scratch database on {masked(opts.database_url)} ...", file=sys.stderr)
-        self.scratch = scratch = create_scratch_database(opts.database_url, "verifier_latency")
-        migrate(scratch)
-        self.admin = psycopg.connect(libpq_url(opts.database_url), autocommit=True)
-        standin, sts_url = start_standin(
+        standin, sts_url = self.stack.prepare(
+            database_prefix="verifier_latency",
             median_ms=opts.median_ms,
             sigma=opts.latency_sigma,
             seed=opts.seed,
             rate_limit=None,
-            log_dir=self.log_dir,
         )
-        self.children.append(standin)
-        env = worker_environment(
-            database_url=scratch,
-            redis_url=opts.redis_url,
-            sts_url=sts_url,
-            concurrency=None,
-            dispatch_interval=None,
-            extra=opts.worker_env,
-            log_dir=self.log_dir,
-        )
-        settings = settings_from(env)
+        scratch = self.stack.scratch
+        assert scratch is not None  # noqa: S101 - set by prepare()
+        env, settings = self.stack.worker_environment(sts_url, extra=opts.worker_env)
         worker, beat = self.start_services(env, listening=settings.dispatch_on_notify)
         self.api = api = self.as_the_api(scratch, opts.redis_url)
 
@@ -304,29 +269,23 @@ class LatencyBench:
         """`celery -A worker worker` and `celery -A worker beat`; returns once the worker
         consumes (and beat listens, when it is to)."""
         print("starting `celery worker` and `celery beat` ...", file=sys.stderr)
-        worker = Child("worker", [CELERY, "-A", "worker", "worker"], env=env, log_dir=self.log_dir)
-        self.children.append(worker)
-        beat = Child("beat", [CELERY, "-A", "worker", "beat"], env=env, log_dir=self.log_dir)
-        self.children.append(beat)
-        assert self.scratch is not None  # noqa: S101 - set before
-        db = redis_db(self.opts.redis_url)
-
-        def ready() -> bool:
-            worker.check_alive()
-            beat.check_alive()
-            return consumers(self.broker, db) >= 1 and (not listening or self.listener_up())
-
-        wait_for(ready, timeout=120, what="the worker to consume and beat to listen")
-        return worker, beat
+        workers, beat = self.stack.start_celery(
+            env,
+            ["worker"],
+            what="the worker to consume and beat to listen",
+            ready=self.listener_up if listening else None,
+        )
+        return workers[0], beat
 
     def listener_up(self) -> bool:
         """Whether beat's listener is connected to the scratch database."""
-        assert self.admin is not None  # noqa: S101
-        assert self.scratch is not None  # noqa: S101
-        row = self.admin.execute(
+        admin, scratch = self.stack.admin, self.stack.scratch
+        assert admin is not None  # noqa: S101 - set by prepare()
+        assert scratch is not None  # noqa: S101
+        row = admin.execute(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE application_name = 'account-verifier-listener' AND datname = %s",
-            (database_name(self.scratch),),
+            (database_name(scratch),),
         ).fetchone()
         return row is not None and row[0] >= 1
 
@@ -344,15 +303,16 @@ class LatencyBench:
 
     def idle_cost(self, worker: Child, beat: Child, scratch: str) -> dict[str, Any]:
         """CPU of worker and beat, and the database's transactions, while nothing is due."""
-        assert self.admin is not None  # noqa: S101
+        admin = self.stack.admin
+        assert admin is not None  # noqa: S101 - set by prepare()
         seconds = self.opts.idle_seconds
         print(f"idle cost: {seconds:g}s with nothing due ...", file=sys.stderr)
         name = database_name(scratch)
         worker_before, beat_before = read_proc(worker.pid), read_proc(beat.pid)
-        commits_before = pg_database_stats(self.admin, name)["xact_commit"]
+        commits_before = pg_database_stats(admin, name)["xact_commit"]
         time.sleep(seconds)
         worker_after, beat_after = read_proc(worker.pid), read_proc(beat.pid)
-        commits = pg_database_stats(self.admin, name)["xact_commit"] - commits_before
+        commits = pg_database_stats(admin, name)["xact_commit"] - commits_before
         if (
             not seconds
             or worker_before is None
@@ -378,9 +338,7 @@ class LatencyBench:
         """Seed the sweep; once under way, requested verifications one at a time."""
         opts = self.opts
         accounts = make_accounts(opts.sweep, tag=f"sweep-{uuid.uuid4().hex[:8]}")
-        seeded = seed_accounts(scratch, accounts)
-        with psycopg.connect(scratch, autocommit=True) as conn:
-            conn.execute("ANALYZE aws_accounts")
+        seeded = seed_accounts(scratch, accounts, analyze=True)
         ids = [a.id for a in accounts]
         print(f"seeded a sweep of {opts.sweep:,} accounts, all due now ...", file=sys.stderr)
 
@@ -454,7 +412,7 @@ class LatencyBench:
                 "worker_env": opts.worker_env,
                 "dispatch_interval_seconds": settings.dispatch_interval_seconds,
                 "dispatch_on_notify": settings.dispatch_on_notify,
-                "database": database_name(self.scratch or ""),
+                "database": database_name(self.stack.scratch or ""),
             },
             "idle": idle_s,
             "under_sweep": {**sweep_s, "sweep": sweep},
@@ -479,20 +437,10 @@ class LatencyBench:
 
     def cleanup(self) -> None:
         """Stop every child, drop the scratch database (unless --keep), flush Redis."""
-        with _no_interrupts():
+        with no_interrupts():
             if self.api is not None:
                 self.api.close()
-            release_run(
-                children=self.children,
-                admin=self.admin,
-                admin_url=self.opts.database_url,
-                scratch=self.scratch,
-                keep=self.opts.keep,
-                broker=self.broker,
-                log_dir=self.log_dir if self.succeeded and not self.opts.keep else None,
-            )
-            if not (self.succeeded and not self.opts.keep):
-                print(f"logs of the processes kept in {self.log_dir}", file=sys.stderr)
+            self.stack.release(remove_logs=self.succeeded and not self.opts.keep)
 
 
 def render_table(r: dict[str, Any]) -> str:
@@ -567,114 +515,46 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--requests",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         help="requested verifications measured idle, and again under the sweep (100)",
     )
-    add("--inserts", type=_positive_int, default=100, help="insert-only accounts measured (100)")
-    add("--sweep", type=_positive_int, default=20_000, help="accounts of the sweep (20000)")
-    add("--median-ms", type=_non_negative_float, default=50.0, help="STS median latency (50)")
-    add(
-        "--latency-sigma",
-        type=_non_negative_float,
-        default=0.65,
-        help="log-normal shape of the STS latency (0.65: p99 about 4.5x the median)",
-    )
+    add("--inserts", type=positive_int, default=100, help="insert-only accounts measured (100)")
+    add("--sweep", type=positive_int, default=20_000, help="accounts of the sweep (20000)")
+    add_standin_options(add)
     add("--seed", type=int, default=13, help="seed of the stand-in's latency and the pauses (13)")
     add(
         "--idle-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=10.0,
         help="seconds with nothing due, to measure what waiting costs (10)",
     )
     add(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         help="seconds to wait for the sweep to get under way (600)",
     )
-    add(
-        "--worker-env",
-        type=_env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="another environment variable for worker and beat (repeatable), e.g. "
-        "DISPATCH_ON_NOTIFY=false DISPATCH_INTERVAL_SECONDS=0.2; recorded in the results",
-    )
+    add_worker_env_option(add, example="DISPATCH_ON_NOTIFY=false DISPATCH_INTERVAL_SECONDS=0.2")
     add(
         "--keep",
         action="store_true",
         help="keep the scratch database and the processes' logs (their places are printed)",
     )
-    add(
-        "--json-out",
-        type=Path,
-        default=None,
-        help="where to write the results (default bench-results/latency-<UTC stamp>.json)",
-    )
-    add(
-        "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL),
-        help="PostgreSQL server where the scratch database is created (env BENCH_DATABASE_URL; "
-        f"default {DEFAULT_ADMIN_URL})",
-    )
-    add(
-        "--redis-url",
-        default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis database used as the broker, flushed before and after; refused if it holds "
-        f"other keys (env BENCH_REDIS_URL; default {DEFAULT_REDIS_URL})",
-    )
+    add_json_out_option(add, prefix="latency-")
+    add_service_options(add)
     return parser
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
     """Parse and check the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        libpq_url(args.database_url)
-    except BenchError as error:
-        parser.error(f"--database-url: {error}")
-    if not args.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        parser.error("--redis-url must start with redis://, rediss:// or unix://")
-    return Options(
-        requests=args.requests,
-        inserts=args.inserts,
-        sweep=args.sweep,
-        median_ms=args.median_ms,
-        latency_sigma=args.latency_sigma,
-        seed=args.seed,
-        idle_seconds=args.idle_seconds,
-        timeout=args.timeout,
-        worker_env=dict(args.worker_env),
-        database_url=args.database_url,
-        redis_url=args.redis_url,
-        json_out=args.json_out,
-        keep=args.keep,
-    )
+    return options_from(build_parser(), argv, Options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     opts = parse_options(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        results = LatencyBench(opts).execute()
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted):
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(render_table(results))
-    path = opts.json_out
-    if path is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = Path(__file__).resolve().parent.parent / "bench-results" / f"latency-{stamp}.json"
-    print(f"\nresults: {write_json(results, path)}")
-    return 0
+    return run_main(LatencyBench(opts).execute, render_table, opts.json_out, prefix="latency-")
 
 
 if __name__ == "__main__":
