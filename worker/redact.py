@@ -1,5 +1,6 @@
 """Keeping secrets out of output (URLs with passwords, external IDs, AWS credentials), and
-terminal control characters out of what a terminal shows."""
+terminal control characters out of what a terminal shows; and the spellings of a database URL
+(SQLAlchemy's, libpq's), one rule for every tool that prints or converts one."""
 
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ def mask_url(url: str) -> str:
     host_and_port = parts.netloc.rpartition("@")[2]
     netloc = f"{parts.username or ''}:{_MASK}@{host_and_port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# The schemes a PostgreSQL URL is written with here: libpq's and SQLAlchemy's (with our driver).
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "postgresql+psycopg"})
+
+
+def libpq_url(url: str) -> str:
+    """`url` as libpq (psycopg.connect) wants it: `postgresql+psycopg://...` -> `postgresql://...`.
+
+    ValueError (with the URL masked) when it is not a PostgreSQL URL at all.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _POSTGRES_SCHEMES:
+        raise ValueError(
+            f"not a PostgreSQL URL: {mask_url(url)!r} (use postgresql://user@host:port/database)"
+        )
+    return f"postgresql://{rest}"
+
+
+def with_database(url: str, name: str) -> str:
+    """The libpq URL of database `name` on `url`'s server (user, password and query kept)."""
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def mask_external_id(external_id: str) -> str:
