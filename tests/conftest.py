@@ -10,13 +10,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from scripts.services import postgres
 from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
@@ -57,16 +57,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _SESSION_REDIS = None
 
 
-def _libpq(url: str) -> str:
-    _scheme, _, rest = url.partition("://")
-    return f"postgresql://{rest}"
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = _libpq(url).rpartition("/")
-    return f"{base}/{name}"
-
-
 def alembic_config(url: str) -> Config:
     """An Alembic config for the repository's migrations pointed at `url`."""
     config = Config(str(ROOT / "alembic.ini"))
@@ -77,17 +67,12 @@ def alembic_config(url: str) -> Config:
 
 def create_scratch_database(prefix: str = "verifier_test") -> str:
     """Create an empty database on the test server and return its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return _with_database(ADMIN_URL, name)
+    return postgres.create_database(ADMIN_URL, f"{prefix}_{uuid.uuid4().hex[:10]}")
 
 
 def drop_scratch_database(url: str) -> None:
     """Drop a database made by `create_scratch_database`, disconnecting its clients."""
-    name = url.rpartition("/")[2]
-    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    postgres.drop_database(ADMIN_URL, url)
 
 
 @pytest.fixture(scope="session")
