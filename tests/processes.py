@@ -12,12 +12,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scripts.services import ROOT, package_dir
+from scripts.services import ROOT, package_dir, wait_until
 from scripts.services.ports import free_port, port_open
 from scripts.services.process import spawn, terminate
 from scripts.services.redis import RedisServer
@@ -40,20 +40,6 @@ __all__ = [
     "wait_until",
 ]
 CELERY = str(Path(sys.executable).parent / "celery")
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll until `predicate()` is truthy and return its value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str) -> dict[str, str]:

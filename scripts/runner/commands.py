@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -13,16 +14,10 @@ from collections.abc import Mapping, Sequence
 
 from scripts import stack_env
 from scripts.runner import VENV_BIN
-from scripts.runner.console import Console, RunError, Signals, StopRequested, error
-from scripts.runner.servers import (
-    REDIS_DB,
-    TEST_REDIS_DB,
-    resolve_port,
-    start_postgres,
-    start_redis,
-)
+from scripts.runner.console import Console, RunError, Signals
+from scripts.runner.servers import REDIS_DB, TEST_REDIS_DB, Embedded, resolve_port
 from scripts.runner.stack import KEPT_AWS_VARIABLES, child_environment, data_dir_from
-from scripts.runner.supervisor import Registry, Supervisor, locked_data_dir
+from scripts.runner.supervisor import Registry, Supervisor, locked_data_dir, outcome
 from scripts.services import shown_path
 
 
@@ -68,74 +63,55 @@ def run_services(args: argparse.Namespace, console: Console, signals: Signals) -
     # With a command, the servers' logs would mix with its output: they go to files instead.
     quiet = bool(args.command)
     exported: dict[str, str] = {}
+
+    def serve(supervisor: Supervisor, ports: dict[str, int]) -> int:
+        env = child_environment(data_dir)
+        embedded = Embedded(supervisor, data_dir, env, ephemeral=args.ephemeral, quiet=quiet)
+        if "postgres" in wanted:
+            postgres = embedded.postgres(ports["postgres"])
+            exported.update(DATABASE_URL=postgres.url(), TEST_DATABASE_URL=postgres.url("postgres"))
+            log = embedded.log_file("postgres")
+            console.say(
+                f"embedded PostgreSQL: {postgres.url()} (data in "
+                f"{shown_path(data_dir / 'postgres')}"
+                + (f", log in {shown_path(log)})" if log else ")")
+            )
+            if not args.no_migrate:
+                supervisor.run_once(
+                    "migrate",
+                    [str(VENV_BIN / "alembic"), "upgrade", "head"],
+                    env={**embedded.env, "DATABASE_URL": postgres.url()},
+                    quiet=quiet,
+                )
+        if "redis" in wanted:
+            base = embedded.redis(ports["redis"])
+            exported.update(
+                REDIS_URL=f"{base}/{REDIS_DB}", TEST_REDIS_URL=f"{base}/{TEST_REDIS_DB}"
+            )
+            log = embedded.log_file("redis")
+            console.say(
+                f"embedded Redis: {base}/{REDIS_DB}"
+                + (f" (log in {shown_path(log)})" if log else "")
+            )
+        if args.command:
+            env = {**os.environ, **exported}
+            env["PATH"] = venv_on_path(env)
+            return run_command(args.command, env, signals, console)
+        for key, value in exported.items():
+            console.say(f"export {key}={value}")
+        console.say("Ctrl-C stops them")
+        supervisor.watch()
+        return 0
+
     with locked_data_dir(data_dir):
         registry = Registry(data_dir / "run-children.json")
         registry.stop_leftovers(console)
         ports = {kind: resolve_port(kind, getattr(args, f"{kind}_port")) for kind in wanted}
         supervisor = Supervisor(console, signals, registry)
-        code = 0
         try:
-            env = child_environment(data_dir)
-            if "postgres" in wanted:
-                log = data_dir / "postgres.log" if quiet else None
-                postgres = start_postgres(
-                    supervisor,
-                    data_dir,
-                    ports["postgres"],
-                    env,
-                    ephemeral=args.ephemeral,
-                    log_file=log,
-                )
-                exported.update(
-                    DATABASE_URL=postgres.url(), TEST_DATABASE_URL=postgres.url("postgres")
-                )
-                console.say(
-                    f"embedded PostgreSQL: {postgres.url()} (data in "
-                    f"{shown_path(data_dir / 'postgres')}"
-                    + (f", log in {shown_path(log)})" if log else ")")
-                )
-                if not args.no_migrate:
-                    supervisor.run_once(
-                        "migrate",
-                        [str(VENV_BIN / "alembic"), "upgrade", "head"],
-                        env={**env, "DATABASE_URL": postgres.url()},
-                        quiet=quiet,
-                    )
-            if "redis" in wanted:
-                log = data_dir / "redis.log" if quiet else None
-                base = start_redis(
-                    supervisor,
-                    data_dir,
-                    ports["redis"],
-                    env,
-                    ephemeral=args.ephemeral,
-                    log_file=log,
-                )
-                exported.update(
-                    REDIS_URL=f"{base}/{REDIS_DB}", TEST_REDIS_URL=f"{base}/{TEST_REDIS_DB}"
-                )
-                console.say(
-                    f"embedded Redis: {base}/{REDIS_DB}"
-                    + (f" (log in {shown_path(log)})" if log else "")
-                )
-            if args.command:
-                env = {**os.environ, **exported}
-                env["PATH"] = venv_on_path(env)
-                code = run_command(args.command, env, signals, console)
-            else:
-                for key, value in exported.items():
-                    console.say(f"export {key}={value}")
-                console.say("Ctrl-C stops them")
-                supervisor.watch()
-        except StopRequested as stop:
-            console.say(f"{stop} received: stopping")
-            code = 128 + stop.signum
-        except RunError as failure:
-            error(str(failure))
-            code = failure.exit_code
+            return outcome(console, functools.partial(serve, supervisor, ports))
         finally:
             supervisor.stop_all()
-    return code
 
 
 def run_command(

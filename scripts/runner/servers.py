@@ -63,69 +63,72 @@ class Postgres:
         return postgres.url(self.port, database)
 
 
-def start_postgres(
-    supervisor: Supervisor,
-    data_dir: Path,
-    port: int,
-    env: Mapping[str, str],
-    *,
-    ephemeral: bool = False,
-    log_file: Path | None = None,
-) -> Postgres:
-    """Start the embedded PostgreSQL (initialising DATA_DIR/postgres the first time)."""
-    bindir = postgres.server_bindir()
-    account = postgres.server_account()
-    pgdata = data_dir / "postgres"
-    server_env = {**env, "LC_ALL": "C"}
+@dataclass(frozen=True)
+class Embedded:
+    """Starts the embedded servers of one run under its supervisor, data in `data_dir`.
 
-    def initdb(argv: list[str]) -> None:
-        supervisor.console.say(f"creating a PostgreSQL data directory in {shown_path(pgdata)}")
-        supervisor.run_once("initdb", argv, env=server_env, quiet=True, run_as=account)
+    `ephemeral` trades durability for speed (no fsync, no Redis snapshots); `quiet` sends the
+    servers' output to DATA_DIR/postgres.log and redis.log instead of the console.
+    """
 
-    postgres.prepare(pgdata, bindir, account, initdb)
-    supervisor.console.say(f"starting PostgreSQL ({shown_path(bindir)}) on 127.0.0.1:{port}")
-    child = supervisor.start(
-        "postgres",
-        postgres.server_argv(bindir, pgdata, port, ephemeral=ephemeral),
-        env=server_env,
-        stop_steps=POSTGRES_STOP,
-        tier=0,
-        run_as=account,
-        log_file=log_file,
-    )
-    server = Postgres(port, child)
-    supervisor.wait_ready(
-        child,
-        lambda: postgres.reachable(server.url("postgres")) is None,
-        what="PostgreSQL",
-        timeout=START_TIMEOUT["postgres"],
-    )
-    postgres.ensure_database(server.url("postgres"), DATABASE_NAME)
-    return server
+    supervisor: Supervisor
+    data_dir: Path
+    env: Mapping[str, str]
+    ephemeral: bool = False
+    quiet: bool = False
 
+    def log_file(self, kind: str) -> Path | None:
+        """Where `kind`'s output goes: None for the console."""
+        return self.data_dir / f"{kind}.log" if self.quiet else None
 
-def start_redis(
-    supervisor: Supervisor,
-    data_dir: Path,
-    port: int,
-    env: Mapping[str, str],
-    *,
-    ephemeral: bool = False,
-    log_file: Path | None = None,
-) -> str:
-    """Start redis-server on 127.0.0.1:`port`; returns the base URL (no database number)."""
-    binary = redis.server_binary()
-    directory = data_dir / "redis"
-    directory.mkdir(exist_ok=True)
-    supervisor.console.say(f"starting Redis ({shown_path(binary)}) on 127.0.0.1:{port}")
-    # Snapshot on shutdown and every minute after a change: queued work survives a restart.
-    argv = redis.server_argv(binary, port, directory, save="" if ephemeral else "60 1")
-    child = supervisor.start("redis", argv, env=env, tier=1, log_file=log_file)
-    url = f"redis://127.0.0.1:{port}"
-    supervisor.wait_ready(
-        child,
-        lambda: redis.reachable(f"{url}/{REDIS_DB}") is None,
-        what="Redis",
-        timeout=START_TIMEOUT["redis"],
-    )
-    return url
+    def postgres(self, port: int) -> Postgres:
+        """Start PostgreSQL (initialising DATA_DIR/postgres the first time)."""
+        supervisor, console = self.supervisor, self.supervisor.console
+        bindir = postgres.server_bindir()
+        account = postgres.server_account()
+        pgdata = self.data_dir / "postgres"
+        server_env = {**self.env, "LC_ALL": "C"}
+
+        def initdb(argv: list[str]) -> None:
+            console.say(f"creating a PostgreSQL data directory in {shown_path(pgdata)}")
+            supervisor.run_once("initdb", argv, env=server_env, quiet=True, run_as=account)
+
+        postgres.prepare(pgdata, bindir, account, initdb)
+        console.say(f"starting PostgreSQL ({shown_path(bindir)}) on 127.0.0.1:{port}")
+        child = supervisor.start(
+            "postgres",
+            postgres.server_argv(bindir, pgdata, port, ephemeral=self.ephemeral),
+            env=server_env,
+            stop_steps=POSTGRES_STOP,
+            tier=0,
+            run_as=account,
+            log_file=self.log_file("postgres"),
+        )
+        server = Postgres(port, child)
+        supervisor.wait_ready(
+            child,
+            lambda: postgres.reachable(server.url("postgres")) is None,
+            what="PostgreSQL",
+            timeout=START_TIMEOUT["postgres"],
+        )
+        postgres.ensure_database(server.url("postgres"), DATABASE_NAME)
+        return server
+
+    def redis(self, port: int) -> str:
+        """Start redis-server on 127.0.0.1:`port`; returns the base URL (no database number)."""
+        binary = redis.server_binary()
+        directory = self.data_dir / "redis"
+        directory.mkdir(exist_ok=True)
+        self.supervisor.console.say(f"starting Redis ({shown_path(binary)}) on 127.0.0.1:{port}")
+        # Snapshot on shutdown and every minute after a change: queued work survives a restart.
+        argv = redis.server_argv(binary, port, directory, save="" if self.ephemeral else "60 1")
+        log_file = self.log_file("redis")
+        child = self.supervisor.start("redis", argv, env=self.env, tier=1, log_file=log_file)
+        url = f"redis://127.0.0.1:{port}"
+        self.supervisor.wait_ready(
+            child,
+            lambda: redis.reachable(f"{url}/{REDIS_DB}") is None,
+            what="Redis",
+            timeout=START_TIMEOUT["redis"],
+        )
+        return url

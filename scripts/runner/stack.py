@@ -12,16 +12,17 @@ from pathlib import Path
 
 from scripts import stack_env
 from scripts.runner import VENV_BIN
-from scripts.runner.console import Console, RunError, Signals, StopRequested, error
+from scripts.runner.console import Console, RunError, Signals
 from scripts.runner.schedule import account_schedule, print_next_steps
-from scripts.runner.servers import (
-    REDIS_DB,
-    START_TIMEOUT,
-    resolve_port,
-    start_postgres,
-    start_redis,
+from scripts.runner.servers import REDIS_DB, START_TIMEOUT, Embedded, resolve_port
+from scripts.runner.supervisor import (
+    CELERY_STOP,
+    Child,
+    Registry,
+    Supervisor,
+    locked_data_dir,
+    outcome,
 )
-from scripts.runner.supervisor import CELERY_STOP, Child, Registry, Supervisor, locked_data_dir
 from scripts.services import postgres, redis, shown_path
 from scripts.services.ports import free_port
 from scripts.stack_env import REAL_AWS_VARIABLES
@@ -110,12 +111,13 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
         redis_port = None if given_redis else resolve_port("redis", args.redis_port)
         sandbox_port = resolve_port("sandbox", args.sandbox_port) if aws.sandbox else None
         supervisor = Supervisor(console, signals, registry)
-        summary: Summary = []
-        code = 0
-        try:
-            env = child_environment(data_dir)
-            database_url = use_database(supervisor, data_dir, postgres_port, env, summary)
-            redis_url = use_broker(supervisor, data_dir, redis_port, env, summary)
+
+        def run() -> int:
+            embedded = Embedded(supervisor, data_dir, child_environment(data_dir))
+            summary: Summary = []
+            env = dict(embedded.env)
+            database_url = use_server(embedded, "postgres", postgres_port, summary)
+            redis_url = use_server(embedded, "redis", redis_port, summary)
             env.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
             supervisor.run_once("migrate", [str(VENV_BIN / "alembic"), "upgrade", "head"], env=env)
             if sandbox_port is not None:
@@ -145,12 +147,10 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
                 console, schedule, stack_file, left_out, sandbox=sandbox_port is not None
             )
             supervisor.watch()
-        except StopRequested as stop:
-            console.say(f"{stop} received: stopping")
-            code = 128 + stop.signum
-        except RunError as failure:
-            error(str(failure))
-            code = failure.exit_code
+            return 0
+
+        try:
+            code = outcome(console, run)
         finally:
             # First: other terminals must not aim at a stack that is going away.
             stack_env.remove_stack_env(data_dir)
@@ -159,37 +159,25 @@ def run_stack(args: argparse.Namespace, console: Console, signals: Signals) -> i
     return code
 
 
-def use_database(
-    supervisor: Supervisor,
-    data_dir: Path,
-    port: int | None,
-    env: Mapping[str, str],
-    summary: Summary,
-) -> str:
-    """DATABASE_URL as given (port None), or the embedded PostgreSQL's."""
-    if port is None:
-        url = checked_external("DATABASE_URL", postgres.reachable)
-        summary.append(("PostgreSQL", mask_url(url), "from DATABASE_URL"))
-        return url
-    url = start_postgres(supervisor, data_dir, port, env).url()
-    summary.append(("PostgreSQL", url, f"embedded, data in {shown_path(data_dir / 'postgres')}"))
-    return url
+# Per server: the variable that replaces it, its name in the summary, the probe of a given URL.
+GIVEN = {
+    "postgres": ("DATABASE_URL", "PostgreSQL", postgres.reachable),
+    "redis": ("REDIS_URL", "Redis", redis.reachable),
+}
 
 
-def use_broker(
-    supervisor: Supervisor,
-    data_dir: Path,
-    port: int | None,
-    env: Mapping[str, str],
-    summary: Summary,
-) -> str:
-    """REDIS_URL as given (port None), or the embedded Redis's."""
+def use_server(embedded: Embedded, kind: str, port: int | None, summary: Summary) -> str:
+    """DATABASE_URL or REDIS_URL as given (port None), or the embedded server's URL."""
+    variable, label, probe = GIVEN[kind]
     if port is None:
-        url = checked_external("REDIS_URL", redis.reachable)
-        summary.append(("Redis", mask_url(url), "from REDIS_URL"))
+        url = checked_external(variable, probe)
+        summary.append((label, mask_url(url), f"from {variable}"))
         return url
-    url = f"{start_redis(supervisor, data_dir, port, env)}/{REDIS_DB}"
-    summary.append(("Redis", url, f"embedded, data in {shown_path(data_dir / 'redis')}"))
+    if kind == "postgres":
+        url = embedded.postgres(port).url()
+    else:
+        url = f"{embedded.redis(port)}/{REDIS_DB}"
+    summary.append((label, url, f"embedded, data in {shown_path(embedded.data_dir / kind)}"))
     return url
 
 

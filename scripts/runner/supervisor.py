@@ -14,9 +14,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Required, TypedDict, Unpack
 
-from scripts.runner.console import Console, RunError, Signals
+from scripts.runner.console import Console, RunError, Signals, StopRequested, error
 from scripts.services import shown_path
 from scripts.services.process import RunAs, is_same, kill_group, spawn, start_time
 
@@ -31,6 +31,17 @@ StopSteps = tuple[tuple[signal.Signals, float], ...]
 POSTGRES_STOP: StopSteps = ((signal.SIGINT, 30.0), (signal.SIGQUIT, 5.0))
 CELERY_STOP: StopSteps = ((signal.SIGTERM, 30.0), (signal.SIGQUIT, 5.0))
 DEFAULT_STOP: StopSteps = ((signal.SIGTERM, 15.0),)
+
+
+class ChildOptions(TypedDict, total=False):
+    """`Supervisor.start`'s keywords: `Child`'s but the console."""
+
+    env: Required[Mapping[str, str]]
+    tier: Required[int]
+    stop_steps: StopSteps
+    run_as: RunAs | None
+    watch_for: str | None
+    log_file: Path | None
 
 
 class Child:
@@ -179,31 +190,10 @@ class Supervisor:
         self.registry = registry
         self.children: list[Child] = []
 
-    def start(
-        self,
-        name: str,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        tier: int,
-        stop_steps: StopSteps = DEFAULT_STOP,
-        run_as: RunAs | None = None,
-        watch_for: str | None = None,
-        log_file: Path | None = None,
-    ) -> Child:
+    def start(self, name: str, argv: Sequence[str], **options: Unpack[ChildOptions]) -> Child:
         """Start a child (unless a stop was requested) and remember it until it is stopped."""
         self.signals.check()
-        child = Child(
-            name,
-            argv,
-            env=env,
-            console=self.console,
-            stop_steps=stop_steps,
-            tier=tier,
-            run_as=run_as,
-            watch_for=watch_for,
-            log_file=log_file,
-        )
+        child = Child(name, argv, console=self.console, **options)
         self.children.append(child)
         self.registry.add(child)
         return child
@@ -335,3 +325,15 @@ def locked_data_dir(data_dir: Path) -> Iterator[None]:
         lock.write(str(os.getpid()))
         lock.flush()
         yield
+
+
+def outcome(console: Console, run: Callable[[], int]) -> int:
+    """`run()`'s exit status; a stop signal or a RunError on the way becomes the exit status."""
+    try:
+        return run()
+    except StopRequested as stop:
+        console.say(f"{stop} received: stopping")
+        return 128 + stop.signum
+    except RunError as failure:
+        error(str(failure))
+        return failure.exit_code

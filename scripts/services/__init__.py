@@ -21,7 +21,12 @@ functions that need them): `scripts/run --help` works before the virtual environ
 from __future__ import annotations
 
 import importlib.util
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # The repository root: where children start (cwd) unless told otherwise.
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -59,3 +64,18 @@ def shown_path(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def wait_until(
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
+    """Poll until `predicate()` is truthy and return its value; TimeoutError after `timeout`
+    seconds, naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)

@@ -99,12 +99,14 @@ def prepare(
     bindir: Path,
     account: RunAs | None,
     run_initdb: Callable[[list[str]], None],
+    *,
+    ephemeral: bool = False,
 ) -> bool:
     """Make sure `pgdata` is a PostgreSQL data directory; True when it was created now.
 
     initdb (run by `run_initdb`, as `account`) writes into a scratch directory renamed into place
     once complete: an initdb interrupted by Ctrl-C leaves no half-made data directory behind to
-    trip the next run.
+    trip the next run. `ephemeral`: without waiting for the files to reach the disk.
     """
     if account:
         check_reachable_by(pgdata.parent, account)
@@ -130,6 +132,7 @@ def prepare(
             "--encoding=UTF8",
             # The C locale exists everywhere; a slim container may have no other one.
             "--locale=C",
+            *(["--no-sync"] if ephemeral else []),
         ]
     )
     partial.rename(pgdata)
