@@ -101,8 +101,9 @@ def terminate(
 ) -> int:
     """Stop `process`: `signum`, then SIGKILL if it has not exited after `timeout` seconds.
 
-    With `group`, both signals go to its whole process group (what it started goes too);
-    without, to the process alone. Returns its exit status (negative: the signal that ended it).
+    With `group`, the signals go to its whole process group, and whatever of the group is left
+    once it has exited is killed (what it started goes too); without, only the process itself is
+    signalled. Returns its exit status (negative: the signal that ended it).
     """
     if process.poll() is None:
         if group:
@@ -118,6 +119,8 @@ def terminate(
             else:
                 process.kill()
             process.wait(timeout=10)
+    if group:
+        kill_group(process.pid)
     return process.returncode
 
 

