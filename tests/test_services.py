@@ -24,6 +24,7 @@ from scripts.services.usage import (
     processes_cpu,
     sample_tree,
 )
+from worker.redact import with_database
 
 # A parent that starts a child which ignores SIGTERM, prints both pids, burns argv[1] seconds of
 # CPU (not of wall time: the machine may be busy), then sleeps.
@@ -171,6 +172,12 @@ def test_an_unreachable_server_that_is_not_local_is_not_started(
     assert capsys.readouterr().err == ""
     assert machine.main(["redis", url]) == 3
     assert "Redis is not reachable at 127.0.0.2:" in capsys.readouterr().err
+
+
+def test_with_database_keeps_the_server_user_and_query() -> None:
+    """worker.redact.with_database (scratch databases): only the database changes."""
+    url = "postgresql+psycopg://app:pw@db:5432/postgres?sslmode=require"
+    assert with_database(url, "scratch") == "postgresql://app:pw@db:5432/scratch?sslmode=require"
 
 
 def test_wait_until_names_what_it_waited_for() -> None:

@@ -1,6 +1,6 @@
 """Keeping secrets out of output (URLs with passwords, external IDs, AWS credentials), and
-terminal control characters out of what a terminal shows; and the spellings of a database URL
-(SQLAlchemy's, libpq's), one rule for every tool that prints or converts one."""
+terminal control characters out of what a terminal shows; and the one helper for URLs' spelling
+(`libpq_url`)."""
 
 from __future__ import annotations
 
@@ -26,23 +26,6 @@ def mask_url(url: str) -> str:
     host_and_port = parts.netloc.rpartition("@")[2]
     netloc = f"{parts.username or ''}:{_MASK}@{host_and_port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-# The schemes a PostgreSQL URL is written with here: libpq's and SQLAlchemy's (with our driver).
-_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "postgresql+psycopg"})
-
-
-def libpq_url(url: str) -> str:
-    """`url` as libpq (psycopg.connect) wants it: `postgresql+psycopg://...` -> `postgresql://...`.
-
-    ValueError (with the URL masked) when it is not a PostgreSQL URL at all.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in _POSTGRES_SCHEMES:
-        raise ValueError(
-            f"not a PostgreSQL URL: {mask_url(url)!r} (use postgresql://user@host:port/database)"
-        )
-    return f"postgresql://{rest}"
 
 
 def with_database(url: str, name: str) -> str:
@@ -88,3 +71,10 @@ def escape_controls(text: str) -> str:
     """Render control characters as visible escapes (`\\x1b`, `\\u202e`), so that customer text
     shown on a terminal cannot move the cursor, recolour, retitle or reorder anything."""
     return _TERMINAL_CONTROL.sub(_escape, text)
+
+
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL as libpq (psycopg) takes it: `postgresql://`, whatever PostgreSQL scheme
+    it has (SQLAlchemy's `postgresql+psycopg://` too); any other URL unchanged."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql://{rest}" if sep and scheme.startswith("postgres") else url

@@ -167,7 +167,7 @@ def reachable(database_url: str, *, timeout: int = 2) -> str | None:
     try:
         with psycopg.connect(libpq_url(database_url), connect_timeout=timeout):
             return None
-    except (psycopg.Error, ValueError) as exc:
+    except psycopg.Error as exc:
         return first_line(exc)
 
 
