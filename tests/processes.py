@@ -12,12 +12,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scripts.services import ROOT, package_dir, wait_until
+from scripts import services
+from scripts.services import ROOT, package_dir
 from scripts.services.ports import free_port, port_open
 from scripts.services.process import spawn, terminate
 from scripts.services.redis import RedisServer
@@ -40,6 +41,14 @@ __all__ = [
     "wait_until",
 ]
 CELERY = str(Path(sys.executable).parent / "celery")
+
+
+def wait_until(
+    predicate: Callable[..., Any], *, timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    """`scripts.services.wait_until`, typed loosely: tests pass lambdas with default arguments
+    (`lambda beat=beat: ...`), whose type mypy cannot infer against a generic callable."""
+    return services.wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str) -> dict[str, str]:
