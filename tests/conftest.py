@@ -1,5 +1,7 @@
 """Test harness: a scratch PostgreSQL database per test session, migrated once; a private
-redis-server per test session; rollback."""
+redis-server per test session; rollback; and, for tests that stop and restart them, a private
+Redis, PostgreSQL and STS stand-in process per test (`private_redis`, `private_postgres`,
+`standin`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from scripts.services import postgres
-from tests.faults.harness import StandInProcess
+from tests.faults.harness import PrivatePostgres, StandInProcess, postgres_bindir
 from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
@@ -170,3 +172,17 @@ def standin(tmp_path: Path) -> Iterator[StandInProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own on a free port, running; removed afterwards."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed)")
+    cluster = PrivatePostgres(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

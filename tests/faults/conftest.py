@@ -1,16 +1,16 @@
-"""Fixtures of the fault suite: a private Redis, the STS stand-in as a process, a fleet of
-accounts in a scratch database (from tests/conftest.py), and a private PostgreSQL for the one
-test that restarts the database server."""
+"""Fixtures of the fault suite: the worker's environment on the test's own services and a fleet
+of accounts in a scratch database. The private Redis, PostgreSQL and STS stand-in processes are
+tests/conftest.py's (the metrics e2e tests use them too)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.faults.fleet import Fleet
-from tests.faults.harness import PrivatePostgres, StandInProcess, fault_env, postgres_bindir
+from tests.faults.harness import StandInProcess, fault_env
 from tests.processes import RedisServer
 
 
@@ -33,17 +33,3 @@ def services_env(
 def fleet(scratch_sessions: sessionmaker[Session]) -> Fleet:
     """An organization in the test's scratch database, to add accounts to."""
     return Fleet(scratch_sessions)
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this test's own on a free port, running; removed afterwards."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed)")
-    cluster = PrivatePostgres(bindir)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
