@@ -67,72 +67,11 @@ ensure_venv() {
   fi
 }
 
-_host_port() {  # URL -> "host port" (defaults given as $2)
-  .venv/bin/python - "$1" "$2" <<'PY'
-import sys
-from urllib.parse import urlsplit
-u = urlsplit(sys.argv[1])
-print(u.hostname or "127.0.0.1", u.port or int(sys.argv[2]))
-PY
-}
-
-_is_local() { case "$1" in 127.0.0.1|localhost|::1) return 0 ;; *) return 1 ;; esac; }
-
-_wait_port() {  # host port seconds
-  local i
-  for ((i = 0; i < $3 * 10; i++)); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
-
 # try_postgres URL: succeed when PostgreSQL answers at URL's host and port, starting the machine's
-# own cluster first when the URL is local and one is installed but stopped.
-try_postgres() {
-  local host port
-  read -r host port < <(_host_port "$1" 5432)
-  if _wait_port "$host" "$port" 1; then return 0; fi
-  if _is_local "$host" && command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ] \
-    && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; then
-    step "starting the machine's PostgreSQL"
-    # A failure here (e.g. "already running", on another port) means: not this URL's server.
-    if pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start; then
-      _wait_port "$host" "$port" 30
-      return
-    fi
-  fi
-  return 1
-}
-
-# try_redis URL: the same for Redis, with the machine's redis-server (never the one the embedded
-# extra puts in .venv/bin: that one belongs to scripts/run).
-try_redis() {
-  local host port server
-  read -r host port < <(_host_port "$1" 6379)
-  if _wait_port "$host" "$port" 1; then return 0; fi
-  server="$(type -ap redis-server | grep -v "^$PWD/.venv/bin/" | head -1 || true)"
-  if _is_local "$host" && [ -n "$server" ]; then
-    step "starting the machine's Redis"
-    "$server" --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no
-    _wait_port "$host" "$port" 30
-    return
-  fi
-  return 1
-}
-
-ensure_postgres() {
-  local host port
-  try_postgres "$1" && return 0
-  read -r host port < <(_host_port "$1" 5432)
-  echo "error: PostgreSQL is not reachable at $host:$port" >&2
-  exit 3
-}
-
-ensure_redis() {
-  local host port
-  try_redis "$1" && return 0
-  read -r host port < <(_host_port "$1" 6379)
-  echo "error: Redis is not reachable at $host:$port" >&2
-  exit 3
-}
+# own cluster first when the URL is local and one is installed but stopped. try_redis URL: the
+# same for Redis, with the machine's redis-server. ensure_*: the same, or exit 3 with an error.
+# (scripts/services/machine.py; needs .venv.)
+try_postgres() { .venv/bin/python -m scripts.services.machine --try postgres "$1"; }
+try_redis() { .venv/bin/python -m scripts.services.machine --try redis "$1"; }
+ensure_postgres() { .venv/bin/python -m scripts.services.machine postgres "$1" || exit $?; }
+ensure_redis() { .venv/bin/python -m scripts.services.machine redis "$1" || exit $?; }

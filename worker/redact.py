@@ -28,6 +28,12 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def with_database(url: str, name: str) -> str:
+    """The libpq URL of database `name` on `url`'s server (user, password and query kept)."""
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
 def mask_external_id(external_id: str) -> str:
     """Show enough of an external ID to tell two apart, never enough to reuse it."""
     if len(external_id) <= 8:

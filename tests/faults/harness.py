@@ -7,7 +7,6 @@ machine's own PostgreSQL and Redis are never restarted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -24,11 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from scripts.services import ServiceError, postgres
+from scripts.services.process import kill_group as kill_process_group
+from scripts.services.process import spawn
 from tests.processes import (
     ROOT,
     Service,
     free_port,
-    package_dir,
     service_env,
     terminate,
     wait_until,
@@ -41,94 +42,74 @@ from tests.processes import running as _running
 
 
 def postgres_bindir() -> Path | None:
-    """Where initdb and pg_ctl live: the machine's PostgreSQL 15, pg_config's, or the one the
-    `embedded` extra (pgserver) ships; None if none is installed."""
-    candidates = [Path("/usr/lib/postgresql/15/bin")]
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
-        candidates.append(Path(out.stdout.strip()))
-    package = package_dir("pgserver")
-    if package is not None:
-        candidates.append(package / "pginstall" / "bin")
-    for candidate in candidates:
-        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
-            return candidate
-    return None
+    """The PostgreSQL server binaries `scripts/run` uses (scripts.services.postgres); None if
+    none is installed."""
+    try:
+        return postgres.server_bindir()
+    except ServiceError:
+        return None
 
 
 class PrivatePostgres:
-    """A throw-away PostgreSQL cluster on a free port, which a test may restart at will.
+    """A throw-away PostgreSQL cluster on a free port, which a test may restart at will: the
+    bootstrap of scripts.services.postgres, the server a child of this process.
 
-    initdb refuses to run as root, so as root every command runs as the `postgres` OS user.
+    PostgreSQL refuses to run as root, so as root it runs as `nobody` (as under `scripts/run`).
     """
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="faults-pg-"))
+        self.root.chmod(0o755)  # `nobody` must reach the data directory inside
         self.data = self.root / "data"
         self.logfile = self.root / "postgres.log"
         self.port = free_port()
-        self._as_postgres = os.geteuid() == 0
-        if self._as_postgres:
-            shutil.chown(self.root, user="postgres", group="postgres")
+        self.process: subprocess.Popen[bytes] | None = None
         try:
-            self._run(
-                "initdb",
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                "--no-sync",
-            )
+            self.account = postgres.server_account()
+            postgres.prepare(self.data, bindir, self.account, self._initdb, ephemeral=True)
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
 
-    def _run(self, tool: str, *args: str, timeout: float = 60) -> None:
-        command = [str(self.bindir / tool), *args]
-        if self._as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        done = subprocess.run(
-            command,
-            check=False,
-            timeout=timeout,
+    def _initdb(self, argv: list[str]) -> None:
+        initdb = spawn(
+            argv,
+            env={**os.environ, "LC_ALL": "C"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
-            cwd=self.root,
+            run_as=self.account,
         )
-        if done.returncode:
-            raise RuntimeError(f"{tool} exited with {done.returncode}: {done.stderr.strip()}")
+        _, errors = initdb.communicate(timeout=60)
+        if initdb.returncode:
+            raise RuntimeError(f"initdb exited with {initdb.returncode}: {errors.decode().strip()}")
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return postgres.url(self.port, database)
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=100"
-        )
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.logfile),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "30",
-            "start",
+        argv = postgres.server_argv(self.bindir, self.data, self.port, ephemeral=True)
+        with self.logfile.open("ab") as log:
+            self.process = spawn(
+                [*argv, "-c", "max_connections=100"],
+                env={**os.environ, "LC_ALL": "C"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                run_as=self.account,
+            )
+        wait_until(
+            lambda: postgres.reachable(self.url()) is None,
+            timeout=30,
+            what=f"PostgreSQL to accept connections (log: {self.logfile})",
         )
 
     def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+        """Shut the server down: `fast` (SIGINT: every connection is cut, a checkpoint) or
+        `immediate` (SIGQUIT: crash recovery on the next start)."""
+        if self.process is not None:
+            signum = signal.SIGQUIT if mode == "immediate" else signal.SIGINT
+            terminate(self.process, timeout=30, signum=signum)
+            self.process = None
 
     def restart(self, *, down_seconds: float) -> None:
         """A fast shutdown (every connection is cut), some downtime, then start again."""
@@ -138,9 +119,7 @@ class PrivatePostgres:
 
     def destroy(self) -> None:
         """Stop whatever runs and remove every file; safe to call twice."""
-        if (self.data / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.SubprocessError, OSError, RuntimeError):
-                self.stop("immediate")
+        self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -296,8 +275,7 @@ def wait_started(
 def kill_group(service: Service) -> None:
     """SIGKILL a service with every process it started (a prefork worker's children too), as
     when its container or machine dies."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(service.process.pid, signal.SIGKILL)  # its own session: pgid == pid
+    kill_process_group(service.process.pid)  # its own session: pgid == pid
     service.process.wait(timeout=10)
 
 
@@ -310,5 +288,4 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
             yield services
     finally:
         for service in services:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(service.process.pid, signal.SIGKILL)
+            kill_process_group(service.process.pid)
