@@ -48,12 +48,12 @@ CASES = [
 
 @pytest.fixture
 def env(
-    standin: StsStandIn, scratch_database: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    sts_standin: StsStandIn, scratch_database: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
     """One environment for both paths: the worker's resources in this process are built from
     it (and torn down after), the subprocess gets it whole."""
     environment = service_env(
-        database_url=scratch_database, redis_url=redis_url, sts_url=standin.endpoint_url
+        database_url=scratch_database, redis_url=redis_url, sts_url=sts_standin.endpoint_url
     )
     close_process_resources()
     for key, value in environment.items():

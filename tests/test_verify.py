@@ -126,17 +126,17 @@ def test_a_lost_lease_means_no_write(
 def test_platform_fault_changes_nothing_and_opens_the_circuit(
     make_deps: MakeDeps,
     scratch_sessions: sessionmaker[Session],
-    standin: StsStandIn,
+    sts_standin: StsStandIn,
     circuit: PlatformCircuit,
 ) -> None:
     """Our credentials rejected: status untouched, no event, a critical line, circuit open."""
     account_id, lease_id = lease_one(scratch_sessions, "ok-Fine", status=AccountStatus.CONNECTED)
-    standin.configure(platform_credentials_valid=False)
+    sts_standin.configure(platform_credentials_valid=False)
     try:
         with capture_logs() as logs:
             verify_account(make_deps(), account_id, lease_id)
     finally:
-        standin.configure(platform_credentials_valid=True)
+        sts_standin.configure(platform_credentials_valid=True)
     account = read_account(scratch_sessions, account_id)
     assert account.status is AccountStatus.CONNECTED
     assert account.last_outcome is OutcomeKind.PLATFORM_FAULT
@@ -441,7 +441,7 @@ def test_probing_off_forgets_the_recorded_permissions(
 def test_probes_that_are_not_due_are_not_made(
     make_deps: MakeDeps,
     scratch_sessions: sessionmaker[Session],
-    standin: StsStandIn,
+    sts_standin: StsStandIn,
 ) -> None:
     """Proven an hour ago: the next verification calls no other service and keeps the record."""
     proven_at = datetime.now(UTC) - timedelta(hours=1)
@@ -454,9 +454,9 @@ def test_probes_that_are_not_due_are_not_made(
         permissions_proven=list(ALL_PROBES),
         permissions_missing=[],
     )
-    before = standin.stats(roles=False)["probe_requests"]
+    before = sts_standin.stats(roles=False)["probe_requests"]
     verify_account(make_deps(), account_id, lease_id)
     account = read_account(scratch_sessions, account_id)
     assert account.status is AccountStatus.CONNECTED
     assert account.permissions_checked_at == proven_at
-    assert standin.stats(roles=False)["probe_requests"] == before
+    assert sts_standin.stats(roles=False)["probe_requests"] == before

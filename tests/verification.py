@@ -32,8 +32,8 @@ MakeDeps = Callable[..., VerificationDeps]
 
 
 @pytest.fixture(scope="module")
-def standin() -> Iterator[StsStandIn]:
-    """A zero-latency STS stand-in."""
+def sts_standin() -> Iterator[StsStandIn]:
+    """A zero-latency STS stand-in in this process (`standin` is the stand-in as a process)."""
     with StsStandIn(median_ms=0, seed=3) as sts:
         yield sts
 
@@ -53,12 +53,12 @@ def circuit(redis_url: str) -> Iterator[PlatformCircuit]:
 def make_deps(
     scratch_sessions: sessionmaker[Session],
     circuit: PlatformCircuit,
-    standin: StsStandIn,
+    sts_standin: StsStandIn,
     monkeypatch: pytest.MonkeyPatch,
 ) -> MakeDeps:
     """Build a verification's dependencies; keyword arguments override settings."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", standin.endpoint_url)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", standin.endpoint_url)  # the permission probes'
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts_standin.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sts_standin.endpoint_url)  # the permission probes'
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLATFORMTESTKEY1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
 
