@@ -29,13 +29,12 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
-from worker.webhooks.delivery import (
+from worker.webhooks.claims import claim_due_deliveries, lease_seconds
+from worker.webhooks.delivery import Deliverer
+from worker.webhooks.sending import (
     AttemptKind,
-    Deliverer,
     build_client,
-    claim_due_deliveries,
     escape_snippet,
-    lease_seconds,
     parse_retry_after,
 )
 from worker.webhooks.signing import SecretBox, generate_key, generate_secret
