@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import sys
 import threading
 import time
@@ -83,7 +84,7 @@ class WebhookReceiver:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, self.port), _handler(self))
+        self._server = _Server((self.host, self.port), _handler(self))
         self._server.daemon_threads = True  # a hanging answer never holds up stop()
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -134,11 +135,24 @@ class WebhookReceiver:
         """The payload if one of the secrets verifies the signature, else None."""
         for secret in list(self.secrets):
             try:
-                payload: dict[str, Any] = Webhook(secret).verify(body, headers)
+                payload: dict[str, Any] = _webhook(secret).verify(body, headers)
             except (WebhookVerificationError, ValueError):  # ValueError: malformed headers
                 continue
             return payload
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _webhook(secret: str) -> Webhook:
+    """The verifier of one secret (its base64 decoded once, not per message)."""
+    return Webhook(secret)
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of connections beyond it (a worker's delivery
+    # threads, every process's) has its SYNs dropped, each retried by the client's kernel after
+    # a second — a delay of the receiver, not of the sender.
+    request_queue_size = 256
 
 
 def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import heapq
+import itertools
 import os
 import re
 import socket
@@ -101,6 +103,44 @@ def build_client(settings: Settings) -> httpx.Client:
     )
 
 
+class _Deadlines:
+    """One thread per process that fires the attempts' watchdogs at their deadlines: a timer
+    thread per attempt would cost a thread start (and its wait for the interpreter lock) each.
+
+    A finished attempt's watchdog stays queued until its deadline and is then ignored.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[tuple[float, int, _Watchdog]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, deadline: float, watchdog: _Watchdog) -> None:
+        """Fire `watchdog` at `deadline` (time.monotonic())."""
+        with self._cond:
+            heapq.heappush(self._queue, (deadline, next(self._order), watchdog))
+            if self._thread is None or self._pid != os.getpid():  # none yet, or forked since
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="webhook-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._queue and self._queue[0][0] <= now:
+                    heapq.heappop(self._queue)[2].fire()
+                self._cond.wait(self._queue[0][0] - now if self._queue else None)
+
+
+_DEADLINES = _Deadlines()
+
+
 class _Watchdog:
     """Ends an attempt at its deadline whatever the server does: httpx's timeouts bound each
     read, so a server trickling one byte at a time would otherwise hold the thread for hours.
@@ -115,8 +155,7 @@ class _Watchdog:
         self._sockets: list[socket.socket] = []
         self._finished = False
         self.fired = False
-        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self._timer.daemon = True
+        self._seconds = max(seconds, 0.0)
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's trace callback: keep the connection's socket."""
@@ -140,7 +179,8 @@ class _Watchdog:
         with contextlib.suppress(OSError):  # already closed by the peer
             sock.shutdown(socket.SHUT_RDWR)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """The deadline: shut the connection down, unless the attempt is over."""
         with self._lock:
             if self._finished:
                 return
@@ -149,11 +189,10 @@ class _Watchdog:
                 self._shutdown(sock)
 
     def __enter__(self) -> _Watchdog:
-        self._timer.start()
+        _DEADLINES.add(time.monotonic() + self._seconds, self)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._timer.cancel()
         with self._lock:
             self._finished = True
             for sock in self._sockets:
