@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
+import queue
 import sys
 import threading
 import time
@@ -85,7 +86,6 @@ class WebhookReceiver:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._server = _Server((self.host, self.port), _handler(self))
-        self._server.daemon_threads = True  # a hanging answer never holds up stop()
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -149,10 +149,38 @@ def _webhook(secret: str) -> Webhook:
 
 
 class _Server(ThreadingHTTPServer):
+    """A threading server whose handler threads serve one connection after another: starting a
+    thread per connection costs more than the request (the senders open one per message)."""
+
     # socketserver's default backlog is 5: a burst of connections beyond it (a worker's delivery
     # threads, every process's) has its SYNs dropped, each retried by the client's kernel after
     # a second — a delay of the receiver, not of the sender.
     request_queue_size = 256
+    daemon_threads = True  # a hanging answer never holds up stop()
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._waiting: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._workers = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to an idle handler thread, or start one (none is idle)."""
+        if not self._idle.acquire(blocking=False):
+            self._workers += 1
+            threading.Thread(target=self._work, daemon=True).start()
+        self._waiting.put((request, client_address))
+
+    def _work(self) -> None:
+        while (item := self._waiting.get()) is not None:
+            self.process_request_thread(*item)
+            self._idle.release()
+
+    def server_close(self) -> None:
+        """Close the socket and let the idle handler threads end."""
+        super().server_close()
+        for _ in range(self._workers):
+            self._waiting.put(None)
 
 
 def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
