@@ -181,9 +181,9 @@ class Settings(BaseSettings):
     # at most this many of the delivery threads. It also bounds one endpoint's rate (this many
     # divided by its answer time, plus the record and the next claim): a burst of one
     # organization's events drains at that rate.
-    webhook_per_endpoint_limit: int = Field(default=8, ge=1, le=1000)
+    webhook_per_endpoint_limit: int = Field(default=16, ge=1, le=1000)
     # Delivery threads per worker process (they wait on the network, not the CPU).
-    webhook_concurrency: int = Field(default=32, ge=1, le=500)
+    webhook_concurrency: int = Field(default=64, ge=1, le=500)
     # An endpoint none of whose deliveries succeeded for this long is disabled.
     webhook_disable_after_seconds: int = Field(default=5 * _DAY, ge=1)
     # How long the previous secret keeps signing after a rotation.
