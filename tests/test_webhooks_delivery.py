@@ -728,7 +728,7 @@ def test_a_batch_of_results_is_recorded_in_one_statement(
     # broken's only recorded result was a success: its streak ended too.
     assert _endpoint(scratch_sessions, broken).failing_since is None
     with scratch_sessions() as session:
-        attempts = dict(
+        attempts: dict[uuid.UUID, int] = dict(
             session.execute(
                 text("SELECT id, attempts FROM webhook_deliveries WHERE lease_id IS NULL")
             ).all()
