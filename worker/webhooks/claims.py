@@ -36,8 +36,8 @@ def lease_seconds(settings: Settings) -> int:
 # leases are counted from the small index of leased rows, and each endpoint's oldest due
 # deliveries are read from the front of its index range — at most `per_endpoint` of them.
 # FOR UPDATE cannot lock rows read through a recursive scan and aggregates, hence the selection
-# first and the locking pass (SKIP LOCKED: claimers never wait for each other) after it. The claim returns everything an attempt needs, so an attempt costs no
-# read of its own.
+# first and the locking pass (SKIP LOCKED: claimers never wait for each other) after it. The
+# claim returns everything an attempt needs, so an attempt costs no read of its own.
 CLAIM_DUE_DELIVERIES = text(
     """
     WITH RECURSIVE pending AS (
