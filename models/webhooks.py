@@ -93,11 +93,19 @@ class WebhookDelivery(Base):
             "(next_attempt_at IS NULL) = (delivered_at IS NOT NULL OR given_up_at IS NOT NULL)",
             name="pending_iff_not_finished",
         ),
-        # The claim's "due now" scan covers pending deliveries only.
+        # The claim (worker/webhooks/claims.py): endpoints with pending deliveries (a skip scan)
+        # and each one's oldest due deliveries; pending deliveries only.
         Index(
-            "ix_webhook_deliveries_next_attempt_at",
+            "ix_webhook_deliveries_endpoint_id_next_attempt_at",
+            "endpoint_id",
             "next_attempt_at",
             postgresql_where=text("next_attempt_at IS NOT NULL"),
+        ),
+        # The claim's count of each endpoint's deliveries in flight: leased rows only.
+        Index(
+            "ix_webhook_deliveries_endpoint_id_leased",
+            "endpoint_id",
+            postgresql_where=text("lease_id IS NOT NULL"),
         ),
         Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),
     )

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
+import queue
 import sys
 import threading
 import time
@@ -83,8 +85,7 @@ class WebhookReceiver:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, self.port), _handler(self))
-        self._server.daemon_threads = True  # a hanging answer never holds up stop()
+        self._server = _Server((self.host, self.port), _handler(self))
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -134,11 +135,52 @@ class WebhookReceiver:
         """The payload if one of the secrets verifies the signature, else None."""
         for secret in list(self.secrets):
             try:
-                payload: dict[str, Any] = Webhook(secret).verify(body, headers)
+                payload: dict[str, Any] = _webhook(secret).verify(body, headers)
             except (WebhookVerificationError, ValueError):  # ValueError: malformed headers
                 continue
             return payload
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _webhook(secret: str) -> Webhook:
+    """The verifier of one secret (its base64 decoded once, not per message)."""
+    return Webhook(secret)
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading server whose handler threads serve one connection after another: starting a
+    thread per connection costs more than the request (the senders open one per message)."""
+
+    # socketserver's default backlog is 5: a burst of connections beyond it (a worker's delivery
+    # threads, every process's) has its SYNs dropped, each retried by the client's kernel after
+    # a second — a delay of the receiver, not of the sender.
+    request_queue_size = 256
+    daemon_threads = True  # a hanging answer never holds up stop()
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._waiting: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._workers = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to an idle handler thread, or start one (none is idle)."""
+        if not self._idle.acquire(blocking=False):
+            self._workers += 1
+            threading.Thread(target=self._work, daemon=True).start()
+        self._waiting.put((request, client_address))
+
+    def _work(self) -> None:
+        while (item := self._waiting.get()) is not None:
+            self.process_request_thread(*item)
+            self._idle.release()
+
+    def server_close(self) -> None:
+        """Close the socket and let the idle handler threads end."""
+        super().server_close()
+        for _ in range(self._workers):
+            self._waiting.put(None)
 
 
 def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:

@@ -42,3 +42,4 @@ def test_the_bench_delivers_a_webhook_per_status_change(tmp_path: Path) -> None:
     assert webhooks["received_verified"] == 200
     assert (webhooks["duplicates"], webhooks["unverified"]) == (0, 0)
     assert webhooks["event_to_delivery_p50_seconds"] is not None
+    assert webhooks["event_to_receipt_p50_seconds"] is not None

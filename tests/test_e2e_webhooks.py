@@ -323,6 +323,7 @@ def test_a_hanging_endpoint_delays_neither_verifications_nor_other_endpoints(
         WEBHOOK_READ_TIMEOUT_SECONDS="50",
         WEBHOOK_ATTEMPT_TIMEOUT_SECONDS="60",
         WEBHOOK_CONCURRENCY="8",
+        WEBHOOK_PER_ENDPOINT_LIMIT="4",
     )
     try:
         with running(start_worker(env, tmp_path), start_beat(env, tmp_path)):

@@ -29,13 +29,15 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
-from worker.webhooks.delivery import (
+from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.delivery import Deliverer
+from worker.webhooks.recording import Finished
+from worker.webhooks.runner import Runner
+from worker.webhooks.sending import (
     AttemptKind,
-    Deliverer,
+    AttemptResult,
     build_client,
-    claim_due_deliveries,
     escape_snippet,
-    lease_seconds,
     parse_retry_after,
 )
 from worker.webhooks.signing import SecretBox, generate_key, generate_secret
@@ -678,3 +680,106 @@ def test_a_replay_of_a_delivery_in_flight_is_not_lost(
     assert again is not None
     assert again.delivered
     assert _delivery(scratch_sessions, endpoint_id).attempts == 1
+
+
+def test_a_batch_of_results_is_recorded_in_one_statement(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+) -> None:
+    """Results of several endpoints are written together; one whose lease was lost is left
+    alone; per endpoint, a success after a failure in the same batch ends the failing streak,
+    a failure after a success starts a new one."""
+    healed, _ = _subscribe(scratch_sessions, settings, "http://127.0.0.1:9/a", events=2)
+    broken, _ = _subscribe(scratch_sessions, settings, "http://127.0.0.1:9/b", events=2)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '3 days',"
+                " last_failure_at = now() - interval '1 minute'"
+            )
+        )
+    claim = deliverer.claim(10)
+    by_endpoint: dict[uuid.UUID, list[Message]] = {}
+    for message in claim.messages:
+        by_endpoint.setdefault(message.endpoint_id, []).append(message)
+    failed = AttemptResult(AttemptKind.FAILED, status_code=500, error="boom")
+    ok = AttemptResult(AttemptKind.DELIVERED, status_code=204)
+    first_healed, second_healed = by_endpoint[healed]
+    first_broken, second_broken = by_endpoint[broken]
+    with scratch_sessions.begin() as session:  # a replay takes one lease away
+        session.execute(
+            text("UPDATE webhook_deliveries SET lease_id = gen_random_uuid() WHERE id = :id"),
+            {"id": second_broken.delivery_id},
+        )
+    with capture_logs() as logs:
+        recorded = deliverer.record(
+            [
+                Finished(first_healed, claim.lease_id, failed),
+                Finished(first_broken, claim.lease_id, ok),
+                Finished(second_healed, claim.lease_id, ok),
+                Finished(second_broken, claim.lease_id, failed),
+            ]
+        )
+    assert [r is not None and r.delivered for r in recorded] == [False, True, True, False]
+    assert recorded[3] is None
+    assert [e["event"] for e in logs].count("webhook.lease_lost") == 1
+    assert _endpoint(scratch_sessions, healed).failing_since is None
+    # broken's only recorded result was a success: its streak ended too.
+    assert _endpoint(scratch_sessions, broken).failing_since is None
+    with scratch_sessions() as session:
+        attempts: dict[uuid.UUID, int] = dict(
+            session.execute(
+                text("SELECT id, attempts FROM webhook_deliveries WHERE lease_id IS NULL")
+            ).all()
+        )
+    assert attempts == {
+        first_healed.delivery_id: 1,
+        second_healed.delivery_id: 1,
+        first_broken.delivery_id: 1,
+    }
+    # A failure after a success in one batch starts a new streak (now), not the old one.
+    _make_due(scratch_sessions)
+    with scratch_sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '3 days',"
+                " last_failure_at = now() - interval '1 minute' WHERE id = :id"
+            ),
+            {"id": healed},
+        )
+        session.execute(
+            text(
+                "UPDATE webhook_deliveries SET next_attempt_at = now(), delivered_at = NULL"
+                " WHERE endpoint_id = :id"
+            ),
+            {"id": healed},
+        )
+    claim = deliverer.claim(10)
+    first, second = [m for m in claim.messages if m.endpoint_id == healed]
+    deliverer.record(
+        [Finished(first, claim.lease_id, ok), Finished(second, claim.lease_id, failed)]
+    )
+    streak = _endpoint(scratch_sessions, healed).failing_since
+    assert streak is not None
+    assert streak > datetime.now(UTC) - timedelta(minutes=1)
+
+
+def test_a_warm_shutdown_records_the_attempts_in_flight(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+) -> None:
+    """Draining stops claiming, waits for the attempts in flight and records them."""
+    slow = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=0.5).start()
+    try:
+        endpoint_id, _ = _subscribe(scratch_sessions, settings, slow.url)
+        runner = Runner(deliverer)
+        assert runner.claim_and_submit() == 1
+        runner.drain()
+        assert runner.claim_and_submit() == 0
+    finally:
+        slow.stop()
+    delivery = _delivery(scratch_sessions, endpoint_id)
+    assert (delivery.attempts, delivery.lease_id) == (1, None)
+    assert delivery.last_error is not None

@@ -177,10 +177,13 @@ class Settings(BaseSettings):
     # commits, by each worker process's listener, without waiting for it.
     webhook_dispatch_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     webhook_batch_size: int = Field(default=200, ge=1, le=10_000)
-    # Deliveries to one endpoint per claim: one slow or hanging endpoint holds at most this many
-    # of the delivery threads.
-    webhook_per_endpoint_limit: int = Field(default=4, ge=1, le=1000)
-    webhook_concurrency: int = Field(default=16, ge=1, le=500)
+    # Deliveries in flight to one endpoint, across the fleet: one slow or hanging endpoint holds
+    # at most this many of the delivery threads. It also bounds one endpoint's rate (this many
+    # divided by its answer time, plus the record and the next claim): a burst of one
+    # organization's events drains at that rate.
+    webhook_per_endpoint_limit: int = Field(default=16, ge=1, le=1000)
+    # Delivery threads per worker process (they wait on the network, not the CPU).
+    webhook_concurrency: int = Field(default=64, ge=1, le=500)
     # An endpoint none of whose deliveries succeeded for this long is disabled.
     webhook_disable_after_seconds: int = Field(default=5 * _DAY, ge=1)
     # How long the previous secret keeps signing after a rotation.

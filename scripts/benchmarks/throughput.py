@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from scripts.benchmarks.baseline import SequentialResult, sequential_loop
-from scripts.benchmarks.common import run_main
+from scripts.benchmarks.common import rounded, run_main
 from scripts.benchmarks.options import Options, parse_options
-from scripts.benchmarks.procs import Child, MemoryPeaks, start_py_spy, stop_py_spy
+from scripts.benchmarks.procs import Child, MemoryPeaks, cpu_delta, start_py_spy, stop_py_spy
 from scripts.benchmarks.report import render_table, summarize
 from scripts.benchmarks.sampling import (
     Poller,
@@ -227,6 +227,15 @@ class Bench:
             self.report_timeout(unverified, workers)
         if self.webhooks is not None:
             self.webhook_results = self.webhooks.measure(scratch, timeout=opts.timeout)
+            delivered = sample()  # every delivery done: what verifying and announcing cost
+            worker_cpu = delivered.worker.cpu_seconds - before.worker.cpu_seconds
+            self.webhook_results["until_delivered"] = {
+                "seconds": round(delivered.at - before.at, 1),
+                "worker_cpu_ms_per_event": rounded(worker_cpu / len(accounts) * 1000),
+                "postgresql_cpu_ms_per_event": rounded(
+                    cpu_delta(before.pg_cpu, delivered.pg_cpu) / len(accounts) * 1000
+                ),
+            }
             self.webhooks.stop()
             print(f"webhooks: {self.webhook_results}", file=sys.stderr)
         beat.stop()

@@ -14,7 +14,9 @@ from typing import Any
 
 import psycopg
 
-from sandbox.webhook_receiver import WebhookReceiver
+from models.webhooks import message_id
+from sandbox.webhook_receiver import Received, WebhookReceiver
+from scripts.benchmarks.common import percentile, rounded
 from worker.webhooks.signing import SecretBox, generate_key, generate_secret
 
 
@@ -71,6 +73,7 @@ class WebhookBench:
                 if (total == events and finished == total) or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
+            received = _receipt_latencies(conn, self.receiver.accepted())
         accepted = self.receiver.accepted_ids()
         return {
             "status_changes": events,
@@ -81,4 +84,25 @@ class WebhookBench:
             "unverified": sum(1 for r in self.receiver.snapshot() if not r.verified),
             "event_to_delivery_p50_seconds": None if p50 is None else round(p50, 3),
             "event_to_delivery_p99_seconds": None if p99 is None else round(p99, 3),
+            # When the receiver had the message: what the customer sees (delivered_at is later,
+            # by the answer, the batch's record and its commit).
+            "event_to_receipt_p50_seconds": rounded(percentile(received, 0.5)),
+            "event_to_receipt_p99_seconds": rounded(percentile(received, 0.99)),
         }
+
+
+def _receipt_latencies(conn: psycopg.Connection[Any], accepted: list[Received]) -> list[float]:
+    """Seconds from each audit event to the receiver's first acceptance of its message (the
+    same machine's clock: the database's and the receiver's)."""
+    first: dict[str, float] = {}
+    for item in accepted:
+        first[item.webhook_id] = min(item.at, first.get(item.webhook_id, item.at))
+    rows = conn.execute(
+        "SELECT d.id, extract(epoch FROM e.occurred_at)"
+        " FROM webhook_deliveries AS d JOIN audit_events AS e ON e.id = d.event_id"
+    ).fetchall()
+    return sorted(
+        first[message_id(delivery_id)] - float(occurred)
+        for delivery_id, occurred in rows
+        if message_id(delivery_id) in first
+    )

@@ -22,7 +22,7 @@ from models import AuditEventType, Organization, WebhookDelivery, WebhookEndpoin
 from models.webhooks import message_id
 from worker.settings import Settings
 from worker.webhooks.addresses import normalized_url, resolve_allowed
-from worker.webhooks.delivery import disable_endpoint
+from worker.webhooks.recording import disable_endpoint
 from worker.webhooks.signing import SecretBox, SecretKeyError, generate_secret
 
 # The audit events announced to endpoints, as webhook event types. `verification_requested` is

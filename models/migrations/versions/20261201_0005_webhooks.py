@@ -60,7 +60,7 @@ END;
 """
 
 # One INSERT ... SELECT per audit INSERT statement, whatever the number of events in it, and a
-# notification for the workers' listeners (worker/webhooks/tasks.py) when it inserted any.
+# notification for the workers' listeners (worker/webhooks/runner.py) when it inserted any.
 # NULL event_types means every type; `verification_requested` (the requester's own action) is
 # never announced, and endpoint events have no account.
 ENQUEUE_WEBHOOKS = """

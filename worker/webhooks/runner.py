@@ -1,0 +1,195 @@
+"""A worker process's delivery machinery: delivery threads, one recorder, one listener.
+
+Claims hand due deliveries to WEBHOOK_CONCURRENCY delivery threads, each bounded by its
+attempt's hard limit. A finished attempt's result goes to the recorder thread, which writes every
+result waiting in one statement (`recording.record_attempts`) and then claims again: a burst is
+claimed and recorded in batches, and a burst to one endpoint drains at its concurrency limit,
+not once per tick. The listener claims when PostgreSQL says a transaction created deliveries.
+The process's claims and records use a database pool of their own, so delivery never takes a
+connection the verifications are waiting for.
+
+A process that dies loses only leases, which expire: the deliveries are attempted again with the
+same `webhook-id`. A warm shutdown stops claiming, lets the attempts in flight finish (each
+within its limit) and records them before the process leaves.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import psycopg
+from sqlalchemy.orm import sessionmaker
+
+from worker.db import build_engine
+from worker.logging import get_logger
+from worker.settings import Settings
+from worker.webhooks.claims import Message, lease_seconds
+from worker.webhooks.delivery import Deliverer
+from worker.webhooks.recording import Finished
+from worker.webhooks.sending import build_client
+from worker.webhooks.signing import SecretBox
+
+log = get_logger("worker.webhooks")
+
+NOTIFY_CHANNEL = "webhook_deliveries"
+# Notifications arriving this close together are served by one claim.
+_COALESCE_SECONDS = 0.05
+# Without notifications, a claim this often anyway (retries falling due; a missed notification
+# while the listener reconnected). Beat's task does the same, through the queue.
+_IDLE_CLAIM_SECONDS = 5.0
+# Connections of the delivery pool: the listener's or beat's claim, the recorder's write, and
+# one to spare (the listener has its own connection besides).
+_POOL_SIZE = 2
+
+
+def build_deliverer(settings: Settings) -> Deliverer:
+    """A deliverer with its own small database pool (`application_name` webhook-delivery)."""
+    engine = build_engine(
+        settings.model_copy(update={"database_pool_size": _POOL_SIZE}),
+        connect_args={"application_name": "webhook-delivery"},
+    )
+    return Deliverer(
+        sessions=sessionmaker(engine, expire_on_commit=False),
+        settings=settings,
+        box=SecretBox.from_settings(settings),
+        client=build_client(settings),
+        rng=random.Random(),
+    )
+
+
+class Runner:
+    """Delivery threads, the recorder thread and the claims that feed them, for one process."""
+
+    def __init__(self, deliverer: Deliverer) -> None:
+        self.deliverer = deliverer
+        settings = deliverer.settings
+        self._concurrency = settings.webhook_concurrency
+        self._batch = settings.webhook_batch_size
+        self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="webhook")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._futures: set[Future[None]] = set()
+        self._claiming = threading.Lock()
+        self._stopping = threading.Event()
+        # Finished attempts waiting to be recorded; None tells the recorder to stop.
+        self._finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        self._recorder = threading.Thread(
+            target=self._record_forever, name="webhook-recorder", daemon=True
+        )
+        self._recorder.start()
+
+    def claim_and_submit(self) -> int:
+        """Claim as many due deliveries as this process has free delivery threads; start them."""
+        with self._claiming:
+            return self._claim_locked()
+
+    def _claim_locked(self) -> int:
+        if self._stopping.is_set():
+            return 0
+        with self._lock:
+            room = self._concurrency - self._in_flight
+        if room <= 0:
+            return 0
+        claim = self.deliverer.claim(min(room, self._batch))
+        for message in claim.messages:
+            with self._lock:
+                self._in_flight += 1
+            future = self._pool.submit(self._attempt, message, claim.lease_id)
+            with self._lock:
+                self._futures.add(future)
+            future.add_done_callback(self._forget)
+        return len(claim.messages)
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _attempt(self, message: Message, lease_id: uuid.UUID) -> None:
+        try:
+            self._finished.put(Finished(message, lease_id, self.deliverer.attempt(message)))
+        except Exception:
+            # A thread's error must be logged, not lost; the lease makes the delivery due again.
+            log.exception("webhook.attempt_error", delivery_id=str(message.delivery_id))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _record_forever(self) -> None:
+        stop = False
+        while not stop:
+            item = self._finished.get()
+            batch: list[Finished] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self._batch:
+                    break
+                try:
+                    item = self._finished.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if batch:
+                self._record(batch)
+            # The recorded deliveries' slots are free: claim again at once rather than at the
+            # next notification or tick. One claim at a time; a running one serves as this one.
+            if not stop and self._claiming.acquire(blocking=False):
+                try:
+                    self._claim_locked()
+                except Exception:
+                    log.exception("webhook.claim_error")
+                finally:
+                    self._claiming.release()
+
+    def _record(self, batch: list[Finished]) -> None:
+        try:
+            self.deliverer.record(batch)
+        except Exception:
+            # Left to the leases: the deliveries are attempted again, with the same webhook-id.
+            log.exception("webhook.record_error", deliveries=len(batch))
+
+    def drain(self) -> None:
+        """Stop claiming; let the attempts in flight finish (each within its hard limit) and
+        record them (a process leaving on a warm shutdown)."""
+        self._stopping.set()
+        with self._claiming:  # a claim under way hands its deliveries over first
+            pass
+        with self._lock:
+            pending = list(self._futures)
+        log.info("webhook.draining", in_flight=len(pending))
+        limit = lease_seconds(self.deliverer.settings)
+        wait(pending, timeout=limit)
+        self._finished.put(None)
+        self._recorder.join(timeout=limit)
+        self._pool.shutdown(wait=False)
+
+    def listen_forever(self) -> None:
+        """LISTEN for new deliveries (notified when their transaction commits) and claim them
+        at once: the event reaches its endpoint without waiting for beat's next tick, and
+        without a worker process free to take the task while verifications keep every process
+        busy."""
+        settings = self.deliverer.settings
+        url = settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(
+                    url, autocommit=True, connect_timeout=5, application_name="webhook-listener"
+                ) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.claim_and_submit()
+                    while not self._stopping.is_set():
+                        notified = any(
+                            True for _ in conn.notifies(timeout=_IDLE_CLAIM_SECONDS, stop_after=1)
+                        )
+                        if notified:
+                            time.sleep(_COALESCE_SECONDS)
+                            for _ in conn.notifies(timeout=0):
+                                pass
+                        self.claim_and_submit()
+            except Exception:  # the listener must outlive a database restart
+                log.warning("webhook.listener_reconnecting", retry_in_seconds=5, exc_info=True)
+                time.sleep(5)
