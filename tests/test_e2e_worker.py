@@ -30,6 +30,7 @@ from tests.factories import (
     unique_aws_account_id,
 )
 from tests.processes import running, service_env, start_beat, start_worker, wait_until
+from tests.verification import status_events
 
 pytestmark = pytest.mark.e2e
 
@@ -56,17 +57,6 @@ def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uui
             select(AwsAccount.id, AwsAccount.status).where(AwsAccount.id.in_(ids))
         ).all()
     return {row.id: row.status.value for row in rows}
-
-
-def _status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
-                .order_by(AuditEvent.id)
-            )
-        )
 
 
 def test_a_role_in_the_platforms_own_account_never_connects(
@@ -284,7 +274,7 @@ def test_a_killed_worker_loses_nothing(
                 timeout=90,
                 what="every account connected after the leases expired",
             )
-    events = _status_events(scratch_sessions)
+    events = status_events(scratch_sessions)
     assert sorted(e.account_id for e in events) == sorted(ids)
     assert {(e.from_status, e.to_status) for e in events} == {
         (AccountStatus.PENDING, AccountStatus.CONNECTED)
@@ -326,7 +316,7 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
                 ids[0]: "connected",
                 ids[1]: "pending",
             }
-            assert _status_events(scratch_sessions) == []
+            assert status_events(scratch_sessions) == []
             sandbox.restore_platform_credentials()
             wait_until(lambda: worker.events("platform.recovered"), timeout=90, what="recovery")
             wait_until(
@@ -336,7 +326,7 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
             )
     finally:
         sandbox.restore_platform_credentials()
-    events = _status_events(scratch_sessions)
+    events = status_events(scratch_sessions)
     assert [(e.account_id, e.to_status) for e in events] == [(ids[1], AccountStatus.CONNECTED)]
     assert datetime.now(UTC) - events[0].occurred_at < timedelta(minutes=5)
 

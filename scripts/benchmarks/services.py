@@ -30,7 +30,7 @@ from scripts.benchmarks.common import (
     wait_for,
 )
 from scripts.benchmarks.procs import Child
-from scripts.services import ROOT, postgres
+from scripts.services import ROOT, postgres, standin
 from worker.redact import libpq_url, mask_url
 
 # Marks a Redis database as the benchmark's, so that it is never flushed while it holds
@@ -47,25 +47,12 @@ def start_standin(
     *, median_ms: float, sigma: float, seed: int, rate_limit: float | None, log_dir: Path
 ) -> tuple[Child, str]:
     """`python -m sandbox.standin` on a free port; returns it and its URL."""
-    args = [
-        sys.executable,
-        "-m",
-        "sandbox.standin",
-        "--median-ms",
-        str(median_ms),
-        "--latency-sigma",
-        str(sigma),
-        "--seed",
-        str(seed),
-    ]
-    if rate_limit is not None:
-        args += ["--rate-limit", str(rate_limit)]
+    args = standin.argv(median_ms=median_ms, latency_sigma=sigma, seed=seed, rate_limit=rate_limit)
     child = Child("sts-standin", args, env=os.environ, log_dir=log_dir)
 
     def url() -> str | None:
         child.check_alive()
-        line = child.stdout_path.read_text().strip()
-        return line if line.startswith("http://") else None
+        return standin.printed_url(child.stdout_path)
 
     return child, wait_for(url, timeout=30, what="the STS stand-in to print its URL")
 
