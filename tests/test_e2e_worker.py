@@ -5,13 +5,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,20 +33,6 @@ from tests.verification import status_events
 pytestmark = pytest.mark.e2e
 
 LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxSts]:
-    """The moto-based sandbox STS, enforcing trust policies and external IDs."""
-    with SandboxSts() as sts:
-        yield sts
-
-
-@pytest.fixture
-def clean_redis(redis_url: str) -> str:
-    """An empty test Redis database: no queued messages, closed circuit breaker."""
-    redis.Redis.from_url(redis_url).flushdb()
-    return redis_url
 
 
 def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
