@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -19,13 +20,14 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from scripts.services import postgres
+from scripts.services import ROOT, postgres
 from tests.faults.harness import PrivatePostgres, StandInProcess, postgres_bindir
 from tests.processes import RedisServer, redis_server_binary
 from worker import db
 from worker.settings import get_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from sandbox.moto_sts import SandboxSts
 
 # The fixtures of a verification's steps: a zero-latency STS stand-in, a circuit breaker,
 # dependencies built for the scratch database.
@@ -107,6 +109,22 @@ def broker(redis_url: str) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def clean_redis(broker: redis.Redis, redis_url: str) -> str:
+    """The test Redis's URL, emptied before and after (`broker`): no queued messages, no circuit
+    breaker state, for worker and beat processes."""
+    return redis_url
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxSts]:
+    """The moto-based sandbox STS, enforcing trust policies and external IDs."""
+    from sandbox.moto_sts import SandboxSts  # noqa: PLC0415 - moto's import is slow
+
+    with SandboxSts() as sts:
+        yield sts
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,13 +7,11 @@ import os
 import signal
 import statistics
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,20 +28,6 @@ pytestmark = pytest.mark.e2e
 
 LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
 DENYING_PRINCIPAL = "arn:aws:iam::999988887777:root"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxSts]:
-    """The moto-based sandbox STS, enforcing trust policies and external IDs."""
-    with SandboxSts() as sts:
-        yield sts
-
-
-@pytest.fixture
-def clean_redis(redis_url: str) -> str:
-    """An empty test Redis database: no queued messages."""
-    redis.Redis.from_url(redis_url).flushdb()
-    return redis_url
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,24 +28,11 @@ from tests.factories import (
     unique_aws_account_id,
 )
 from tests.processes import running, service_env, start_beat, start_worker, wait_until
+from tests.verification import status_events
 
 pytestmark = pytest.mark.e2e
 
 LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxSts]:
-    """The moto-based sandbox STS, enforcing trust policies and external IDs."""
-    with SandboxSts() as sts:
-        yield sts
-
-
-@pytest.fixture
-def clean_redis(redis_url: str) -> str:
-    """An empty test Redis database: no queued messages, closed circuit breaker."""
-    redis.Redis.from_url(redis_url).flushdb()
-    return redis_url
 
 
 def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
@@ -56,17 +41,6 @@ def _statuses(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uui
             select(AwsAccount.id, AwsAccount.status).where(AwsAccount.id.in_(ids))
         ).all()
     return {row.id: row.status.value for row in rows}
-
-
-def _status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
-                .order_by(AuditEvent.id)
-            )
-        )
 
 
 def test_a_role_in_the_platforms_own_account_never_connects(
@@ -284,7 +258,7 @@ def test_a_killed_worker_loses_nothing(
                 timeout=90,
                 what="every account connected after the leases expired",
             )
-    events = _status_events(scratch_sessions)
+    events = status_events(scratch_sessions)
     assert sorted(e.account_id for e in events) == sorted(ids)
     assert {(e.from_status, e.to_status) for e in events} == {
         (AccountStatus.PENDING, AccountStatus.CONNECTED)
@@ -326,7 +300,7 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
                 ids[0]: "connected",
                 ids[1]: "pending",
             }
-            assert _status_events(scratch_sessions) == []
+            assert status_events(scratch_sessions) == []
             sandbox.restore_platform_credentials()
             wait_until(lambda: worker.events("platform.recovered"), timeout=90, what="recovery")
             wait_until(
@@ -336,7 +310,7 @@ def test_rejected_platform_credentials_pause_verification_until_they_work(
             )
     finally:
         sandbox.restore_platform_credentials()
-    events = _status_events(scratch_sessions)
+    events = status_events(scratch_sessions)
     assert [(e.account_id, e.to_status) for e in events] == [(ids[1], AccountStatus.CONNECTED)]
     assert datetime.now(UTC) - events[0].occurred_at < timedelta(minutes=5)
 

@@ -34,13 +34,6 @@ LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
 REVERIFY = str(ROOT / "scripts" / "reverify")
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxSts]:
-    """The moto-based sandbox STS."""
-    with SandboxSts() as sts:
-        yield sts
-
-
 @pytest.fixture
 def env(sandbox: SandboxSts, scratch_database: str, redis_url: str) -> dict[str, str]:
     """The environment for the command and the worker, on an empty Redis database."""

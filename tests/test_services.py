@@ -3,17 +3,19 @@ benchmarks and the tests, on real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from scripts.services import ServiceError, machine, redis, wait_until
+from scripts.services import ServiceError, machine, redis, standin, wait_until
 from scripts.services.ports import free_port, port_in_use, port_open
 from scripts.services.process import descendants, is_same, spawn, start_time, terminate
 from scripts.services.usage import (
@@ -190,3 +192,24 @@ def test_service_errors_carry_their_exit_status() -> None:
     """A problem found before anything started exits 2."""
     assert ServiceError("x", exit_code=2).exit_code == 2
     assert ServiceError("x").exit_code == 1
+
+
+def test_the_standin_process_is_reached_at_the_url_it_prints(tmp_path: Path) -> None:
+    """standin.argv starts it on a port of its choosing; printed_url reads only a whole line."""
+    output = tmp_path / "standin.out"
+    output.write_text("a warning first\nhttp://127.0.0.1:1")  # no newline yet: half-written
+    assert standin.printed_url(output) is None
+    with output.open("wb") as out:
+        process = spawn(
+            standin.argv(median_ms=0, seed=1, latency_sigma=0.5, rate_limit=100),
+            env=os.environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = wait_until(lambda: standin.printed_url(output), timeout=30, what="its URL")
+        with urllib.request.urlopen(f"{url}/_standin/config", timeout=5) as answer:  # noqa: S310
+            config = json.loads(answer.read())
+        assert (config["latency_sigma"], config["rate_limit"]) == (0.5, 100)
+    finally:
+        terminate(process)

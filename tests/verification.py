@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import AuditEvent, AwsAccount
+from models import AuditEvent, AuditEventType, AwsAccount
 from sandbox.standin import StsStandIn
 from tests.factories import make_account, make_organization
 from worker.circuit import PlatformCircuit
@@ -113,6 +113,18 @@ def events_of(sessions: sessionmaker[Session], account_id: uuid.UUID) -> list[Au
             session.scalars(
                 select(AuditEvent)
                 .where(AuditEvent.account_id == account_id)
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
+    """Every account's status changes, oldest first."""
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
                 .order_by(AuditEvent.id)
             )
         )

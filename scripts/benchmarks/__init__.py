@@ -6,7 +6,7 @@ Each run's job has its module:
 - throughput: its run, phase by phase
 - common: what every benchmark shares (errors, defaults, option pieces, statistics, `run_main`)
 - services: the run's services, started and released in one place (`Stack`)
-- procs: child processes and their CPU and memory from /proc
+- procs: the child processes (on scripts.services, which also measures them) and py-spy
 - seeding: the accounts made up and COPied in
 - baseline: the sequential boto3 loop the worker is compared with
 - sampling: what is read while the worker works (processes, PostgreSQL, Redis, progress)

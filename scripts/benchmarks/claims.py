@@ -44,7 +44,8 @@ from scripts.benchmarks.common import (
     rounded,
     write_json,
 )
-from scripts.benchmarks.services import create_scratch_database, drop_scratch_database, migrate
+from scripts.benchmarks.services import create_scratch_database, migrate
+from scripts.services import postgres
 from worker.claims import claim_due_accounts
 from worker.redact import mask_url
 
@@ -146,7 +147,7 @@ def scratch_database(admin_url: str, *, keep: bool) -> Iterator[str]:
         if keep:
             print(f"kept the scratch database: {mask_url(url)}", file=sys.stderr)
         else:
-            drop_scratch_database(admin_url, url)
+            postgres.drop_database(admin_url, url)
 
 
 def seed(url: str, scenario: Scenario) -> None:

@@ -11,19 +11,18 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from scripts.services import ROOT, wait_until
 from worker.redact import libpq_url
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-ROOT: Final = Path(__file__).resolve().parent.parent.parent
 VENV_BIN: Final = Path(sys.executable).parent
 CELERY: Final = str(VENV_BIN / "celery")
 DEFAULT_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -63,15 +62,12 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
 
 
 def wait_for(predicate: Callable[[], T | None], *, timeout: float, what: str) -> T:
-    """Poll `predicate` every 0.1 s until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+    """`scripts.services.wait_until` every 0.1 s, its timeout a BenchError (printed, no
+    traceback)."""
+    try:
+        return wait_until(predicate, timeout=timeout, interval=0.1, what=what)
+    except TimeoutError:
+        raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}") from None
 
 
 @contextlib.contextmanager

@@ -63,10 +63,11 @@ from scripts.benchmarks.common import (
     run_main,
     wait_for,
 )
-from scripts.benchmarks.procs import Child, read_proc
+from scripts.benchmarks.procs import Child
 from scripts.benchmarks.sampling import pg_database_stats
 from scripts.benchmarks.seeding import make_accounts, seed_accounts
 from scripts.benchmarks.services import Stack, database_name
+from scripts.services.usage import sample_tree
 
 SCHEMA: Final = "account-verifier-bench-latency/1"
 RATIO_TARGET: Final = 1.5
@@ -308,10 +309,10 @@ class LatencyBench:
         seconds = self.opts.idle_seconds
         print(f"idle cost: {seconds:g}s with nothing due ...", file=sys.stderr)
         name = database_name(scratch)
-        worker_before, beat_before = read_proc(worker.pid), read_proc(beat.pid)
+        worker_before, beat_before = sample_tree(worker.pid), sample_tree(beat.pid)
         commits_before = pg_database_stats(admin, name)["xact_commit"]
         time.sleep(seconds)
-        worker_after, beat_after = read_proc(worker.pid), read_proc(beat.pid)
+        worker_after, beat_after = sample_tree(worker.pid), sample_tree(beat.pid)
         commits = pg_database_stats(admin, name)["xact_commit"] - commits_before
         if (
             not seconds

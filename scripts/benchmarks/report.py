@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from scripts.benchmarks.baseline import SequentialResult
 from scripts.benchmarks.common import percentile, rounded
-from scripts.benchmarks.procs import cpu_delta
 from scripts.benchmarks.sampling import BROKER_PUBLISH_COMMANDS, PG_DATABASE_COLUMNS
 from scripts.benchmarks.services import database_name
 from scripts.benchmarks.trace import TraceResult
+from scripts.services.usage import cpu_delta
 from worker.redact import mask_url
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ import psycopg
 import redis
 
 from scripts.benchmarks.common import BenchError, wait_for
-from scripts.benchmarks.procs import Child, ProcSample, machine_cpu, processes_cpu, read_proc
+from scripts.benchmarks.procs import Child
+from scripts.services.usage import TreeSample, machine_cpu, processes_cpu, sample_tree
 
 PG_DATABASE_COLUMNS: Final = (
     "xact_commit",
@@ -174,9 +175,9 @@ class Sample:
     """Everything read at one instant of the run."""
 
     at: float
-    worker: ProcSample
-    beat: ProcSample
-    standin: ProcSample
+    worker: TreeSample
+    beat: TreeSample
+    standin: TreeSample
     machine: tuple[float, float]
     redis_commands: dict[str, int]
     redis_cpu: float
@@ -199,7 +200,7 @@ def take_sample(
     """
     samples = []
     for child in (*workers, beat, standin):
-        sample = read_proc(child.pid)
+        sample = sample_tree(child.pid)
         if sample is None:
             child.check_alive()
             raise BenchError(f"cannot read /proc/{child.pid} of {child.name}")
@@ -207,7 +208,7 @@ def take_sample(
     worker_samples = samples[: len(workers)]
     return Sample(
         at=time.monotonic(),
-        worker=ProcSample(
+        worker=TreeSample(
             cpu_seconds=sum(x.cpu_seconds for x in worker_samples),
             rss_mb=sum(x.rss_mb for x in worker_samples),
             hwm_mb=max(x.hwm_mb for x in worker_samples),

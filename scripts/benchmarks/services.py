@@ -25,23 +25,17 @@ from scripts.benchmarks.common import (
     CELERY,
     FAKE_KEY_ID,
     FAKE_SECRET,
-    ROOT,
     BenchError,
     no_interrupts,
     wait_for,
 )
 from scripts.benchmarks.procs import Child
+from scripts.services import ROOT, postgres, standin
 from worker.redact import libpq_url, mask_url
 
 # Marks a Redis database as the benchmark's, so that it is never flushed while it holds
 # somebody else's keys.
 REDIS_MARKER: Final = "account-verifier-bench:owner"
-
-
-def with_database(url: str, name: str) -> str:
-    """`url` pointing at database `name` (query string kept)."""
-    parts = urllib.parse.urlsplit(libpq_url(url))
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def database_name(url: str) -> str:
@@ -53,25 +47,12 @@ def start_standin(
     *, median_ms: float, sigma: float, seed: int, rate_limit: float | None, log_dir: Path
 ) -> tuple[Child, str]:
     """`python -m sandbox.standin` on a free port; returns it and its URL."""
-    args = [
-        sys.executable,
-        "-m",
-        "sandbox.standin",
-        "--median-ms",
-        str(median_ms),
-        "--latency-sigma",
-        str(sigma),
-        "--seed",
-        str(seed),
-    ]
-    if rate_limit is not None:
-        args += ["--rate-limit", str(rate_limit)]
+    args = standin.argv(median_ms=median_ms, latency_sigma=sigma, seed=seed, rate_limit=rate_limit)
     child = Child("sts-standin", args, env=os.environ, log_dir=log_dir)
 
     def url() -> str | None:
         child.check_alive()
-        line = child.stdout_path.read_text().strip()
-        return line if line.startswith("http://") else None
+        return standin.printed_url(child.stdout_path)
 
     return child, wait_for(url, timeout=30, what="the STS stand-in to print its URL")
 
@@ -101,20 +82,11 @@ def create_scratch_database(admin_url: str, prefix: str) -> str:
     """Create an empty database next to `admin_url`'s; return its libpq URL."""
     name = f"{prefix}_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
     try:
-        with psycopg.connect(libpq_url(admin_url), autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        return postgres.create_database(admin_url, name)
     except psycopg.Error as error:
         raise BenchError(
             f"cannot create a scratch database on {mask_url(admin_url)}: {error}".strip()
         ) from None
-    return with_database(admin_url, name)
-
-
-def drop_scratch_database(admin_url: str, url: str) -> None:
-    """Drop a database made by `create_scratch_database`, disconnecting its clients."""
-    name = database_name(url)
-    with psycopg.connect(libpq_url(admin_url), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def migrate(url: str) -> None:
@@ -307,7 +279,7 @@ class Stack:
 
                 dispose_engine()
                 try:
-                    drop_scratch_database(self.database_url, scratch)
+                    postgres.drop_database(self.database_url, scratch)
                 except psycopg.Error as error:
                     print(f"could not drop {database_name(scratch)}: {error}", file=sys.stderr)
             elif scratch is not None:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import psycopg
 
 from scripts.benchmarks.claims import Scenario, scratch_database, seed
-from scripts.benchmarks.common import DEFAULT_ADMIN_URL, ROOT
+from scripts.benchmarks.common import DEFAULT_ADMIN_URL
+from scripts.services import ROOT
 
 STATUS = str(ROOT / "scripts" / "status")
 TARGET_SECONDS = 1.0

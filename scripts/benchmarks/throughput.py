@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from scripts.benchmarks.baseline import SequentialResult, sequential_loop
 from scripts.benchmarks.common import rounded, run_main
 from scripts.benchmarks.options import Options, parse_options
-from scripts.benchmarks.procs import Child, MemoryPeaks, cpu_delta, start_py_spy, stop_py_spy
+from scripts.benchmarks.procs import Child, start_py_spy, stop_py_spy
 from scripts.benchmarks.report import render_table, summarize
 from scripts.benchmarks.sampling import (
     Poller,
@@ -35,6 +35,7 @@ from scripts.benchmarks.sampling import (
 from scripts.benchmarks.seeding import Account, make_accounts, seed_accounts
 from scripts.benchmarks.services import Stack, StandIn, database_name, standin_aws_env
 from scripts.benchmarks.trace import TraceResult, trace_verifications
+from scripts.services.usage import MemoryPeaks, cpu_delta
 
 if TYPE_CHECKING:
     from scripts.benchmarks.webhooks import WebhookBench

@@ -11,6 +11,8 @@ and the tests.
   databases created and dropped.
 - `redis`: the one redis-server binary rule, its command line, reachability, and `RedisServer`,
   a private server for tests.
+- `standin`: the STS stand-in (`python -m sandbox.standin`) as a process of its own: its command
+  line and the URL it prints once it listens.
 
 URL spellings and masking are `worker.redact`'s (`mask_url`, `libpq_url`, `with_database`).
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -23,11 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scripts.services import ServiceError, postgres
+from scripts.services import ServiceError, postgres, standin
 from scripts.services.process import kill_group as kill_process_group
 from scripts.services.process import spawn
 from tests.processes import (
-    ROOT,
     Service,
     free_port,
     service_env,
@@ -132,34 +130,24 @@ class StandInProcess:
     """`python -m sandbox.standin` on a free port, steered through its control endpoint."""
 
     def __init__(self, directory: Path, *, median_ms: float = 20, seed: int = 9) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = (directory / f"standin-{self.port}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandbox.standin",
-                "--port",
-                str(self.port),
-                "--median-ms",
-                str(median_ms),
-                "--seed",
-                str(seed),
-            ],
-            cwd=ROOT,
+        log_path = directory / f"standin-{time.monotonic_ns()}.log"
+        self._log = log_path.open("wb")
+        self.process = spawn(
+            standin.argv(median_ms=median_ms, seed=seed),
+            env=os.environ,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
-        wait_until(self._answers, timeout=15, what="the STS stand-in to listen")
-
-    def _answers(self) -> bool:
         try:
-            self.config()
-        except (urllib.error.URLError, OSError):
-            return False
-        return True
+            self.url: str = wait_until(
+                lambda: standin.printed_url(log_path),
+                timeout=15,
+                what=f"the STS stand-in to listen (log: {log_path})",
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.port = int(self.url.rpartition(":")[2])
 
     def _request(self, method: str, path: str, payload: object = None) -> dict[str, Any]:
         data = None if payload is None else json.dumps(payload).encode()

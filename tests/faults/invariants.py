@@ -24,6 +24,7 @@ from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount, Outcom
 from tests.faults.fleet import Fleet, Planned
 from tests.faults.harness import log_events
 from tests.processes import Service
+from tests.verification import status_events
 
 # Reasons a status may move to failed for: what the customer must fix (docs/design.md). Anything
 # else, above all a throttle, a 5xx, a timeout, a reset, an unparseable answer or our own
@@ -89,22 +90,11 @@ def check_final_statuses(fleet: Fleet) -> None:
     )
 
 
-def _status_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.event_type == AuditEventType.STATUS_CHANGED)
-                .order_by(AuditEvent.id)
-            )
-        )
-
-
 def check_no_wrongful_failures(sessions: sessionmaker[Session]) -> None:
     """No status change to failed for anything but a customer-fixable outcome."""
     wrongful = [
         f"{e.account_id}: {e.from_status} -> failed by {e.reason} ({e.details.get('outcome')})"
-        for e in _status_events(sessions)
+        for e in status_events(sessions)
         if e.to_status is AccountStatus.FAILED
         and (
             e.reason not in CUSTOMER_REASONS
@@ -207,7 +197,7 @@ def check_logs_match_audit(fleet: Fleet, workers: Sequence[Service], *, exact: b
     )
     audited: Counter[tuple[object, ...]] = Counter(
         (str(e.account_id), e.from_status.value, e.to_status.value, e.reason)
-        for e in _status_events(fleet.sessions)
+        for e in status_events(fleet.sessions)
         if e.from_status is not None and e.to_status is not None
     )
     missing = logged - audited
