@@ -21,6 +21,7 @@ The modules, each importing only those above it:
 - `outcome`     what an attempt returns (`Outcome`, `RoleDetails`, `PermissionReport`); no boto3
 - `checks`      the local checks of a connection's details, before any AWS call
 - `classify`    every botocore error and STS answer turned into an outcome (docs/sts-errors.md)
+- `probe_calls` the permission probes' requests, built once by botocore, then re-signed and sent
 - `probes`      the permission probes' calls, signed with the customer's role
 - `client`      the process's STS clients, the rate limiter's and throttle's hooks
 - `platform`    the platform's own accounts (GetCallerIdentity), refused before any AssumeRole
