@@ -9,6 +9,7 @@ import importlib
 import botocore.auth
 import botocore.awsrequest
 import botocore.exceptions
+import botocore.loaders
 import pytest
 from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
@@ -16,11 +17,21 @@ from botocore.credentials import ReadOnlyCredentials
 from sandbox.standin import StsStandIn
 from worker.permissions import CATALOGUE, DEFAULT_PROBES
 from worker.settings import Settings
+from worker.sts import probe_preload
 from worker.sts.client import client_config
-from worker.sts.probe_calls import _BUILT, _error, _key, build_probe_call, preload, probe_call
+from worker.sts.probe_calls import (
+    _BUILT,
+    ProbeCall,
+    _error,
+    _key,
+    build_probe_call,
+    probe_call,
+)
+from worker.sts.probe_preload import preload
 
 ACCOUNT_KEYS = ReadOnlyCredentials("ASIAFAKEF0EXAMPLE000", "the-accounts-secret", "the-token")
-CONFIG = client_config(Settings(sts_max_attempts=2))
+SETTINGS = Settings(sts_max_attempts=2)
+CONFIG = client_config(SETTINGS)
 
 
 @pytest.fixture
@@ -101,8 +112,8 @@ def test_endpoints_and_signing_regions_are_botocores(
 def test_preloaded_calls_are_reused_only_for_the_same_configuration(
     aws_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the main process built before forking is what a process finds; a changed endpoint
-    setting builds anew."""
+    """What the main process kept before forking (built by a child process) is what a process
+    finds; a changed endpoint setting builds anew."""
     probe = CATALOGUE["s3:ListAllMyBuckets"]
     preload([probe], ["ap-south-1"], CONFIG, 1)
     first = probe_call(probe, "ap-south-1", CONFIG, 1)
@@ -227,3 +238,66 @@ def test_the_worker_builds_the_probes_before_its_pool_forks(
             assert _BUILT[key].url == f"https://ec2.{region}.amazonaws.com/"
     finally:
         get_settings.cache_clear()
+
+
+def _comparable(call: ProbeCall) -> dict[str, object]:
+    """A call's plain parts; the User-Agent (not signed) lists botocore's features in any order."""
+    plain = probe_preload._plain(call)
+    headers = plain["parts"]["headers"]
+    plain["parts"]["headers"] = [
+        [name, _features_sorted(value) if name == "User-Agent" else value]
+        for name, value in headers
+    ]
+    return plain
+
+
+def _features_sorted(user_agent: str) -> list[tuple[str, list[str]]]:
+    return [(k, sorted(v.split(","))) for k, _, v in (t.partition("/") for t in user_agent.split())]
+
+
+def test_the_calls_built_in_a_child_process_are_those_built_here(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every probe, built by `python -m worker.sts.probe_preload` and kept here, has the same
+    request and the same HTTP session settings as when built in this process."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://127.0.0.2:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.4:3128")
+    probes = [CATALOGUE[permission] for permission in DEFAULT_PROBES]
+    preload(probes, ["sa-east-1"], CONFIG, 3)
+    for probe in probes:
+        kept = _BUILT[_key(probe, "sa-east-1", CONFIG, 3)]
+        here = build_probe_call(probe, "sa-east-1", CONFIG, 3)
+        assert _comparable(kept) == _comparable(here), probe.permission
+        assert (kept.probe, kept.max_attempts) == (probe, 3)
+    assert _BUILT[_key(probes[1], "sa-east-1", CONFIG, 3)].url == "http://127.0.0.2:9/"
+    http = probe_preload._plain(kept)["http"]
+    assert http["proxies"].get("https") == "http://127.0.0.4:3128"
+    timeouts = [SETTINGS.sts_connect_timeout_seconds, SETTINGS.sts_read_timeout_seconds]
+    assert http["timeout"] == timeouts
+
+
+def test_the_main_process_loads_no_service_model(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requests are built by a child process: here, loading a model would fail."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a service model was loaded in the main process")
+
+    monkeypatch.setattr(botocore.loaders.Loader, "load_service_model", refuse)
+    probe = CATALOGUE["cloudtrail:DescribeTrails"]
+    preload([probe], ["ca-central-1"], CONFIG, 1)
+    assert probe_call(probe, "ca-central-1", CONFIG, 1).url == (
+        "https://cloudtrail.ca-central-1.amazonaws.com/"
+    )
+
+
+def test_a_call_the_child_cannot_build_is_named_and_the_others_kept(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "not a url")
+    s3, iam = CATALOGUE["s3:ListAllMyBuckets"], CATALOGUE["iam:GetAccountSummary"]
+    with pytest.raises(RuntimeError, match=r"^s3:ListAllMyBuckets: ValueError$"):
+        preload([s3, iam], ["eu-north-1"], CONFIG, 1)
+    assert _key(iam, "eu-north-1", CONFIG, 1) in _BUILT
+    assert _key(s3, "eu-north-1", CONFIG, 1) not in _BUILT

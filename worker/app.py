@@ -96,11 +96,11 @@ def _check_services(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _preload_probe_calls(**_: Any) -> None:
-    # In the parent process, before the pool forks: the permission probes' requests are built
-    # once here, so the pool's processes share them and never load the services' models (the
-    # per-process resources are built after the fork, by worker.resources). A failure is
-    # theirs to meet again (a platform fault naming the service), not a reason to stop the
-    # worker.
+    # In the parent process, before the pool forks: the permission probes' requests are kept
+    # here once (built by a short-lived child process), so the pool's processes share them and
+    # no process of the worker loads the services' models (the per-process resources are built
+    # after the fork, by worker.resources). A failure is theirs to meet again (a platform fault
+    # naming the service), not a reason to stop the worker.
     settings = get_settings_or_exit()
     if not settings.permission_probes:
         return

@@ -7,11 +7,12 @@ starts (`worker_process_init`, connected in `worker.tasks`); a solo or threads p
 benchmark's trace and the tests build them on first use. `close_process_resources` drains the
 window and closes the connections (`worker_process_shutdown`, or a test's teardown).
 
-One thing is built in the parent instead, before the pool forks, and is not a resource of this
+One thing is kept in the parent instead, before the pool forks, and is not a resource of this
 module: the permission probes' requests (`worker.sts.client.preload_probe_calls`, at
-`worker_init` in `worker.app`). They are plain data and an HTTP session with no connection
-open yet, so nothing live crosses the fork; the children inherit them and never load a service
-model. A child that finds one missing builds it on first use.
+`worker_init` in `worker.app`; built by a short-lived child process, `worker.sts.probe_preload`).
+They are plain data and an HTTP session with no connection open yet, so nothing live crosses
+the fork; no process of the worker loads a service model. A child that finds one missing builds
+it on first use.
 """
 
 from __future__ import annotations

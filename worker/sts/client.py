@@ -14,7 +14,7 @@ from worker import metrics
 from worker.permissions import CATALOGUE
 from worker.settings import Settings
 from worker.sts.classify import THROTTLING_CODES
-from worker.sts.probe_calls import preload
+from worker.sts.probe_preload import preload
 from worker.sts.probes import PermissionProber
 
 if TYPE_CHECKING:
@@ -35,8 +35,9 @@ def client_config(settings: Settings) -> Config:
 
 
 def preload_probe_calls(settings: Settings) -> None:
-    """Build the probes' requests in the worker's main process, before the pool forks: the
-    processes inherit them and never load the services' models (tens of MB each)."""
+    """Keep the probes' requests in the worker's main process, before the pool forks: built by a
+    short-lived child process, so that neither this process nor the pool's, which inherit them,
+    loads the services' models (tens of MB each)."""
     regions = dict.fromkeys([settings.aws_region, settings.sts_fallback_region])
     probes = [CATALOGUE[name] for name in settings.permission_probes]
     preload(probes, regions, client_config(settings), settings.sts_max_attempts)

@@ -26,7 +26,7 @@ import random
 import threading
 import time
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -45,7 +45,14 @@ from botocore.utils import normalize_url_path
 
 from worker.permissions import Probe
 
-__all__ = ["ProbeCall", "build_probe_call", "preload", "probe_call"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "ProbeCall",
+    "build_probe_call",
+    "check_signature",
+    "keep",
+    "probe_call",
+]
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _TIMESTAMP = "%Y%m%dT%H%M%SZ"
@@ -71,8 +78,12 @@ _PLACEHOLDER = botocore.credentials.ReadOnlyCredentials(
 )
 
 
-# Every call built in this process, by what it depends on. Those built in the worker's main
-# process before the pool forks are inherited: the children never load a service model.
+# The client settings a built call depends on (with the environment: `_key`).
+CONFIG_FIELDS = ("connect_timeout", "read_timeout", "max_pool_connections", "user_agent_extra")
+
+# Every call built or kept in this process, by what it depends on. Those the worker's main
+# process keeps before the pool forks (built by a child process, `worker.sts.probe_preload`) are
+# inherited: no process of the worker loads a service model.
 _BUILT: dict[tuple[object, ...], ProbeCall] = {}
 _LOCK = threading.Lock()
 
@@ -316,11 +327,11 @@ def build_probe_call(probe: Probe, region: str, config: Config, max_attempts: in
         _signed=signed,
         _payload=payload,
     )
-    _check_signature(call)
+    check_signature(call)
     return call
 
 
-def _check_signature(call: ProbeCall) -> None:
+def check_signature(call: ProbeCall) -> None:
     """The signature computed here must be botocore's own signer's, for the same request."""
     signer = botocore.auth.S3SigV4Auth if call.signing_name == "s3" else botocore.auth.SigV4Auth
     signed = call._signed.split(";")
@@ -349,22 +360,19 @@ def _key(probe: Probe, region: str, config: Config, max_attempts: int) -> tuple[
             and not any(word in name for word in ("SECRET", "TOKEN", "ACCESS_KEY"))
         )
     )
-    names = ("connect_timeout", "read_timeout", "max_pool_connections", "user_agent_extra")
-    settings = tuple(getattr(config, name, None) for name in names)
+    settings = tuple(getattr(config, name, None) for name in CONFIG_FIELDS)
     return (probe.permission, region, max_attempts, settings, environment)
 
 
-def preload(
-    probes: Iterable[Probe], regions: Iterable[str], config: Config, max_attempts: int
-) -> None:
-    """Build these calls now, for `probe_call` to find (in the main process, before forking)."""
-    for region in regions:
-        for probe in probes:
-            probe_call(probe, region, config, max_attempts)
+def keep(call: ProbeCall, region: str, config: Config) -> None:
+    """Keep a call built elsewhere (`worker.sts.probe_preload`), for `probe_call` to find."""
+    with _LOCK:
+        _BUILT[_key(call.probe, region, config, call.max_attempts)] = call
 
 
 def probe_call(probe: Probe, region: str, config: Config, max_attempts: int) -> ProbeCall:
-    """The call built (or preloaded) for this configuration, or one built now and kept."""
+    """The call kept for this configuration (built before the fork: `worker.sts.probe_preload`),
+    or one built now and kept."""
     key = _key(probe, region, config, max_attempts)
     with _LOCK:
         call = _BUILT.get(key)
