@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import botocore.credentials
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.exceptions import ClientError
 
 from sandbox.demo import (
     DEMO_CONNECTIONS,
@@ -1026,8 +1027,15 @@ def test_an_unsigned_request_to_a_probed_service_is_refused(sandbox: SandboxSts)
 
 
 def test_the_platforms_credentials_never_sign_a_probe(probing_verifier: StsVerifier) -> None:
-    """A probe client on a thread that set no credentials, with the platform's keys in the
-    environment, raises NoCredentialsError: it never falls back to the default chain."""
-    client = probing_verifier.prober()._client("iam", REGION)
-    with pytest.raises(NoCredentialsError):
-        client.get_account_summary()
+    """A probe's request is built with a placeholder key and kept unsigned, with the platform's
+    keys in the environment: every send is signed with the credentials passed to it, and the
+    sandbox refuses the request signed with the platform's keys."""
+    call = probing_verifier.prober()._call(CATALOGUE["iam:GetAccountSummary"], REGION)
+    assert PLATFORM_ACCESS_KEY_ID not in repr(call)
+    assert "authorization" not in {name.lower() for name, _ in call.headers}
+    platform = botocore.credentials.ReadOnlyCredentials(
+        PLATFORM_ACCESS_KEY_ID, PLATFORM_SECRET_ACCESS_KEY, None
+    )
+    with pytest.raises(ClientError) as refused:
+        call.send(platform)
+    assert refused.value.response["Error"]["Code"] == "InvalidClientTokenId"

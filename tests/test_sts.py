@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL_STS) or botocore's Stubber; never through a mocked function of 
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import re
 import time
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import boto3
+import botocore.credentials
 import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
@@ -736,14 +738,18 @@ def test_a_denial_by_the_customers_policies_is_theirs() -> None:
         assert outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX, why
 
 
-def test_a_probe_without_thread_credentials_is_never_signed_by_the_default_chain(
+def test_a_probe_is_signed_with_the_accounts_credentials_never_the_default_chain(
     aws_env: None,
 ) -> None:
-    """The platform's keys are in the environment, yet a probe client used on a thread that
-    set no credentials raises NoCredentialsError instead of signing with them."""
-    client = verifier().prober()._client("iam", "us-east-1")
-    with pytest.raises(botocore.exceptions.NoCredentialsError):
-        client.get_account_summary()
+    """The platform's keys are in the environment, yet a probe's request is kept unsigned and
+    each send signs it with the credentials it is given."""
+    call = verifier().prober()._call(CATALOGUE["iam:GetAccountSummary"], "us-east-1")
+    assert PLATFORM_KEY not in repr(call)
+    assert "authorization" not in {name.lower() for name, _ in call.headers}
+    account = botocore.credentials.ReadOnlyCredentials("ASIAFAKEF0" + "0" * 10, "s", "t")
+    signed = call.signed_headers(account, datetime.datetime.now(datetime.UTC))
+    assert signed["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=ASIAFAKEF0")
+    assert PLATFORM_KEY not in repr(signed)
 
 
 def test_only_the_configured_probes_are_called(aws_env: None, standin: StsStandIn) -> None:

@@ -94,6 +94,24 @@ def _check_services(**_: Any) -> None:
     require_services(get_settings_or_exit(), process="worker", database_needed=True)
 
 
+@signals.worker_init.connect
+def _preload_probe_calls(**_: Any) -> None:
+    # In the parent process, before the pool forks: the permission probes' requests are kept
+    # here once (built by a short-lived child process), so the pool's processes share them and
+    # no process of the worker loads the services' models (the per-process resources are built
+    # after the fork, by worker.resources). A failure is theirs to meet again (a platform fault
+    # naming the service), not a reason to stop the worker.
+    settings = get_settings_or_exit()
+    if not settings.permission_probes:
+        return
+    from worker.sts.client import preload_probe_calls  # noqa: PLC0415 - boto3 where probes run
+
+    try:
+        preload_probe_calls(settings)
+    except Exception as error:  # noqa: BLE001 - see above
+        log.warning("worker.probe_preload_failed", error=type(error).__name__)
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings_or_exit()

@@ -6,6 +6,13 @@ breaker, the stall counters and the verification window. A prefork child builds 
 starts (`worker_process_init`, connected in `worker.tasks`); a solo or threads pool, the
 benchmark's trace and the tests build them on first use. `close_process_resources` drains the
 window and closes the connections (`worker_process_shutdown`, or a test's teardown).
+
+One thing is kept in the parent instead, before the pool forks, and is not a resource of this
+module: the permission probes' requests (`worker.sts.client.preload_probe_calls`, at
+`worker_init` in `worker.app`; built by a short-lived child process, `worker.sts.probe_preload`).
+They are plain data and an HTTP session with no connection open yet, so nothing live crosses
+the fork; no process of the worker loads a service model. A child that finds one missing builds
+it on first use.
 """
 
 from __future__ import annotations

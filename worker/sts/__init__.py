@@ -21,8 +21,10 @@ The modules, each importing only those above it:
 - `outcome`     what an attempt returns (`Outcome`, `RoleDetails`, `PermissionReport`); no boto3
 - `checks`      the local checks of a connection's details, before any AWS call
 - `classify`    every botocore error and STS answer turned into an outcome (docs/sts-errors.md)
+- `probe_calls` the permission probes' requests, built once by botocore, then re-signed and sent
+- `probe_preload` those requests built by a short-lived child process, before the pool forks
 - `probes`      the permission probes' calls, signed with the customer's role
-- `client`      the process's STS clients, the rate limiter's and throttle's hooks
+- `client`      the process's STS clients, their hooks (rate limiter, throttle), the probes' preload
 - `platform`    the platform's own accounts (GetCallerIdentity), refused before any AssumeRole
 - `verifier`    one attempt: `StsVerifier.verify` (`worker.resources` builds the process's)
 """

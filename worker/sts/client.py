@@ -1,4 +1,5 @@
-"""The process's STS clients: one per region, shared by every thread, built on first use."""
+"""The process's STS clients: one per region, shared by every thread, built on first use; their
+botocore configuration (also the probes'), and the probes' requests built before the pool forks."""
 
 from __future__ import annotations
 
@@ -10,12 +11,36 @@ import boto3
 from botocore.config import Config
 
 from worker import metrics
+from worker.permissions import CATALOGUE
 from worker.settings import Settings
 from worker.sts.classify import THROTTLING_CODES
+from worker.sts.probe_preload import preload
 from worker.sts.probes import PermissionProber
 
 if TYPE_CHECKING:
     from mypy_boto3_sts.client import STSClient
+
+
+def client_config(settings: Settings) -> Config:
+    """The botocore configuration of the STS clients and the probes' requests."""
+    return Config(
+        connect_timeout=settings.sts_connect_timeout_seconds,
+        read_timeout=settings.sts_read_timeout_seconds,
+        # total_max_attempts counts the first call too (botocore's max_attempts counts retries).
+        retries={"mode": "standard", "total_max_attempts": settings.sts_max_attempts},
+        # One connection per worker thread, so threads never queue for a socket.
+        max_pool_connections=max(10, settings.worker_concurrency),  # threads per process
+        user_agent_extra="account-verifier",
+    )
+
+
+def preload_probe_calls(settings: Settings) -> None:
+    """Keep the probes' requests in the worker's main process, before the pool forks: built by a
+    short-lived child process, so that neither this process nor the pool's, which inherit them,
+    loads the services' models (tens of MB each)."""
+    regions = dict.fromkeys([settings.aws_region, settings.sts_fallback_region])
+    probes = [CATALOGUE[name] for name in settings.permission_probes]
+    preload(probes, regions, client_config(settings), settings.sts_max_attempts)
 
 
 class StsClients:
@@ -40,15 +65,7 @@ class StsClients:
         self._session = session or boto3.session.Session()
         self._clients: dict[str, STSClient] = {}
         self._lock = threading.Lock()
-        self._config = Config(
-            connect_timeout=settings.sts_connect_timeout_seconds,
-            read_timeout=settings.sts_read_timeout_seconds,
-            # total_max_attempts counts the first call too (botocore's max_attempts counts retries).
-            retries={"mode": "standard", "total_max_attempts": settings.sts_max_attempts},
-            # One connection per worker thread, so threads never queue for a socket.
-            max_pool_connections=max(10, settings.worker_concurrency),  # threads per process
-            user_agent_extra="account-verifier",
-        )
+        self._config = client_config(settings)
         self._prober: PermissionProber | None = None
 
     def prober(self) -> PermissionProber:

@@ -7,13 +7,11 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import botocore.credentials
 import botocore.exceptions
-import botocore.session
 from botocore.config import Config
 
 from models import OutcomeKind
@@ -21,48 +19,7 @@ from worker.permissions import Probe, missing_permissions_message
 from worker.settings import Settings
 from worker.sts.classify import OTHER_ERRORS, classify_probe_error, probe_client_fault
 from worker.sts.outcome import Observer, Outcome, PermissionReport, RoleDetails, customer
-
-
-class _ThreadCredentials(botocore.credentials.Credentials):
-    """Credentials that are whatever the calling thread set: one client per service serves all.
-
-    Building a botocore client per account costs milliseconds of CPU and a new connection pool
-    (so a new TCP and TLS handshake per probe); a shared client signs each request with the
-    credentials of the account its thread is probing. Signers ask for `get_frozen_credentials()`
-    at every request, retries included, on the calling thread.
-    """
-
-    def __init__(self) -> None:  # no super().__init__(): the attributes are per thread
-        self.method = "probe"
-        self._local = threading.local()
-
-    def set(self, credentials: botocore.credentials.ReadOnlyCredentials | None) -> None:
-        """Use `credentials` for this thread's requests (None: none at all)."""
-        self._local.frozen = credentials
-
-    def get_frozen_credentials(self) -> botocore.credentials.ReadOnlyCredentials:
-        """This thread's credentials; a request without any must not go out unsigned."""
-        frozen: botocore.credentials.ReadOnlyCredentials | None = getattr(
-            self._local, "frozen", None
-        )
-        if frozen is None:
-            raise botocore.exceptions.NoCredentialsError
-        return frozen
-
-    def get_deferred_property(self, property_name: str) -> Callable[[], Any]:
-        """Endpoint rules may ask for the account id; it is per thread too."""
-        return lambda: getattr(getattr(self._local, "frozen", None), property_name, None)
-
-
-class _ThreadCredentialProvider(botocore.credentials.CredentialProvider):
-    METHOD = "probe"
-
-    def __init__(self, credentials: _ThreadCredentials) -> None:
-        super().__init__()
-        self._credentials = credentials
-
-    def load(self) -> botocore.credentials.Credentials:
-        return self._credentials
+from worker.sts.probe_calls import ProbeCall, probe_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +31,16 @@ class _ProbeResult:
 class PermissionProber:
     """Runs the probe calls of one account concurrently, with that account's credentials.
 
-    One client per service and region per process, built lazily from a botocore session of its
-    own whose only credentials are the calling thread's (never the platform's): a probe can only
-    ever be signed by the customer's role. Endpoints follow botocore's standard configuration
+    Each probe's request is built once per process and region by botocore
+    (`worker.sts.probe_calls`), then signed with the account's credentials, passed in for each
+    call (never the platform's), and sent. Endpoints follow botocore's standard configuration
     (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>, the config file).
     """
 
     def __init__(self, settings: Settings, config: Config) -> None:
         self._config = config
-        self._credentials = _ThreadCredentials()
-        self._session = botocore.session.Session()
-        self._session.register_component(
-            "credential_provider",
-            botocore.credentials.CredentialResolver([_ThreadCredentialProvider(self._credentials)]),
-        )
-        self._clients: dict[tuple[str, str], Any] = {}
+        self._max_attempts = settings.sts_max_attempts
+        self._calls: dict[tuple[str, str], ProbeCall] = {}
         self._lock = threading.Lock()
         # Probes are a few per account while a verification thread waits: enough threads that
         # every verification thread of the process can have all its probes in flight at once
@@ -101,18 +53,16 @@ class PermissionProber:
         #: them, and a second's margin. A probe still running then is given up on (ProbeTimeout).
         self.budget_seconds = probe_budget_seconds(settings)
 
-    def _client(self, service: str, region: str) -> Any:
-        key = (service, region)
-        client = self._clients.get(key)
-        if client is None:
-            with self._lock:  # botocore sessions are not thread-safe; clients are
-                client = self._clients.get(key)
-                if client is None:
-                    client = self._session.create_client(
-                        service, region_name=region, config=self._config
-                    )
-                    self._clients[key] = client
-        return client
+    def _call(self, probe: Probe, region: str) -> ProbeCall:
+        key = (probe.permission, region)
+        call = self._calls.get(key)
+        if call is None:
+            with self._lock:
+                call = self._calls.get(key)
+                if call is None:
+                    call = probe_call(probe, region, self._config, self._max_attempts)
+                    self._calls[key] = call
+        return call
 
     def start(
         self,
@@ -158,21 +108,18 @@ class PermissionProber:
         self, probe: Probe, credentials: botocore.credentials.ReadOnlyCredentials, region: str
     ) -> _ProbeResult:
         try:
-            client = self._client(probe.service, region)
+            call = self._call(probe, region)
         except (*OTHER_ERRORS, ValueError) as error:
             # A malformed AWS_ENDPOINT_URL_<SERVICE> (botocore raises ValueError) or a service
             # botocore cannot build: our configuration, so the platform's fault, never an
             # exception out of verify() (the lease would churn).
             return _ProbeResult(probe, probe_client_fault(probe, error))
-        self._credentials.set(credentials)
         try:
-            getattr(client, probe.operation)(**probe.kwargs)
+            call.send(credentials)
         except botocore.exceptions.ClientError as error:
             return _ProbeResult(probe, classify_probe_error(probe, error))
         except OTHER_ERRORS as error:
             return _ProbeResult(probe, classify_probe_error(probe, error))
-        finally:
-            self._credentials.set(None)
         return _ProbeResult(probe, None)
 
 
