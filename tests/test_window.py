@@ -13,13 +13,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AwsAccount
-from tests.processes import wait_until
 from tests.verification import MakeDeps, lease_chunk, read_account
 from worker.chunk import ChunkInFlight
 from worker.circuit import PlatformCircuit
 from worker.queues import REQUESTED_QUEUE
 from worker.verify import WORKER_ACTOR, Result, read_attempts
-from worker.window import YIELD_CHECK_SECONDS, RequestedFirst, VerificationWindow
+from worker.window import YIELD_CHECK_SECONDS, VerificationWindow
 
 
 @pytest.fixture
@@ -113,58 +112,3 @@ def test_an_account_whose_turn_comes_after_the_circuit_opened_makes_no_sts_call(
                 AwsAccount.id == ids[0]
             )
         )
-
-
-def test_a_scheduled_verification_starts_after_the_requested_one_in_flight(
-    make_deps: MakeDeps,
-    scratch_sessions: sessionmaker[Session],
-    broker: redis.Redis,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Handed over while a requested verification is in flight in the process, a scheduled one
-    makes its first STS call only once the requested one is written."""
-    # However slow this machine is, the bound must not let the scheduled one go first.
-    monkeypatch.setattr("worker.window.REQUESTED_FIRST_MAX_WAIT_SECONDS", 60)
-    first_call: dict[str, float] = {}
-
-    def slow() -> None:
-        first_call.setdefault("requested", time.monotonic())
-        time.sleep(0.3)
-
-    requested_deps = make_deps(before_call=slow)
-    scheduled_deps = make_deps(
-        before_call=lambda: first_call.setdefault("scheduled", time.monotonic())
-    )
-    requested_ids, requested_lease = lease_chunk(scratch_sessions, ["ok-R"])
-    scheduled_ids, scheduled_lease = lease_chunk(scratch_sessions, ["ok-S"])
-    with scratch_sessions.begin() as session:
-        requested_attempts = read_attempts(session, requested_ids, requested_lease)
-        scheduled_attempts = read_attempts(session, scheduled_ids, scheduled_lease)
-    requested = ChunkInFlight(requested_deps, requested_attempts, "operator:test", None)
-    scheduled = ChunkInFlight(scheduled_deps, scheduled_attempts, WORKER_ACTOR, None)
-    window = VerificationWindow(4, broker)
-    try:
-        assert window.hand_over(requested, requested_lease) == {"accepted": 1}
-        assert window.hand_over(scheduled, scheduled_lease) == {"accepted": 1}
-        wait_until(lambda: requested.results, timeout=10, interval=0.002)
-        requested_written = time.monotonic()
-    finally:
-        window.drain()
-    assert requested.results == {requested_ids[0]: Result.APPLIED}
-    assert scheduled.results == {scheduled_ids[0]: Result.APPLIED}
-    # Two slow STS calls (AssumeRole, the external-ID check) before the requested one is written.
-    assert first_call["requested"] < requested_written - 0.5
-    assert first_call["scheduled"] >= requested_written - 0.05
-
-
-def test_a_scheduled_verification_waits_for_requested_ones_only_so_long() -> None:
-    """A requested verification stuck on a slow service holds scheduled ones back for at most
-    the bound; once none is in flight they do not wait at all."""
-    gate = RequestedFirst()
-    assert gate.wait_turn(timeout=0) is True
-    gate.enter()
-    started = time.monotonic()
-    assert gate.wait_turn(timeout=0.2) is False
-    assert time.monotonic() - started >= 0.2
-    threading.Timer(0.1, gate.leave).start()
-    assert gate.wait_turn(timeout=10) is True

@@ -32,46 +32,7 @@ log = get_logger("worker.window")
 # waits for a process: one LLEN per process at most this often.
 YIELD_CHECK_SECONDS = 0.02
 
-# How long a scheduled verification waits for the requested ones in flight in its process
-# before it starts anyway: a requested verification stuck on a slow service must not stop a sweep.
-REQUESTED_FIRST_MAX_WAIT_SECONDS = 1.0
-
 GiveBackReason = Literal["requested_waiting", "window_full"]
-
-
-class RequestedFirst:
-    """Scheduled verifications wait to start while a requested one is in flight in this process.
-
-    Under a sweep a process's verification threads share one interpreter: a requested
-    verification started among 32 busy ones gets a small share of it, and each of its steps (the
-    STS calls, four signed probe calls, the write) waits its turn. Checks already under way go
-    on; new scheduled ones wait until the requested ones are written, at most
-    `REQUESTED_FIRST_MAX_WAIT_SECONDS`, holding their slots meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._requested = 0
-
-    def enter(self) -> None:
-        """A requested verification was handed over."""
-        with self._changed:
-            self._requested += 1
-
-    def leave(self) -> None:
-        """A requested verification is done (checked and written, or given up)."""
-        with self._changed:
-            self._requested -= 1
-            if self._requested == 0:
-                self._changed.notify_all()
-
-    def wait_turn(self, timeout: float | None = None) -> bool:
-        """Wait until no requested verification is in flight; False if `timeout` (default
-        `REQUESTED_FIRST_MAX_WAIT_SECONDS`) ran out."""
-        if timeout is None:
-            timeout = REQUESTED_FIRST_MAX_WAIT_SECONDS
-        with self._changed:
-            return self._changed.wait_for(lambda: self._requested == 0, timeout)
 
 
 class RequestedWaiting:
@@ -109,7 +70,6 @@ class VerificationWindow:
         # slot back, and the next account should not queue behind that write.
         self.executor = ThreadPoolExecutor(max_workers=size + 4, thread_name_prefix="verify")
         self.requested_waiting = RequestedWaiting(client)
-        self.requested_first = RequestedFirst()
 
     def drain(self) -> None:
         """Wait for everything in flight to be checked and written (a process exiting cleanly)."""
@@ -159,20 +119,16 @@ class VerificationWindow:
                     _give_back(chunk, attempts[handed:], lease_id, reason)
                     return {"accepted": handed, "deferred": len(attempts) - handed}
                 queued = False
-                if not scheduled:
-                    self.requested_first.enter()
                 try:
                     # Each account runs in a copy of this task's logging context (task id,
                     # correlation id).
                     self.executor.submit(
-                        contextvars.copy_context().run, self._check, chunk, attempt, scheduled
+                        contextvars.copy_context().run, self._check, chunk, attempt
                     )
                     queued = True
                 finally:
                     if not queued:
                         self.slots.release()
-                        if not scheduled:
-                            self.requested_first.leave()
                 handed += 1
         except BaseException:
             # Interrupted (a time limit, a shutdown): what was handed over is still written when
@@ -183,15 +139,8 @@ class VerificationWindow:
             REQUESTED_LANE.reset(lane)
         return {"accepted": len(attempts)}
 
-    def _check(self, chunk: ChunkInFlight, attempt: Attempt, scheduled: bool) -> None:
-        if scheduled:
-            self.requested_first.wait_turn()
-            check_into(chunk, attempt, before_accounting=self.slots.release)
-            return
-        try:
-            check_into(chunk, attempt, before_accounting=self.slots.release)
-        finally:
-            self.requested_first.leave()
+    def _check(self, chunk: ChunkInFlight, attempt: Attempt) -> None:
+        check_into(chunk, attempt, before_accounting=self.slots.release)
 
 
 def _give_back(
