@@ -124,20 +124,24 @@ def test_preloaded_calls_are_reused_only_for_the_same_configuration(
     assert moved.url == "http://127.0.0.3:9/?max-buckets=1"
 
 
+@pytest.mark.parametrize("max_attempts", [1, Settings.model_fields["sts_max_attempts"].default, 3])
 def test_calls_are_answered_and_refusals_raise_botocores_client_error(
-    sts_standin: StsStandIn, monkeypatch: pytest.MonkeyPatch
+    sts_standin: StsStandIn, monkeypatch: pytest.MonkeyPatch, max_attempts: int
 ) -> None:
     """Through the stand-in: an allowed call returns, a denied one raises ClientError with the
-    service's code, as a botocore client would."""
+    service's code, as a botocore client would, after one request however many attempts are
+    allowed (a refusal is not worth another)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", sts_standin.endpoint_url)
     allowed = ReadOnlyCredentials("ASIAFAKEF0" + "0" * 10, "s", "t")  # mask F: every probe
     denied = ReadOnlyCredentials("ASIAFAKE00" + "0" * 10, "s", "t")  # mask 0: none
     codes = {}
     for permission in DEFAULT_PROBES:
-        call = build_probe_call(CATALOGUE[permission], "us-east-1", CONFIG, 1)
+        call = build_probe_call(CATALOGUE[permission], "us-east-1", CONFIG, max_attempts)
         call.send(allowed)
+        before = sts_standin.stats(roles=False)["probe_requests"]
         with pytest.raises(botocore.exceptions.ClientError) as refused:
             call.send(denied)
+        assert sts_standin.stats(roles=False)["probe_requests"] == before + 1
         codes[permission] = refused.value.response["Error"]["Code"]
     assert codes == {
         "iam:GetAccountSummary": "AccessDenied",

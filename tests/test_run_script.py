@@ -237,6 +237,14 @@ def test_run_from_nothing_to_verified_demo_reverify_from_another_terminal_and_a_
     try:
         first.wait_for(r"account\.status_changed .*to_status=connected", timeout=150)
         first.wait_for(r"account\.status_changed .*to_status=failed", timeout=60, count=5)
+        # The demo's role without permissions, in the default configuration (STS_MAX_ATTEMPTS=2:
+        # a refused probe once crashed the verification there, while the tests ran with 1).
+        first.wait_for(
+            r"account\.status_changed .*can be assumed, but it is not allowed: "
+            r"cloudtrail:DescribeTrails, ec2:DescribeRegions, iam:GetAccountSummary, "
+            r"s3:ListAllMyBuckets",
+            timeout=5,
+        )
         first.wait_for(r"msg_\w+  account\.status_changed .*\(signature verified\)", timeout=30)
         took = time.monotonic() - started
         first.wait_for(r"^run +\| .*6 of 6 account\(s\) due now", timeout=5)

@@ -40,7 +40,7 @@ import botocore.exceptions
 import botocore.session
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
-from botocore.retries import special, standard
+from botocore.retries import standard
 from botocore.utils import normalize_url_path
 
 from worker.permissions import Probe
@@ -68,11 +68,11 @@ _PER_CALL = frozenset(
     }
 )
 # Answers worth another attempt: botocore's standard retry mode's own checkers (5xx, timeouts,
-# connection errors, every throttling code, STS's IDPCommunicationError) and its 429.
+# connection errors, every throttling code) and its 429. Not its STS-only
+# RetryIDPCommunicationError: no probe goes to STS, and that checker reads the operation model
+# of a botocore call, which a probe call has none of (it raised AttributeError on every refusal).
 _THROTTLED = standard.ThrottledRetryableChecker()
-_RETRYABLE = standard.OrRetryChecker(
-    [standard.TransientRetryableChecker(), _THROTTLED, special.RetryIDPCommunicationError()]
-)
+_RETRYABLE = standard.OrRetryChecker([standard.TransientRetryableChecker(), _THROTTLED])
 _PLACEHOLDER = botocore.credentials.ReadOnlyCredentials(
     "AKIDPROBETEMPLATE", "probe-template-secret", "probe-template-token"
 )

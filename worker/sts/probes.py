@@ -109,10 +109,10 @@ class PermissionProber:
     ) -> _ProbeResult:
         try:
             call = self._call(probe, region)
-        except (*OTHER_ERRORS, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - whatever building raises is ours
             # A malformed AWS_ENDPOINT_URL_<SERVICE> (botocore raises ValueError) or a service
-            # botocore cannot build: our configuration, so the platform's fault, never an
-            # exception out of verify() (the lease would churn).
+            # botocore cannot build (BotoCoreError, TypeError, KeyError): our configuration, so
+            # the platform's fault, never an exception out of verify() (the lease would churn).
             return _ProbeResult(probe, probe_client_fault(probe, error))
         try:
             call.send(credentials)
