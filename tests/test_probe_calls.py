@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+from typing import cast
 
 import botocore.auth
 import botocore.awsrequest
@@ -141,7 +142,7 @@ def test_calls_are_answered_and_refusals_raise_botocores_client_error(
         before = sts_standin.stats(roles=False)["probe_requests"]
         with pytest.raises(botocore.exceptions.ClientError) as refused:
             call.send(denied)
-        assert sts_standin.stats(roles=False)["probe_requests"] == before + 1
+        assert sts_standin.stats(roles=False)["probe_requests"] == cast(int, before) + 1
         codes[permission] = refused.value.response["Error"]["Code"]
     assert codes == {
         "iam:GetAccountSummary": "AccessDenied",

@@ -23,6 +23,16 @@ _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 
 
+# libpq keepalives for a connection that must notice a server gone without closing the socket
+# (a host lost, a failover) in about a minute, not after the kernel's two hours.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
 def build_engine(settings: Settings, *, connect_args: dict[str, Any] | None = None) -> Engine:
     """An engine for `settings.database_url`, its pool shared by the verification threads.
 
@@ -113,8 +123,9 @@ def database_away(error: DBAPIError) -> bool:
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
 
 
-def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
-    """Run a read or write of a chunk, again on a fresh connection while the database is away.
+def with_database_retry(operation: Callable[[], _T], **fields: object) -> _T:
+    """Run a read or write of a batch, again on a fresh connection while the database is away
+    (`fields` describe the batch in the log line: accounts=..., deliveries=...).
 
     Safe to repeat: a write whose commit did happen finds its leases gone the second time, and
     the compare-and-set applies nothing twice.
@@ -125,6 +136,6 @@ def with_database_retry(operation: Callable[[], _T], *, accounts: int) -> _T:
         except DBAPIError as error:
             if delay is None or not database_away(error):
                 raise
-            log.warning("database.reconnecting", accounts=accounts, retry_in_seconds=delay)
+            log.warning("database.reconnecting", **fields, retry_in_seconds=delay)
             time.sleep(delay)
     raise AssertionError("unreachable")

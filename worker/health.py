@@ -27,7 +27,7 @@ import redis
 from worker import metrics
 from worker.beat_health import beat_checks
 from worker.cached_value import CachedValue
-from worker.db import build_engine
+from worker.db import KEEPALIVES, build_engine
 from worker.fleet import BrokerState, FleetSummary, read_broker_state, summarize_fleet
 from worker.liveness import STARTING_MARGIN_SECONDS, worker_liveness
 from worker.logging import get_logger
@@ -133,13 +133,7 @@ def start_worker_endpoint(settings: Settings) -> None:
     # within a minute, not after the kernel's two hours (the checks' timeout answers sooner).
     engine = build_engine(
         settings.model_copy(update={"database_pool_size": 2}),
-        connect_args={
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
-            "tcp_user_timeout": 30_000,
-        },
+        connect_args={**KEEPALIVES, "tcp_user_timeout": 30_000},
     )
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
+from worker.db import KEEPALIVES
 from worker.logging import get_logger
 from worker.queues import DISPATCH_QUEUE
 from worker.settings import Settings
@@ -80,10 +81,7 @@ class DueAccountsListener:
                     application_name="account-verifier-listener",
                     # A server that vanished without closing the socket is noticed in about a
                     # minute, not after the kernel's two hours.
-                    keepalives=1,
-                    keepalives_idle=30,
-                    keepalives_interval=10,
-                    keepalives_count=3,
+                    **KEEPALIVES,
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import psycopg
 from sqlalchemy.orm import sessionmaker
 
-from worker.db import build_engine
+from worker.db import KEEPALIVES, build_engine, with_database_retry
 from worker.logging import get_logger
 from worker.settings import Settings
 from worker.webhooks.claims import Message, lease_seconds
@@ -51,7 +51,7 @@ def build_deliverer(settings: Settings) -> Deliverer:
     """A deliverer with its own small database pool (`application_name` webhook-delivery)."""
     engine = build_engine(
         settings.model_copy(update={"database_pool_size": _POOL_SIZE}),
-        connect_args={"application_name": "webhook-delivery"},
+        connect_args={**KEEPALIVES, "application_name": "webhook-delivery"},
     )
     return Deliverer(
         sessions=sessionmaker(engine, expire_on_commit=False),
@@ -147,7 +147,9 @@ class Runner:
 
     def _record(self, batch: list[Finished]) -> None:
         try:
-            self.deliverer.record(batch)
+            # Again on a fresh connection while the database is away (a restart, a failover):
+            # safe, since each row is written only while its lease is the attempt's own.
+            with_database_retry(lambda: self.deliverer.record(batch), deliveries=len(batch))
         except Exception:
             # Left to the leases: the deliveries are attempted again, with the same webhook-id.
             log.exception("webhook.record_error", deliveries=len(batch))
@@ -177,7 +179,11 @@ class Runner:
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(
-                    url, autocommit=True, connect_timeout=5, application_name="webhook-listener"
+                    url,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name="webhook-listener",
+                    **KEEPALIVES,
                 ) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self.claim_and_submit()
