@@ -126,6 +126,26 @@ def _make_due(sessions: sessionmaker[Session]) -> None:
         )
 
 
+def _failing(
+    sessions: sessionmaker[Session],
+    *,
+    since: str,
+    last: str,
+    endpoint_id: uuid.UUID | None = None,
+) -> None:
+    """Put an endpoint (or every one) in a failing streak that began `since` ago, its last
+    failure `last` ago (PostgreSQL intervals, e.g. '6 days')."""
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_endpoints SET failing_since = now() - CAST(:since AS interval),"
+                " last_failure_at = now() - CAST(:last AS interval)"
+                " WHERE CAST(:id AS uuid) IS NULL OR id = CAST(:id AS uuid)"
+            ),
+            {"since": since, "last": last, "id": endpoint_id},
+        )
+
+
 def test_a_message_arrives_signed_and_is_delivered_once(
     scratch_sessions: sessionmaker[Session],
     settings: Settings,
@@ -249,14 +269,7 @@ def test_an_endpoint_failing_for_days_is_disabled(
     endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
     receiver.secrets.append(secret)
     receiver.behaviour = Behaviour.ERROR
-    with scratch_sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days', "
-                "last_failure_at = now() - interval '10 seconds' WHERE id = :id"
-            ),
-            {"id": endpoint_id},
-        )
+    _failing(scratch_sessions, since="6 days", last="10 seconds", endpoint_id=endpoint_id)
     (recorded,) = deliverer.deliver_due()
     assert recorded is not None
     assert recorded.endpoint_disabled
@@ -625,14 +638,7 @@ def test_a_failure_long_after_the_last_one_starts_a_new_streak(
     days" at its next failure: the streak restarts instead of disabling it."""
     endpoint_id, _ = _subscribe(scratch_sessions, settings, receiver.url)
     receiver.behaviour = Behaviour.ERROR
-    with scratch_sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE webhook_endpoints SET failing_since = now() - interval '6 days', "
-                "last_failure_at = now() - interval '3 days' WHERE id = :id"
-            ),
-            {"id": endpoint_id},
-        )
+    _failing(scratch_sessions, since="6 days", last="3 days", endpoint_id=endpoint_id)
     (recorded,) = deliverer.deliver_due()
     assert recorded is not None
     assert not recorded.endpoint_disabled
@@ -692,13 +698,7 @@ def test_a_batch_of_results_is_recorded_in_one_statement(
     a failure after a success starts a new one."""
     healed, _ = _subscribe(scratch_sessions, settings, "http://127.0.0.1:9/a", events=2)
     broken, _ = _subscribe(scratch_sessions, settings, "http://127.0.0.1:9/b", events=2)
-    with scratch_sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE webhook_endpoints SET failing_since = now() - interval '3 days',"
-                " last_failure_at = now() - interval '1 minute'"
-            )
-        )
+    _failing(scratch_sessions, since="3 days", last="1 minute")
     claim = deliverer.claim(10)
     by_endpoint: dict[uuid.UUID, list[Message]] = {}
     for message in claim.messages:
@@ -740,14 +740,8 @@ def test_a_batch_of_results_is_recorded_in_one_statement(
     }
     # A failure after a success in one batch starts a new streak (now), not the old one.
     _make_due(scratch_sessions)
+    _failing(scratch_sessions, since="3 days", last="1 minute", endpoint_id=healed)
     with scratch_sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE webhook_endpoints SET failing_since = now() - interval '3 days',"
-                " last_failure_at = now() - interval '1 minute' WHERE id = :id"
-            ),
-            {"id": healed},
-        )
         session.execute(
             text(
                 "UPDATE webhook_deliveries SET next_attempt_at = now(), delivered_at = NULL"
