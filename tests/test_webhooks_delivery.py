@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
@@ -31,7 +33,7 @@ from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
 from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
 from worker.webhooks.delivery import Deliverer
-from worker.webhooks.recording import Finished
+from worker.webhooks.recording import Finished, Recorded
 from worker.webhooks.runner import Runner
 from worker.webhooks.sending import (
     AttemptKind,
@@ -777,3 +779,34 @@ def test_a_warm_shutdown_records_the_attempts_in_flight(
     delivery = _delivery(scratch_sessions, endpoint_id)
     assert (delivery.attempts, delivery.lease_id) == (1, None)
     assert delivery.last_error is not None
+
+
+def test_a_batch_written_while_the_database_is_away_is_written_again(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+    receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The recorder's write meets a connection the database dropped (a restart, a failover):
+    it is made again on a fresh one, not left to the leases (which would send it again)."""
+    endpoint_id, secret = _subscribe(scratch_sessions, settings, receiver.url)
+    receiver.secrets.append(secret)
+    record = deliverer.record
+    calls: list[int] = []
+
+    def dropped_once(batch: list[Finished]) -> list[Recorded | None]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise OperationalError("UPDATE ...", None, psycopg.OperationalError("server closed"))
+        return record(batch)
+
+    monkeypatch.setattr(deliverer, "record", dropped_once)
+    runner = Runner(deliverer)
+    assert runner.claim_and_submit() == 1
+    runner.drain()
+    assert calls == [1, 1]
+    delivery = _delivery(scratch_sessions, endpoint_id)
+    assert (delivery.attempts, delivery.lease_id) == (1, None)
+    assert delivery.delivered_at is not None
+    assert len(receiver.accepted_ids()) == 1
