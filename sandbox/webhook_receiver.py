@@ -29,9 +29,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.settings import Settings
 
 
 class Behaviour(enum.StrEnum):
@@ -292,27 +297,58 @@ def demo_environment(data_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
     return {"WEBHOOK_SECRET_KEY": key, "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true"}
 
 
+DEMO_DESCRIPTION = "local demo receiver (sandbox.webhook_receiver)"
+
+
 def register(url: str, organization_id: uuid.UUID) -> str:
-    """Register `url` for the organization (or give its endpoint a new secret); the secret."""
+    """Register `url` for the organization; the secret (see `register_in`)."""
     from worker.db import session_factory  # noqa: PLC0415 - only the command needs the database
     from worker.settings import get_settings_or_exit  # noqa: PLC0415
-    from worker.webhooks import create_endpoint, list_endpoints, rotate_secret  # noqa: PLC0415
 
     settings = get_settings_or_exit()
     with session_factory().begin() as session:
-        for endpoint in list_endpoints(session, organization_id=organization_id):
-            if endpoint.url == url and endpoint.enabled:
-                return rotate_secret(
-                    session, endpoint.id, organization_id=organization_id, settings=settings
-                )
-        created = create_endpoint(
-            session,
-            organization_id=organization_id,
-            url=url,
-            settings=settings,
-            description="local demo receiver (sandbox.webhook_receiver)",
-        )
-        return created.secret
+        return register_in(session, url, organization_id, settings)
+
+
+def register_in(session: Session, url: str, organization_id: uuid.UUID, settings: Settings) -> str:
+    """Register `url` for the organization (or give its endpoint a new secret); the secret.
+
+    Each run listens on a new port, so the endpoints of earlier runs' receivers (same
+    description, another URL) are disabled: they would otherwise be retried for days.
+    """
+    from worker.webhooks import (  # noqa: PLC0415
+        create_endpoint,
+        disable,
+        list_endpoints,
+        rotate_secret,
+    )
+
+    secret = None
+    for endpoint in list_endpoints(session, organization_id=organization_id):
+        if not endpoint.enabled:
+            continue
+        if endpoint.url == url and secret is None:
+            secret = rotate_secret(
+                session, endpoint.id, organization_id=organization_id, settings=settings
+            )
+        elif endpoint.description == DEMO_DESCRIPTION and endpoint.url != url:
+            disable(
+                session,
+                endpoint.id,
+                organization_id=organization_id,
+                reason="replaced by a newer demo receiver",
+                actor="sandbox.webhook_receiver",
+            )
+    if secret is not None:
+        return secret
+    created = create_endpoint(
+        session,
+        organization_id=organization_id,
+        url=url,
+        settings=settings,
+        description=DEMO_DESCRIPTION,
+    )
+    return created.secret
 
 
 def _print(item: Received) -> None:

@@ -11,8 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import AccountStatus, AuditEvent, AuditEventType, WebhookDelivery, WebhookEndpoint
+from sandbox.webhook_receiver import register_in
 from tests.factories import make_account, make_organization
 from tests.processes import ROOT
+from worker.settings import Settings
+from worker.webhooks import create_endpoint, list_endpoints
 from worker.webhooks.signing import SecretBox, generate_key
 
 WEBHOOKS = str(ROOT / "scripts" / "webhooks")
@@ -125,3 +128,30 @@ def test_refused_urls_and_unknown_ids_exit_2(
     assert unknown.returncode == 2
     assert "no webhook endpoint" in unknown.stderr
     assert _run(scratch_database, key, "--help").returncode == 0
+
+
+def test_the_demo_receiver_replaces_the_endpoint_of_an_earlier_run(session: Session) -> None:
+    """Each `scripts/run` starts its receiver on a new port: registering it disables the earlier
+    runs' demo endpoints (they would be retried for days), keeps other endpoints, and a second
+    registration of the same URL gives the same endpoint a new secret."""
+    settings = Settings(webhook_secret_key=generate_key(), webhook_allow_private_networks=True)
+    organization = make_organization(session)
+    other = create_endpoint(
+        session, organization_id=organization.id, url="https://93.184.215.14/h", settings=settings
+    )
+    first = register_in(session, "http://127.0.0.1:40001/webhooks", organization.id, settings)
+    second = register_in(session, "http://127.0.0.1:40002/webhooks", organization.id, settings)
+    again = register_in(session, "http://127.0.0.1:40002/webhooks", organization.id, settings)
+
+    shown = {e.url: e for e in list_endpoints(session, organization_id=organization.id)}
+    assert len(shown) == 3
+    old = shown["http://127.0.0.1:40001/webhooks"]
+    assert not old.enabled
+    assert old.disabled_reason == "replaced by a newer demo receiver"
+    assert shown["http://127.0.0.1:40002/webhooks"].enabled
+    assert shown[other.endpoint.url].enabled
+    assert len({first, second, again}) == 3
+    disabled = session.scalars(
+        select(AuditEvent).where(AuditEvent.event_type == AuditEventType.WEBHOOK_ENDPOINT_DISABLED)
+    ).all()
+    assert [e.actor for e in disabled] == ["sandbox.webhook_receiver"]
