@@ -218,7 +218,7 @@ def _act(session: Session, args: argparse.Namespace, settings: Settings) -> dict
         )
         return {"endpoint": info.as_json(), "lines": _endpoint_lines([info])}
     if command == "enable":
-        info = enable(session, args.endpoint, organization_id=organization_id)
+        info = enable(session, args.endpoint, organization_id=organization_id, settings=settings)
         return {"endpoint": info.as_json(), "lines": _endpoint_lines([info])}
     raise UsageError(f"unknown command {command}")
 

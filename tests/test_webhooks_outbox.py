@@ -32,6 +32,7 @@ from worker.sts.verifier import StsVerifier
 from worker.verify import VerificationDeps
 from worker.webhooks import (
     EVENT_TYPES,
+    EndpointLimitError,
     EndpointNotFoundError,
     UnsafeUrlError,
     create_endpoint,
@@ -135,6 +136,32 @@ def test_the_payload_is_the_api_account_with_the_change(
         },
     }
     assert account.external_id not in str(delivery.payload)
+
+
+def test_an_organization_has_at_most_the_allowed_enabled_endpoints(session: Session) -> None:
+    """WEBHOOK_MAX_ENDPOINTS_PER_ORGANIZATION bounds the fan-out: one more endpoint, or enabling
+    a disabled one, is refused while the enabled ones fill it; disabled ones do not count, and
+    other organizations are not affected."""
+    settings = Settings(
+        webhook_secret_key=generate_key(),
+        webhook_allow_private_networks=True,
+        webhook_max_endpoints_per_organization=2,
+    )
+    organization = make_organization(session)
+    first = _endpoint(session, organization, settings)
+    _endpoint(session, organization, settings)
+    with pytest.raises(EndpointLimitError, match="at most 2"):
+        _endpoint(session, organization, settings)
+    _endpoint(session, make_organization(session), settings)  # another organization has room
+
+    disable(session, first.id, organization_id=organization.id, reason="x", actor="api:user:1")
+    third = _endpoint(session, organization, settings)
+    with pytest.raises(EndpointLimitError):
+        enable(session, first.id, organization_id=organization.id, settings=settings)
+    disable(session, third.id, organization_id=organization.id, reason="x", actor="api:user:1")
+    assert enable(session, first.id, organization_id=organization.id, settings=settings).enabled
+    enabled = [e for e in list_endpoints(session, organization_id=organization.id) if e.enabled]
+    assert len(enabled) == 2
 
 
 def test_a_rollback_leaves_no_delivery(
@@ -312,7 +339,7 @@ def test_disable_records_an_audit_event_and_enable_resumes(
     ).one()
     assert audit.account_id is None
     assert audit.details == {"endpoint_id": str(endpoint.id)}
-    assert enable(session, endpoint.id, organization_id=organization.id).enabled
+    assert enable(session, endpoint.id, organization_id=organization.id, settings=settings).enabled
     session.add(_status_event(account))
     session.flush()
     assert len(_deliveries(session)) == 2
@@ -386,7 +413,7 @@ def test_an_endpoint_of_another_organization_is_not_found(
     calls: list[Callable[[], object]] = [
         lambda: rotate_secret(session, endpoint.id, organization_id=mine.id, settings=settings),
         lambda: disable(session, endpoint.id, organization_id=mine.id, reason="x", actor="x"),
-        lambda: enable(session, endpoint.id, organization_id=mine.id),
+        lambda: enable(session, endpoint.id, organization_id=mine.id, settings=settings),
         lambda: send_test_event(session, endpoint.id, organization_id=mine.id),
         lambda: replay_event(session, event.id, organization_id=mine.id),
         lambda: replay_event(

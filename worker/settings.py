@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     webhook_per_endpoint_limit: int = Field(default=16, ge=1, le=1000)
     # Delivery threads per worker process (they wait on the network, not the CPU).
     webhook_concurrency: int = Field(default=64, ge=1, le=500)
+    # Enabled endpoints an organization may have: each adds one INSERT per event to the
+    # verification's transaction (the outbox), so the fan-out is bounded.
+    webhook_max_endpoints_per_organization: int = Field(default=20, ge=1, le=1000)
     # An endpoint none of whose deliveries succeeded for this long is disabled.
     webhook_disable_after_seconds: int = Field(default=5 * _DAY, ge=1)
     # How long the previous secret keeps signing after a rotation.

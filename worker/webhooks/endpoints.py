@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from models import AuditEventType, Organization, WebhookDelivery, WebhookEndpoint, format_timestamp
@@ -31,6 +31,10 @@ from worker.webhooks.signing import SecretBox, SecretKeyError, generate_secret
 _NOT_ANNOUNCED = {AuditEventType.VERIFICATION_REQUESTED, AuditEventType.WEBHOOK_ENDPOINT_DISABLED}
 EVENT_TYPES = tuple(f"account.{t.value}" for t in AuditEventType if t not in _NOT_ANNOUNCED)
 TEST_EVENT_TYPE = "webhook.test"
+
+
+class EndpointLimitError(ValueError):
+    """The organization already has as many enabled endpoints as it may."""
 
 
 class EndpointNotFoundError(LookupError):
@@ -130,8 +134,7 @@ def create_endpoint(
         url, allow_private=allow_private, timeout=settings.webhook_connect_timeout_seconds
     )
     types = _event_types(event_types)
-    if session.get(Organization, organization_id) is None:
-        raise EndpointNotFoundError(f"no organization {organization_id}")
+    _check_room(session, organization_id, settings)
     secret = generate_secret()
     endpoint = WebhookEndpoint(
         organization_id=organization_id,
@@ -215,9 +218,14 @@ def disable(
     return _refreshed(session, endpoint_id, organization_id)
 
 
-def enable(session: Session, endpoint_id: uuid.UUID, *, organization_id: uuid.UUID) -> EndpointInfo:
-    """Deliver to an endpoint again (new events only; `replay_event` resends old ones)."""
+def enable(
+    session: Session, endpoint_id: uuid.UUID, *, organization_id: uuid.UUID, settings: Settings
+) -> EndpointInfo:
+    """Deliver to an endpoint again (new events only; `replay_event` resends old ones).
+    Raises EndpointLimitError if the organization has no room for another enabled endpoint."""
     endpoint = _endpoint(session, endpoint_id, organization_id)
+    if not endpoint.enabled:
+        _check_room(session, organization_id, settings)
     endpoint.enabled = True
     endpoint.disabled_reason = None
     endpoint.disabled_at = None
@@ -225,6 +233,30 @@ def enable(session: Session, endpoint_id: uuid.UUID, *, organization_id: uuid.UU
     endpoint.last_failure_at = None
     session.flush()
     return _refreshed(session, endpoint_id, organization_id)
+
+
+def _check_room(session: Session, organization_id: uuid.UUID, settings: Settings) -> None:
+    """Refuse another enabled endpoint beyond WEBHOOK_MAX_ENDPOINTS_PER_ORGANIZATION: each one
+    adds an INSERT per event to the verification's transaction. The organization's row is locked
+    (FOR NO KEY UPDATE), so two registrations at once cannot both take the last place."""
+    found = session.scalars(
+        select(Organization.id)
+        .where(Organization.id == organization_id)
+        .with_for_update(key_share=True)
+    ).one_or_none()
+    if found is None:
+        raise EndpointNotFoundError(f"no organization {organization_id}")
+    enabled = session.scalar(
+        select(func.count())
+        .select_from(WebhookEndpoint)
+        .where(WebhookEndpoint.organization_id == organization_id, WebhookEndpoint.enabled)
+    )
+    limit = settings.webhook_max_endpoints_per_organization
+    if (enabled or 0) >= limit:
+        raise EndpointLimitError(
+            f"organization {organization_id} already has {enabled} enabled webhook endpoints "
+            f"(at most {limit}: WEBHOOK_MAX_ENDPOINTS_PER_ORGANIZATION); disable one first"
+        )
 
 
 def _refreshed(
