@@ -5,18 +5,17 @@ live in `worker.webhooks.tasks`.
 """
 
 from worker.webhooks.addresses import UnsafeUrlError
+from worker.webhooks.deliveries import DeliveryInfo, list_deliveries
 from worker.webhooks.endpoints import (
     EVENT_TYPES,
     TEST_EVENT_TYPE,
     CreatedEndpoint,
-    DeliveryInfo,
     EndpointInfo,
     EndpointLimitError,
     EndpointNotFoundError,
     create_endpoint,
     disable,
     enable,
-    list_deliveries,
     list_endpoints,
     operator_endpoint_organization,
     operator_event_organization,

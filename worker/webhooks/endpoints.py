@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from models import AuditEventType, Organization, WebhookDelivery, WebhookEndpoint, format_timestamp
+from models import AuditEventType, Organization, WebhookEndpoint, format_timestamp
 from models.webhooks import message_id
 from worker.settings import Settings
 from worker.webhooks.addresses import normalized_url, resolve_allowed
@@ -82,13 +82,14 @@ class EndpointInfo:
             "eventTypes": self.event_types,
             "enabled": self.enabled,
             "disabledReason": self.disabled_reason,
-            "failingSince": _timestamp(self.failing_since),
-            "previousSecretExpiresAt": _timestamp(self.previous_secret_expires_at),
-            "createdAt": _timestamp(self.created_at),
+            "failingSince": optional_timestamp(self.failing_since),
+            "previousSecretExpiresAt": optional_timestamp(self.previous_secret_expires_at),
+            "createdAt": optional_timestamp(self.created_at),
         }
 
 
-def _timestamp(moment: datetime | None) -> str | None:
+def optional_timestamp(moment: datetime | None) -> str | None:
+    """The API's timestamp form, or None."""
     return None if moment is None else format_timestamp(moment)
 
 
@@ -372,62 +373,3 @@ def replay_event(
         {"event_id": event_id, "endpoint_id": endpoint_id, "organization_id": organization_id},
     ).all()
     return [message_id(i) for i in ids]
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryInfo:
-    """One delivery as an operator sees it."""
-
-    webhook_id: str
-    event_id: int | None
-    event_type: str
-    attempts: int
-    last_status_code: int | None
-    last_error: str | None
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
-    given_up_at: datetime | None
-
-    def as_json(self) -> dict[str, Any]:
-        """camelCase, like the API."""
-        return {
-            "webhookId": self.webhook_id,
-            "eventId": self.event_id,
-            "eventType": self.event_type,
-            "attempts": self.attempts,
-            "lastStatusCode": self.last_status_code,
-            "lastError": self.last_error,
-            "nextAttemptAt": _timestamp(self.next_attempt_at),
-            "deliveredAt": _timestamp(self.delivered_at),
-            "givenUpAt": _timestamp(self.given_up_at),
-        }
-
-
-def list_deliveries(
-    session: Session, endpoint_id: uuid.UUID, *, organization_id: uuid.UUID, limit: int = 50
-) -> list[DeliveryInfo]:
-    """An endpoint's latest deliveries, newest first (none for another organization's)."""
-    rows = session.scalars(
-        select(WebhookDelivery)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-        .where(
-            WebhookDelivery.endpoint_id == endpoint_id,
-            WebhookEndpoint.organization_id == organization_id,
-        )
-        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
-        .limit(limit)
-    )
-    return [
-        DeliveryInfo(
-            webhook_id=d.message_id,
-            event_id=d.event_id,
-            event_type=d.event_type,
-            attempts=d.attempts,
-            last_status_code=d.last_status_code,
-            last_error=d.last_error,
-            next_attempt_at=d.next_attempt_at,
-            delivered_at=d.delivered_at,
-            given_up_at=d.given_up_at,
-        )
-        for d in rows
-    ]
