@@ -164,6 +164,41 @@ def test_an_organization_has_at_most_the_allowed_enabled_endpoints(session: Sess
     assert len(enabled) == 2
 
 
+def test_a_permissions_change_says_which_permissions_are_missing(
+    session: Session, settings: Settings
+) -> None:
+    """`account.permissions_changed` carries what changed (the audit event's details, in the
+    payload's camelCase): missing now, missing before (null on the first check), proven."""
+    organization = make_organization(session)
+    _endpoint(session, organization, settings)
+    account = make_account(session, organization=organization, status=AccountStatus.CONNECTED)
+    for before in (None, ["ec2:DescribeRegions"]):
+        session.add(
+            AuditEvent(
+                organization_id=organization.id,
+                account_id=account.id,
+                event_type=AuditEventType.PERMISSIONS_CHANGED,
+                actor="worker",
+                reason="MissingPermissions",
+                details={
+                    "before": before,
+                    "after": ["s3:ListAllMyBuckets"],
+                    "proven": ["ec2:DescribeRegions", "iam:GetAccountSummary"],
+                },
+            )
+        )
+        session.flush()
+    ordered = sorted(_deliveries(session), key=lambda d: d.event_id or 0)
+    first, second = (d.payload["data"] for d in ordered)
+    assert first["previouslyMissing"] is None
+    assert second["previouslyMissing"] == ["ec2:DescribeRegions"]
+    for data in (first, second):
+        assert data["missingPermissions"] == ["s3:ListAllMyBuckets"]
+        assert data["provenPermissions"] == ["ec2:DescribeRegions", "iam:GetAccountSummary"]
+        assert data["reason"] == "MissingPermissions"
+        assert data["account"]["id"] == str(account.id)
+
+
 def test_a_rollback_leaves_no_delivery(
     scratch_sessions: sessionmaker[Session], settings: Settings
 ) -> None:
