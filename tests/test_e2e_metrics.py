@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import AuditEvent, AuditEventType, AwsAccount
+from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
 from tests.conftest import alembic_config
 from tests.faults.fleet import Fleet
 from tests.faults.harness import (
@@ -107,6 +107,9 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
     labels += [f"noext-{n}" for n in range(3)] + [f"throttle-{n}" for n in range(3)]
     for label in labels:
         fleet.add(label)
+    # Connected accounts refused: each held once (confirming), then failed at its re-attempt.
+    for n in range(2):
+        fleet.add(f"deny-connected-{n}", initial=AccountStatus.CONNECTED)
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     (multiproc / "counter_4242.db").write_bytes(b"left over from a previous run")
@@ -192,7 +195,7 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
     assert (
         total(samples, "verifier_verifications_total", outcome="verified", error_code="none") == 24
     )
-    assert total(samples, "verifier_verifications_total", error_code="AccessDenied") == 6
+    assert total(samples, "verifier_verifications_total", error_code="AccessDenied") == 6 + 2 * 2
     assert total(samples, "verifier_verifications_total", error_code="ExternalIdNotEnforced") == 3
     counted = {
         (dict(ls)["from_status"], dict(ls)["to_status"]): v
@@ -200,7 +203,14 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
         if n == "verifier_status_transitions_total"
     }
     assert counted == dict(transitions)
-    assert transitions == {("pending", "connected"): 24, ("pending", "failed"): 9}
+    assert transitions == {
+        ("pending", "connected"): 24,
+        ("pending", "failed"): 9,
+        ("connected", "failed"): 2,
+    }
+    # No grace window here (PENDING_GRACE_SECONDS=0) and no wave: the two confirmations only.
+    assert total(samples, "verifier_holds_total", hold="confirming") == 2
+    assert total(samples, "verifier_holds_total") == 2
     for status in ("pending", "connected", "failed"):
         assert total(samples, "verifier_accounts", status=status) == statuses[status]
     assert total(samples, "verifier_accounts_leased") == 0
@@ -399,7 +409,14 @@ def test_leases_of_a_killed_worker_are_counted_when_claimed_again(
     )
     port = free_port()
     beat = start_beat(env, tmp_path)
-    first = start_worker(env, tmp_path, name="first")
+    # Metrics are off without METRICS_PORT: a PROMETHEUS_MULTIPROC_DIR in the environment is
+    # neither wiped nor written to while the first worker verifies.
+    untouched = tmp_path / "metrics-off"
+    untouched.mkdir()
+    (untouched / "counter_4242.db").write_bytes(b"not the first worker's")
+    first = start_worker(
+        {**env, "PROMETHEUS_MULTIPROC_DIR": str(untouched)}, tmp_path, name="first"
+    )
     with running(beat, first):
 
         def leased() -> int:
@@ -415,6 +432,7 @@ def test_leases_of_a_killed_worker_are_counted_when_claimed_again(
 
         wait_until(lambda: leased() >= 4, timeout=60, interval=0.05, what="leases held")
         kill_group(first)
+        assert [path.name for path in untouched.iterdir()] == ["counter_4242.db"]
         # The messages still queued go too (as with a Redis that lost them): each account leased
         # now comes back only through its lease.
         redis.Redis.from_url(private_redis.url).delete(*QUEUES)
