@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import redis
 from alembic import command
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import AuditEvent, AuditEventType, AwsAccount
+from models import AccountStatus, AuditEvent, AuditEventType, AwsAccount
 from tests.conftest import alembic_config
 from tests.faults.fleet import Fleet
 from tests.faults.harness import (
@@ -66,6 +67,18 @@ def total(
     return sum(v for (n, ls), v in samples.items() if n == metric and wanted <= ls)
 
 
+def verifications_by_process(directory: Path) -> dict[str, float]:
+    """Each process's own `verifier_verifications_total`, read from its counter file (the pid is
+    in the file's name)."""
+    found: dict[str, float] = {}
+    for path in directory.glob("counter_*.db"):
+        values = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+        found[path.stem.rpartition("_")[2]] = sum(
+            value for key, value, _, _ in values if json.loads(key)[0] == "verifier_verifications"
+        )
+    return found
+
+
 def _quiet(fleet: Fleet, client: redis.Redis, standin: StandInProcess) -> bool:
     """No lease held, no message queued, and STS saw nothing new for a second."""
     with fleet.sessions() as session:
@@ -94,6 +107,9 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
     labels += [f"noext-{n}" for n in range(3)] + [f"throttle-{n}" for n in range(3)]
     for label in labels:
         fleet.add(label)
+    # Connected accounts refused: each held once (confirming), then failed at its re-attempt.
+    for n in range(2):
+        fleet.add(f"deny-connected-{n}", initial=AccountStatus.CONNECTED)
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     (multiproc / "counter_4242.db").write_bytes(b"left over from a previous run")
@@ -119,6 +135,9 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
             timeout=90,
             what="verifications counted mid-sweep",
         )
+        # Mid-sweep, what is counted has happened: never more requests than STS has seen.
+        mid_sweep = scrape(worker_port)
+        assert total(mid_sweep, "verifier_sts_requests_total") <= standin.stats()["requests"]
         wait_until(fleet.settled, timeout=120, what="every account at its status")
         assert get(f"http://127.0.0.1:{beat_port}/healthz")[0] == 200
         assert get(f"http://127.0.0.1:{beat_port}/readyz")[0] == 200
@@ -139,10 +158,15 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
             statuses = Counter(str(s) for s in session.scalars(select(AwsAccount.status)))
         assert worker.process.poll() is None
 
-    # Both prefork processes wrote their own files; the stale file was wiped at start.
+    # Both prefork processes verified, each in files of its own, and the one endpoint showed
+    # their sum; the stale file was wiped at start.
     assert not (multiproc / "counter_4242.db").exists()
-    pids = {path.stem.rpartition("_")[2] for path in multiproc.glob("counter_*.db")}
-    assert len(pids) >= 2, pids
+    by_process = verifications_by_process(multiproc)
+    assert str(worker.process.pid) in by_process  # the main process's (it verifies nothing)
+    verifying = {pid: n for pid, n in by_process.items() if n > 0}
+    assert len(verifying) >= 2, by_process
+    assert sum(verifying.values()) == total(samples, "verifier_verifications_total")
+    assert total(mid_sweep, "verifier_verifications_total") <= sum(verifying.values())
 
     # What the stand-in saw, request by request.
     assert total(samples, "verifier_sts_requests_total") == stats["requests"]
@@ -152,6 +176,11 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
         total(samples, "verifier_sts_request_duration_seconds_count", result="throttled")
         == stats["throttled"]
     )
+    # Every request was answered, and the answers add up by result.
+    assert total(samples, "verifier_sts_request_duration_seconds_count") == stats["requests"]
+    assert total(samples, "verifier_sts_request_duration_seconds_count", result="ok") == stats[
+        "by_outcome"
+    ].get("Success", 0)
     assert total(
         samples, "verifier_sts_request_duration_seconds_count", result="access_denied"
     ) == stats["by_outcome"].get("AccessDenied", 0)
@@ -166,7 +195,7 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
     assert (
         total(samples, "verifier_verifications_total", outcome="verified", error_code="none") == 24
     )
-    assert total(samples, "verifier_verifications_total", error_code="AccessDenied") == 6
+    assert total(samples, "verifier_verifications_total", error_code="AccessDenied") == 6 + 2 * 2
     assert total(samples, "verifier_verifications_total", error_code="ExternalIdNotEnforced") == 3
     counted = {
         (dict(ls)["from_status"], dict(ls)["to_status"]): v
@@ -174,7 +203,14 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
         if n == "verifier_status_transitions_total"
     }
     assert counted == dict(transitions)
-    assert transitions == {("pending", "connected"): 24, ("pending", "failed"): 9}
+    assert transitions == {
+        ("pending", "connected"): 24,
+        ("pending", "failed"): 9,
+        ("connected", "failed"): 2,
+    }
+    # No grace window here (PENDING_GRACE_SECONDS=0) and no wave: the two confirmations only.
+    assert total(samples, "verifier_holds_total", hold="confirming") == 2
+    assert total(samples, "verifier_holds_total") == 2
     for status in ("pending", "connected", "failed"):
         assert total(samples, "verifier_accounts", status=status) == statuses[status]
     assert total(samples, "verifier_accounts_leased") == 0
@@ -195,6 +231,10 @@ def test_counters_add_up_to_what_sts_saw_and_the_database_holds(
         samples, "verifier_verifications_total"
     )
     assert total(samples, "celery_task_succeeded_total", name="verifier.verify_accounts") > 0
+    assert total(samples, "verifier_dispatch_runs_total", result="claimed") > 0
+    assert total(samples, "verifier_dispatch_last_run_timestamp_seconds") > time.time() - 60
+    # The throttled answers cut the shared rate (at most once per cut interval).
+    assert 1 <= total(samples, "verifier_sts_rate_cuts_total") <= stats["throttled"]
     assert total(samples, "verifier_platform_circuit_open") == 0
     assert total(samples, "celery_queue_length") == 0
     assert total(samples, "verifier_sts_rate_ceiling_per_second") > 0
@@ -213,8 +253,23 @@ def _readiness(port: int) -> tuple[int, dict[str, Any]]:
     return status, (json.loads(body) if body else {})
 
 
-def _wait_ready(port: int, ready: bool, *, what: str, liveness: list[int]) -> dict[str, Any]:
-    """Poll /readyz until it says `ready`, checking /healthz at every poll; returns the checks."""
+# "Within seconds": readiness is checked at most once a second, a check is cut off after 3 s,
+# and the circuit breaker opens at the first verification refused (the test's account is due
+# again every second or two). Generous for a loaded machine, far below what an orchestrator or an
+# alert would wait.
+READINESS_WITHIN_SECONDS = 15.0
+
+
+def _wait_ready(
+    port: int,
+    ready: bool,
+    *,
+    what: str,
+    liveness: list[int],
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Poll /readyz until it says `ready`, checking /healthz at every poll; returns the checks.
+    With `timings`, the seconds it took are recorded under `what`."""
     answer: dict[str, Any] = {}
 
     def reached() -> bool:
@@ -223,7 +278,10 @@ def _wait_ready(port: int, ready: bool, *, what: str, liveness: list[int]) -> di
         status, answer = _readiness(port)
         return (status == 200) is ready and status != 0
 
+    started = time.monotonic()
     wait_until(reached, timeout=60, interval=0.5, what=what)
+    if timings is not None:
+        timings[what] = round(time.monotonic() - started, 1)
     checks: dict[str, Any] = answer.get("checks", {})
     return checks
 
@@ -276,27 +334,57 @@ def test_readiness_follows_the_database_redis_and_platform_credentials(
             "verification": "ok",
         }
 
+        # Each outage starts once its service is down (stop() returns when the process has
+        # exited), and each recovery once it is back; `timings` has how long readiness took.
+        timings: dict[str, float] = {}
         postgres.stop()
-        checks = _wait_ready(port, False, what="not ready without PostgreSQL", liveness=liveness)
+        checks = _wait_ready(
+            port, False, what="not ready without PostgreSQL", liveness=liveness, timings=timings
+        )
         assert checks["database"].startswith("failed"), checks
         postgres.start()
-        _wait_ready(port, True, what="ready with PostgreSQL back", liveness=liveness)
+        _wait_ready(
+            port, True, what="ready with PostgreSQL back", liveness=liveness, timings=timings
+        )
 
         private_redis.stop()
-        checks = _wait_ready(port, False, what="not ready without Redis", liveness=liveness)
+        checks = _wait_ready(
+            port, False, what="not ready without Redis", liveness=liveness, timings=timings
+        )
         assert checks["redis"].startswith("failed"), checks
         time.sleep(3)  # the consumer reconnecting for a while: still alive
         liveness.append(get(f"http://127.0.0.1:{port}/healthz")[0])
         private_redis.start()
-        _wait_ready(port, True, what="ready with Redis back", liveness=liveness)
+        _wait_ready(port, True, what="ready with Redis back", liveness=liveness, timings=timings)
 
         standin.configure(platform_credentials_valid=False)
-        checks = _wait_ready(port, False, what="not ready with bad credentials", liveness=liveness)
+        checks = _wait_ready(
+            port, False, what="not ready with bad credentials", liveness=liveness, timings=timings
+        )
         assert checks["platform"].startswith("circuit open"), checks
+        # The trip is counted by the process that opened the breaker, with the refusal's code.
+        wait_until(
+            lambda: total(scrape(port), "verifier_platform_circuit_open") == 1,
+            timeout=10,
+            what="the circuit breaker's gauge",
+        )
+        open_samples = scrape(port)
         standin.configure(platform_credentials_valid=True)
-        _wait_ready(port, True, what="ready with credentials back", liveness=liveness)
+        _wait_ready(
+            port, True, what="ready with credentials back", liveness=liveness, timings=timings
+        )
         assert worker.process.poll() is None
     assert set(liveness) == {200}, Counter(liveness)
+    slow = {what: took for what, took in timings.items() if took > READINESS_WITHIN_SECONDS}
+    assert not slow, f"over {READINESS_WITHIN_SECONDS}s: {slow} (all: {timings})"
+    trips = total(open_samples, "verifier_platform_circuit_trips_total")
+    assert trips >= 1
+    assert (
+        total(
+            open_samples, "verifier_platform_circuit_trips_total", error_code="InvalidClientTokenId"
+        )
+        == trips
+    )
 
 
 @pytest.mark.timeout(240)
@@ -321,7 +409,14 @@ def test_leases_of_a_killed_worker_are_counted_when_claimed_again(
     )
     port = free_port()
     beat = start_beat(env, tmp_path)
-    first = start_worker(env, tmp_path, name="first")
+    # Metrics are off without METRICS_PORT: a PROMETHEUS_MULTIPROC_DIR in the environment is
+    # neither wiped nor written to while the first worker verifies.
+    untouched = tmp_path / "metrics-off"
+    untouched.mkdir()
+    (untouched / "counter_4242.db").write_bytes(b"not the first worker's")
+    first = start_worker(
+        {**env, "PROMETHEUS_MULTIPROC_DIR": str(untouched)}, tmp_path, name="first"
+    )
     with running(beat, first):
 
         def leased() -> int:
@@ -337,6 +432,7 @@ def test_leases_of_a_killed_worker_are_counted_when_claimed_again(
 
         wait_until(lambda: leased() >= 4, timeout=60, interval=0.05, what="leases held")
         kill_group(first)
+        assert [path.name for path in untouched.iterdir()] == ["counter_4242.db"]
         # The messages still queued go too (as with a Redis that lost them): each account leased
         # now comes back only through its lease.
         redis.Redis.from_url(private_redis.url).delete(*QUEUES)

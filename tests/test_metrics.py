@@ -1,17 +1,23 @@
-"""worker.metric_definitions and worker.cached_value: bounded labels and the cached fleet reads
-(the multiprocess endpoint itself is proven end to end in tests/test_e2e_metrics.py)."""
+"""worker.metric_definitions and worker.cached_value: bounded labels, the cached fleet reads and
+the README's table of metrics (the multiprocess endpoint itself is proven end to end in
+tests/test_e2e_metrics.py)."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from tests.processes import ROOT
 from worker.cached_value import CachedValue
-from worker.fleet import read_broker_state
-from worker.metric_definitions import MAX_ERROR_CODES, OTHER, WorkerMetrics
+from worker.fleet import BrokerState, FleetSummary, read_broker_state
+from worker.metric_definitions import MAX_ERROR_CODES, OTHER, BeatMetrics, WorkerMetrics
+from worker.scrape import FleetCollector
+from worker.settings import Settings
 
 
 def test_error_codes_are_bounded() -> None:
@@ -125,3 +131,57 @@ def test_fleet_reads_every_queue_celery_declares(redis_url: str) -> None:
     state = read_broker_state(redis.Redis.from_url(redis_url), ceiling_per_second=10)
     assert set(state.queues) == {queue.name for queue in celeryconfig.task_queues}
     assert "verifier.webhooks" in state.queues
+
+
+class _Fixed:
+    """A CachedValue stand-in that always has `value`."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def get(self) -> object:
+        return self.value
+
+
+def _served_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every metric the worker and beat define or serve: exposed name -> (type, labels)."""
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    defined = [*vars(WorkerMetrics()).values(), *vars(BeatMetrics(CollectorRegistry())).values()]
+    for metric in defined:
+        if not hasattr(metric, "describe"):
+            continue
+        (family,) = metric.describe()
+        name = family.name + ("_total" if family.type == "counter" else "")
+        found[name] = (family.type, frozenset(metric._labelnames))
+    broker = BrokerState(circuit=None, sts_rate_per_second=1.0, queues={"q": 0}, last_dispatch=None)
+    fleet = FleetCollector(_Fixed(FleetSummary()), _Fixed(broker), Settings())  # type: ignore[arg-type]
+    for family in fleet.collect():
+        labels = frozenset(key for sample in family.samples for key in sample.labels)
+        found[family.name] = (family.type, labels)
+    return found
+
+
+def _readme_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """The README's table of metrics: name -> (type, label names)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| metric | type | labels | meaning |") + 2
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        name, kind, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        # Label names are the backquoted words outside parentheses (which list their values).
+        names = re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", labels))
+        found[name.strip("`")] = (kind, frozenset(names))
+    return found
+
+
+def test_the_readme_documents_every_metric_and_no_other() -> None:
+    """The README's table lists every metric the worker and beat define or serve, with its type
+    and labels, and nothing they do not."""
+    served, documented = _served_metrics(), _readme_metrics()
+    assert len(served) > 30
+    assert sorted(set(served) - set(documented)) == [], "served but not in the README"
+    assert sorted(set(documented) - set(served)) == [], "in the README but not served"
+    wrong = {n: {"README": v, "code": served[n]} for n, v in documented.items() if served[n] != v}
+    assert wrong == {}, "type or labels differ"

@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -143,6 +144,37 @@ def test_organizations_shown_one_by_one_with_customer_text_escaped(
     )
     assert as_json["byStatus"] == {"pending": 2, "connected": 1, "failed": 0}
     assert [org["name"] for org in as_json["organizations"]] == ["Other"]
+
+
+@pytest.mark.timeout(90)
+def test_watch_refreshes_from_the_database(
+    scratch_database: str, scratch_sessions: sessionmaker[Session], redis_url: str
+) -> None:
+    """--watch --json prints a fresh report every SECONDS, one JSON line each, read again from
+    the database: an account added between two reports is counted in the later one."""
+    redis.Redis.from_url(redis_url).flushdb()
+    _seed(scratch_sessions)
+    with subprocess.Popen(
+        [sys.executable, "-m", "scripts.status", "--watch", "0.5", "--json"],
+        cwd=ROOT,
+        env={"DATABASE_URL": scratch_database, "REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as watch:
+        assert watch.stdout is not None
+        try:
+            first = json.loads(watch.stdout.readline())
+            with scratch_sessions.begin() as session:
+                make_account(session, status=AccountStatus.CONNECTED)
+            reports = [json.loads(watch.stdout.readline()) for _ in range(3)]
+        finally:
+            watch.terminate()
+    assert first["accounts"] == 6
+    # The report being read while the account was added may or may not count it; the last must.
+    assert reports[-1]["accounts"] == 7
+    assert reports[-1]["byStatus"]["connected"] == 2
+    assert len({first["at"], *(report["at"] for report in reports)}) == 4
 
 
 def test_bad_usage_and_unreachable_database(scratch_database: str, redis_url: str) -> None:

@@ -222,6 +222,7 @@ def check_account(
         and deps.circuit is not None
         and deps.circuit.trip(outcome.code, outcome.message)
     ):
+        metrics.record_circuit_trip(outcome.code)
         log.critical(
             "platform.fault",
             error_code=outcome.code,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import psycopg
 
 from scripts.benchmarks.claims import Scenario, scratch_database, seed
-from scripts.benchmarks.common import DEFAULT_ADMIN_URL
+from scripts.benchmarks.common import DEFAULT_ADMIN_URL, DEFAULT_REDIS_URL
 from scripts.services import ROOT
 
 STATUS = str(ROOT / "scripts" / "status")
@@ -46,9 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--due-share", type=float, default=0.01, help="share due now (0.01)")
     parser.add_argument("--churn", type=float, default=0.05, help="share updated after (0.05)")
     parser.add_argument("--repeat", type=int, default=7, help="runs of scripts/status (7)")
-    parser.add_argument("--database-url", default=DEFAULT_ADMIN_URL, help="PostgreSQL server")
+    # The servers scripts/bench makes sure of (BENCH_DATABASE_URL, BENCH_REDIS_URL): status only
+    # reads Redis, so its database there is left as it is.
     parser.add_argument(
-        "--redis-url", default="redis://127.0.0.1:6379/15", help="Redis read by status (read only)"
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_ADMIN_URL),
+        help=f"PostgreSQL server (env BENCH_DATABASE_URL; default {DEFAULT_ADMIN_URL})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"Redis read by status, read only (env BENCH_REDIS_URL; default {DEFAULT_REDIS_URL})",
     )
     return parser
 
