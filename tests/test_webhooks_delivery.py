@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -31,7 +32,7 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
-from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.claims import DeliveryClaim, Message, claim_due_deliveries, lease_seconds
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished, Recorded
 from worker.webhooks.runner import Runner
@@ -394,8 +395,8 @@ def test_the_connection_goes_to_the_address_that_was_checked(
 def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     scratch_sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    """A backlog on one endpoint never fills a claim: at most `per_endpoint` in flight each, and
-    concurrent claimers skip each other's rows."""
+    """A backlog on one endpoint never fills a claim: at most `per_endpoint` in flight each,
+    counting the leases of earlier claims."""
     busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
     quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
     with scratch_sessions.begin() as session:
@@ -405,15 +406,50 @@ def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     assert sorted(m.endpoint_id == busy for m in first.messages) == [False, True, True]
     assert quiet in {m.endpoint_id for m in first.messages}
     assert second.messages == []
-    with scratch_sessions.begin() as session:
-        session.execute(
-            text("UPDATE webhook_deliveries SET lease_id = NULL, lease_expires_at = NULL")
-        )
-    with scratch_sessions.begin() as one, scratch_sessions.begin() as two:
-        a = claim_due_deliveries(one, limit=100, per_endpoint=10, lease_seconds=60)
-        b = claim_due_deliveries(two, limit=100, per_endpoint=10, lease_seconds=60)
-        assert set(a.delivery_ids).isdisjoint(b.delivery_ids)
-        assert len(a.delivery_ids) + len(b.delivery_ids) == 7
+
+
+def _waiting_for_the_claim_lock(sessions: sessionmaker[Session], *, timeout: float) -> bool:
+    """Whether a session of the database waits for an advisory lock (the claims') within
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            if session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event = 'advisory'"
+                )
+            ):
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_claim_waits_for_another_process_claim_and_counts_its_leases(
+    scratch_sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """Two processes claiming at the same moment: the second claim waits for the first one's
+    transaction, then counts its leases — it takes the next due deliveries within the endpoint's
+    limit, instead of the same candidates (skipped, locked: an empty claim) or, under churn,
+    more than the limit."""
+    busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
+    quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
+
+    def claim_elsewhere() -> DeliveryClaim:
+        with scratch_sessions.begin() as session:
+            return claim_due_deliveries(session, limit=2, per_endpoint=3, lease_seconds=60)
+
+    with ThreadPoolExecutor(1) as pool:
+        with scratch_sessions.begin() as session:
+            first = claim_due_deliveries(session, limit=2, per_endpoint=3, lease_seconds=60)
+            elsewhere = pool.submit(claim_elsewhere)
+            waited = _waiting_for_the_claim_lock(scratch_sessions, timeout=5)
+        second = elsewhere.result(timeout=30)
+    assert [m.endpoint_id for m in first.messages] == [busy, busy]
+    # busy has one free slot left of 3; quiet's delivery is the next due.
+    assert sorted(m.endpoint_id == busy for m in second.messages) == [False, True]
+    assert set(first.delivery_ids).isdisjoint(second.delivery_ids)
+    assert waited
 
 
 def test_response_text_is_cut_and_escaped() -> None:
