@@ -32,7 +32,13 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
-from worker.webhooks.claims import DeliveryClaim, Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.claims import (
+    CLAIM_LOCK,
+    DeliveryClaim,
+    Message,
+    claim_due_deliveries,
+    lease_seconds,
+)
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished, Recorded
 from worker.webhooks.runner import Runner
@@ -815,6 +821,36 @@ def test_a_warm_shutdown_records_the_attempts_in_flight(
     delivery = _delivery(scratch_sessions, endpoint_id)
     assert (delivery.attempts, delivery.lease_id) == (1, None)
     assert delivery.last_error is not None
+
+
+def test_results_are_recorded_while_a_claim_waits(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+) -> None:
+    """The recorder writes results while a claim waits (here for another process's claim; or
+    a slow database): a result waiting behind a claim could outlive its lease and be sent
+    again."""
+    quick = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=0.3).start()
+    slow = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=3).start()
+    try:
+        _subscribe(scratch_sessions, settings, quick.url)
+        slow_endpoint, _ = _subscribe(scratch_sessions, settings, slow.url)
+        runner = Runner(deliverer)
+        assert runner.claim_and_submit() == 2
+        with scratch_sessions.begin() as other:
+            other.execute(CLAIM_LOCK)  # another process's claim, in progress
+            # quick's result (hung up on after 0.3 s) is recorded; the claim after it waits.
+            assert _waiting_for_the_claim_lock(scratch_sessions, timeout=10)
+            # slow's attempt times out after 1 s: its result is recorded all the same.
+            deadline = time.monotonic() + 5
+            while _delivery(scratch_sessions, slow_endpoint).attempts == 0:
+                assert time.monotonic() < deadline, "the result waits behind the claim"
+                time.sleep(0.05)
+        runner.drain()
+    finally:
+        quick.stop()
+        slow.stop()
 
 
 def test_a_batch_written_while_the_database_is_away_is_written_again(

@@ -21,7 +21,9 @@ from models.webhooks import message_id
 from worker.settings import Settings
 
 # Beyond the attempt's hard limit, the time to record its result: the lease never expires while
-# its attempt can still be running, so a second attempt never runs beside it.
+# its attempt can still be running, so a second attempt never runs beside it. A result waits
+# only for the write of the batch before it (the recorder thread writes results and nothing
+# else: the claims run on a thread of their own, see runner.py).
 LEASE_MARGIN_SECONDS = 15
 
 
