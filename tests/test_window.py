@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from billiard.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 

@@ -7,9 +7,9 @@ its endpoint in well under a second even while verifications keep every process 
 claimer thread after each batch of results the recorder writes. A claim takes milliseconds, so a
 slow or hanging endpoint never holds a worker process that verifications need; the HTTP attempts
 run on WEBHOOK_CONCURRENCY threads, each bounded by its timeouts, at most
-WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that dies loses only leases, which expire: the deliveries are
-attempted again with the same `webhook-id`; one leaving on a warm shutdown finishes and records
-its attempts first.
+WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that dies loses only leases, which
+expire: the deliveries are attempted again with the same `webhook-id`; one leaving on a warm
+shutdown finishes and records its attempts first.
 """
 
 from __future__ import annotations
