@@ -81,12 +81,12 @@ class Runner:
         self._stopping = threading.Event()
         # Finished attempts waiting to be recorded; None tells the recorder to stop.
         self._finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        # Set by the recorder after each batch: claim again (one claim serves any number).
+        self._claim_wanted = threading.Event()
         self._recorder = threading.Thread(
             target=self._record_forever, name="webhook-recorder", daemon=True
         )
         self._recorder.start()
-        # Set by the recorder after each batch: claim again (one claim serves any number).
-        self._claim_wanted = threading.Event()
         threading.Thread(target=self._claim_forever, name="webhook-claimer", daemon=True).start()
 
     def claim_and_submit(self) -> int:
