@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -31,9 +32,15 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
-from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.claims import (
+    CLAIM_LOCK,
+    DeliveryClaim,
+    Message,
+    claim_due_deliveries,
+    lease_seconds,
+)
 from worker.webhooks.delivery import Deliverer
-from worker.webhooks.recording import Finished, Recorded
+from worker.webhooks.recording import Finished, Recorded, record_attempts
 from worker.webhooks.runner import Runner
 from worker.webhooks.sending import (
     AttemptKind,
@@ -394,8 +401,8 @@ def test_the_connection_goes_to_the_address_that_was_checked(
 def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     scratch_sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    """A backlog on one endpoint never fills a claim: at most `per_endpoint` in flight each, and
-    concurrent claimers skip each other's rows."""
+    """A backlog on one endpoint never fills a claim: at most `per_endpoint` in flight each,
+    counting the leases of earlier claims."""
     busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
     quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
     with scratch_sessions.begin() as session:
@@ -405,15 +412,55 @@ def test_claims_take_a_few_deliveries_per_endpoint_counting_those_in_flight(
     assert sorted(m.endpoint_id == busy for m in first.messages) == [False, True, True]
     assert quiet in {m.endpoint_id for m in first.messages}
     assert second.messages == []
-    with scratch_sessions.begin() as session:
-        session.execute(
-            text("UPDATE webhook_deliveries SET lease_id = NULL, lease_expires_at = NULL")
-        )
-    with scratch_sessions.begin() as one, scratch_sessions.begin() as two:
-        a = claim_due_deliveries(one, limit=100, per_endpoint=10, lease_seconds=60)
-        b = claim_due_deliveries(two, limit=100, per_endpoint=10, lease_seconds=60)
-        assert set(a.delivery_ids).isdisjoint(b.delivery_ids)
-        assert len(a.delivery_ids) + len(b.delivery_ids) == 7
+
+
+def _waiting_for_locks(
+    sessions: sessionmaker[Session], *, advisory: bool, sessions_waiting: int = 1, timeout: float
+) -> bool:
+    """Whether `sessions_waiting` sessions of the database wait for a lock within `timeout`
+    seconds: an advisory lock (the claims'), or else a row's."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            waiting = session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    " AND (wait_event = 'advisory') = :advisory"
+                ),
+                {"advisory": advisory},
+            )
+        if waiting >= sessions_waiting:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_claim_waits_for_another_process_claim_and_counts_its_leases(
+    scratch_sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """Two processes claiming at the same moment: the second claim waits for the first one's
+    transaction, then counts its leases — it takes the next due deliveries within the endpoint's
+    limit, instead of the same candidates (skipped, locked: an empty claim) or, under churn,
+    more than the limit."""
+    busy, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/a", events=6)
+    quiet, _ = _subscribe(scratch_sessions, settings, "https://93.184.215.14/b", events=1)
+
+    def claim_elsewhere() -> DeliveryClaim:
+        with scratch_sessions.begin() as session:
+            return claim_due_deliveries(session, limit=2, per_endpoint=3, lease_seconds=60)
+
+    with ThreadPoolExecutor(1) as pool:
+        with scratch_sessions.begin() as session:
+            first = claim_due_deliveries(session, limit=2, per_endpoint=3, lease_seconds=60)
+            elsewhere = pool.submit(claim_elsewhere)
+            waited = _waiting_for_locks(scratch_sessions, advisory=True, timeout=5)
+        second = elsewhere.result(timeout=30)
+    assert [m.endpoint_id for m in first.messages] == [busy, busy]
+    # busy has one free slot left of 3; quiet's delivery is the next due.
+    assert sorted(str(m.endpoint_id) for m in second.messages) == sorted([str(busy), str(quiet)])
+    assert set(first.delivery_ids).isdisjoint(second.delivery_ids)
+    assert waited
 
 
 def test_response_text_is_cut_and_escaped() -> None:
@@ -761,6 +808,60 @@ def test_a_batch_of_results_is_recorded_in_one_statement(
     assert streak > datetime.now(UTC) - timedelta(minutes=1)
 
 
+def test_two_processes_batches_of_the_same_endpoints_do_not_deadlock(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+) -> None:
+    """Two processes' recorders write batches of the same endpoints at once, their planners
+    having chosen different joins: a nested loop (the endpoints in id order) and a hash join
+    over a scan of the table (its physical order). Each batch locks its endpoints in id order
+    whatever the plan, so neither waits for the other's locks in the opposite order: no
+    deadlock, both batches written."""
+    endpoints = sorted(
+        _subscribe(scratch_sessions, settings, f"https://93.184.215.14/{n}", events=2)[0]
+        for n in range(4)
+    )
+    first = endpoints[0]
+    with scratch_sessions.begin() as session:
+        # A new version of the first endpoint's row: now last in the table's physical order.
+        session.execute(
+            text("UPDATE webhook_endpoints SET description = 'moved' WHERE id = :id"),
+            {"id": first},
+        )
+    claim = deliverer.claim(100)
+    by_endpoint: dict[uuid.UUID, list[Message]] = {}
+    for message in claim.messages:
+        by_endpoint.setdefault(message.endpoint_id, []).append(message)
+    failed = AttemptResult(AttemptKind.FAILED, status_code=500, error="boom")
+    batches = [
+        [Finished(by_endpoint[e][n], claim.lease_id, failed) for e in endpoints] for n in (0, 1)
+    ]
+
+    def record(batch: list[Finished], plan: str) -> None:
+        with scratch_sessions.begin() as session:
+            session.execute(text(plan))
+            record_attempts(session, batch, settings=settings, rng=random.Random(0))
+
+    with ThreadPoolExecutor(2) as pool, scratch_sessions() as holder:
+        # A third transaction holds the first endpoint, so that both batches are under way
+        # at once: the first waits for it, then the second.
+        holder.execute(
+            text("SELECT 1 FROM webhook_endpoints WHERE id = :id FOR NO KEY UPDATE"),
+            {"id": first},
+        )
+        nested = pool.submit(record, batches[0], "SET LOCAL enable_hashjoin = off")
+        assert _waiting_for_locks(scratch_sessions, advisory=False, timeout=10)
+        hashed = pool.submit(record, batches[1], "SET LOCAL enable_nestloop = off")
+        assert _waiting_for_locks(scratch_sessions, advisory=False, sessions_waiting=2, timeout=10)
+        holder.commit()
+        nested.result(timeout=30)
+        hashed.result(timeout=30)
+    with scratch_sessions() as session:
+        attempts = session.scalars(text("SELECT attempts FROM webhook_deliveries")).all()
+    assert attempts == [1] * 8
+
+
 def test_a_warm_shutdown_records_the_attempts_in_flight(
     scratch_sessions: sessionmaker[Session],
     settings: Settings,
@@ -779,6 +880,36 @@ def test_a_warm_shutdown_records_the_attempts_in_flight(
     delivery = _delivery(scratch_sessions, endpoint_id)
     assert (delivery.attempts, delivery.lease_id) == (1, None)
     assert delivery.last_error is not None
+
+
+def test_results_are_recorded_while_a_claim_waits(
+    scratch_sessions: sessionmaker[Session],
+    settings: Settings,
+    deliverer: Deliverer,
+) -> None:
+    """The recorder writes results while a claim waits (here for another process's claim; or
+    a slow database): a result waiting behind a claim could outlive its lease and be sent
+    again."""
+    quick = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=0.3).start()
+    slow = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=3).start()
+    try:
+        _subscribe(scratch_sessions, settings, quick.url)
+        slow_endpoint, _ = _subscribe(scratch_sessions, settings, slow.url)
+        runner = Runner(deliverer)
+        assert runner.claim_and_submit() == 2
+        with scratch_sessions.begin() as other:
+            other.execute(CLAIM_LOCK)  # another process's claim, in progress
+            # quick's result (hung up on after 0.3 s) is recorded; the claim after it waits.
+            assert _waiting_for_locks(scratch_sessions, advisory=True, timeout=10)
+            # slow's attempt times out after 1 s: its result is recorded all the same.
+            deadline = time.monotonic() + 5
+            while _delivery(scratch_sessions, slow_endpoint).attempts == 0:
+                assert time.monotonic() < deadline, "the result waits behind the claim"
+                time.sleep(0.05)
+        runner.drain()
+    finally:
+        quick.stop()
+        slow.stop()
 
 
 def test_a_batch_written_while_the_database_is_away_is_written_again(

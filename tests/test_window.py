@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from types import FrameType
+from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +22,7 @@ from tests.verification import MakeDeps, lease_chunk, read_account
 from worker.chunk import ChunkInFlight
 from worker.circuit import PlatformCircuit
 from worker.queues import REQUESTED_QUEUE
-from worker.verify import WORKER_ACTOR, Result, read_attempts
+from worker.verify import WORKER_ACTOR, Attempt, Result, read_attempts
 from worker.window import YIELD_CHECK_SECONDS, VerificationWindow
 
 
@@ -112,3 +117,83 @@ def test_an_account_whose_turn_comes_after_the_circuit_opened_makes_no_sts_call(
                 AwsAccount.id == ids[0]
             )
         )
+
+
+def _hand_over_interrupted(
+    window: VerificationWindow, chunk: ChunkInFlight, lease_id: uuid.UUID, *, landing: int
+) -> bool:
+    """Hand a chunk over, an exception landing on the hand-over's `landing`th statement (its
+    line events, counted as a trace function sees them); whether it landed."""
+    code = VerificationWindow.hand_over.__code__
+    lines = 0
+
+    def line(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines == landing:
+                raise SoftTimeLimitExceeded()  # the trace function is then removed
+        return line
+
+    def call(frame: FrameType, event: str, arg: object) -> Any:
+        return line if frame.f_code is code else None
+
+    previous = sys.gettrace()
+    sys.settrace(call)
+    try:
+        window.hand_over(chunk, lease_id)
+    except SoftTimeLimitExceeded:
+        return True
+    finally:
+        sys.settrace(previous)
+    return False
+
+
+def test_a_hand_over_interrupted_anywhere_loses_no_slot_and_no_result(
+    make_deps: MakeDeps,
+    scratch_sessions: sessionmaker[Session],
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery's soft time limit raises asynchronously, between any two statements of the
+    hand-over: wherever it lands, every slot comes back, and every account handed over keeps its
+    result (the others are left to their leases)."""
+    # The checks wait until the hand-over is over: an account handed over just before the
+    # interruption is checked after it.
+    handed_over = threading.Event()
+    deps = make_deps(before_call=handed_over.wait)
+    size = 4
+    landing = 0
+    interrupted = True
+    while interrupted:
+        landing += 1
+        ids, lease_id = lease_chunk(scratch_sessions, ["ok-A", "ok-B", "ok-C"])
+        with scratch_sessions.begin() as session:
+            chunk = ChunkInFlight(deps, read_attempts(session, ids, lease_id), WORKER_ACTOR, None)
+        window = VerificationWindow(size, broker)
+        checked: list[uuid.UUID] = []
+        check = window._check
+
+        def counted_check(
+            chunk: ChunkInFlight,
+            attempt: Attempt,
+            checked: list[uuid.UUID] = checked,
+            check: Any = check,
+        ) -> None:
+            checked.append(attempt.account_id)
+            check(chunk, attempt)
+
+        monkeypatch.setattr(window, "_check", counted_check)
+        handed_over.clear()
+        try:
+            interrupted = _hand_over_interrupted(window, chunk, lease_id, landing=landing)
+        finally:
+            handed_over.set()
+            window.drain()
+        free = sum(window.slots.acquire(timeout=0) for _ in range(size))
+        assert free == size, f"a slot lost (statement {landing})"
+        # The chunk is written with the result of each account checked (none left waiting for
+        # an account neither handed over nor given up); the others are left to their leases.
+        kept = {account for account, result in chunk.results.items() if result is not Result.ERROR}
+        assert kept == set(checked), f"a result lost (statement {landing})"
+    assert landing > 3 * 3  # each account's statements were interrupted

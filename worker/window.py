@@ -13,7 +13,7 @@ import contextvars
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import redis
@@ -63,8 +63,9 @@ class VerificationWindow:
     """`size` verifications at most in flight in this process, on a pool of threads."""
 
     def __init__(self, size: int, client: redis.Redis) -> None:
-        # Not a BoundedSemaphore: a hand-over interrupted at the wrong instant may give a slot
-        # back twice, and one slot too many is better than a task crashing on it.
+        # Not a BoundedSemaphore: a hand-over interrupted inside the executor's submit, once the
+        # account is queued, gives its slot back twice, and one slot too many is better than a
+        # task crashing on it.
         self.slots = threading.Semaphore(size)
         # A few threads more than slots: the thread finishing a chunk writes it after giving its
         # slot back, and the next account should not queue behind that write.
@@ -103,7 +104,13 @@ class VerificationWindow:
         rest went back: no room in time, or a requested verification waiting)."""
         attempts = chunk.attempts
         scheduled = chunk.actor == WORKER_ACTOR
-        handed = 0
+        # The accounts handed over (each one's thread gives its slot back) and the slots taken,
+        # each counted by the very statement that submits an account or takes a slot (one
+        # line each): an exception landing between two statements (Celery's soft time limit,
+        # raised asynchronously) finds them telling which slot to give back and which
+        # accounts to leave to their leases.
+        handed: list[Future[None]] = []
+        taken = 0
         # Waiting for slots is bounded well inside the task's time limits: when STS is so slow
         # that the window does not move, the rest of the chunk goes back to the queue of due
         # accounts (another process may have room) instead of the task being killed with work
@@ -114,26 +121,21 @@ class VerificationWindow:
         lane = REQUESTED_LANE.set(not scheduled)
         try:
             for attempt in attempts:
-                reason = self.wait_for_slot(deadline, scheduled=scheduled)
+                taken += (reason := self.wait_for_slot(deadline, scheduled=scheduled)) is None
                 if reason is not None:
-                    _give_back(chunk, attempts[handed:], lease_id, reason)
-                    return {"accepted": handed, "deferred": len(attempts) - handed}
-                queued = False
-                try:
-                    # Each account runs in a copy of this task's logging context (task id,
-                    # correlation id).
-                    self.executor.submit(
-                        contextvars.copy_context().run, self._check, chunk, attempt
-                    )
-                    queued = True
-                finally:
-                    if not queued:
-                        self.slots.release()
-                handed += 1
+                    _give_back(chunk, attempts[len(handed) :], lease_id, reason)
+                    return {"accepted": len(handed), "deferred": len(attempts) - len(handed)}
+                # Each account runs in a copy of this task's logging context (task id,
+                # correlation id).
+                run = contextvars.copy_context().run
+                handed.append(self.executor.submit(run, self._check, chunk, attempt))
         except BaseException:
-            # Interrupted (a time limit, a shutdown): what was handed over is still written when
-            # it is done; the rest is left to its lease.
-            chunk.abandon(attempts[handed:])
+            # Interrupted (a time limit, a shutdown): the slot taken for an account not handed
+            # over goes back; what was handed over is still written when it is done; the rest
+            # is left to its lease.
+            for _ in range(taken - len(handed)):
+                self.slots.release()
+            chunk.abandon(attempts[len(handed) :])
             raise
         finally:
             REQUESTED_LANE.reset(lane)

@@ -14,6 +14,6 @@ Each run's job has its module:
 - report: the figures, the targets and the table
 
 and the other benchmarks: latency (`scripts/bench latency`), claims (`scripts/bench claims`),
-status (`scripts/bench status`), sts (`python -m scripts.benchmarks.sts`) and webhooks
-(`scripts/bench --webhooks`).
+status (`scripts/bench status`), sts (`python -m scripts.benchmarks.sts`), webhooks
+(`scripts/bench --webhooks`) and webhook claims (`python -m scripts.benchmarks.webhook_claims`).
 """

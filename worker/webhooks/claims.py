@@ -1,8 +1,10 @@
 """Claiming due webhook deliveries: one statement leases a batch, fairly across endpoints.
 
 A claim leases deliveries like the accounts' claims (worker/claims.py): `FOR UPDATE SKIP LOCKED`
-so claimers never wait for each other, and a lease that outlives the claim's transaction and
-simply expires if the worker dies, making the delivery due again with the same `webhook-id`.
+so a claim never waits for a row another transaction holds, and a lease that outlives the
+claim's transaction and simply expires if the worker dies, making the delivery due again with
+the same `webhook-id`. Claims themselves run one at a time (`CLAIM_LOCK`), so that the
+per-endpoint limit holds across processes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from models.webhooks import message_id
 from worker.settings import Settings
 
 # Beyond the attempt's hard limit, the time to record its result: the lease never expires while
-# its attempt can still be running, so a second attempt never runs beside it.
+# its attempt can still be running, so a second attempt never runs beside it. A result waits
+# only for the write of the batch before it (the recorder thread writes results and nothing
+# else: the claims run on a thread of their own, see runner.py).
 LEASE_MARGIN_SECONDS = 15
 
 
@@ -36,8 +40,10 @@ def lease_seconds(settings: Settings) -> int:
 # leases are counted from the small index of leased rows, and each endpoint's oldest due
 # deliveries are read from the front of its index range — at most `per_endpoint` of them.
 # FOR UPDATE cannot lock rows read through a recursive scan and aggregates, hence the selection
-# first and the locking pass (SKIP LOCKED: claimers never wait for each other) after it. The
-# claim returns everything an attempt needs, so an attempt costs no read of its own.
+# first and the locking pass (SKIP LOCKED: rows a recorder or a replay holds are left for later)
+# after it. The lease runs from the claim statement's start, not its transaction's: the wait for
+# `CLAIM_LOCK` does not shorten it. The claim returns everything an attempt needs, so an attempt
+# costs no read of its own.
 CLAIM_DUE_DELIVERIES = text(
     """
     WITH RECURSIVE pending AS (
@@ -73,7 +79,7 @@ CLAIM_DUE_DELIVERIES = text(
     )
     UPDATE webhook_deliveries AS d
        SET lease_id = :lease_id,
-           lease_expires_at = now() + make_interval(secs => :lease_seconds)
+           lease_expires_at = statement_timestamp() + make_interval(secs => :lease_seconds)
       FROM webhook_endpoints AS w
      WHERE w.id = d.endpoint_id
        AND d.id = ANY(ARRAY(
@@ -88,6 +94,19 @@ CLAIM_DUE_DELIVERIES = text(
               CASE WHEN w.previous_secret_expires_at > now()
                    THEN w.previous_secret_encrypted END AS previous_secret_encrypted
     """
+)
+
+
+# One claim at a time, fleet-wide, until its transaction ends. A claim counts each endpoint's free
+# slots from its own snapshot: claims running at once cannot see each other's leases, so under
+# churn (leases expiring, results recorded meanwhile) they could together lease more than
+# `per_endpoint` for one endpoint, and claims picking the same candidates skip each other's rows
+# and come back (nearly) empty while slots are free. Taken by a statement of its own, before the
+# claim: the claim's snapshot is taken once the previous claim has committed, so it counts that
+# claim's leases. Claims take milliseconds, so claimers wait for each other briefly; a wait is
+# bounded by lock_timeout.
+CLAIM_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:namespace AS integer), 0)").bindparams(
+    namespace=0x484F4F4B  # "HOOK": keeps this lock apart from any other advisory lock
 )
 
 
@@ -134,10 +153,14 @@ class DeliveryClaim:
 def claim_due_deliveries(
     session: Session, *, limit: int, per_endpoint: int, lease_seconds: int
 ) -> DeliveryClaim:
-    """Lease up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint."""
+    """Lease up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint.
+
+    Takes the claims' lock until the session's transaction ends: commit promptly.
+    """
     lease_id = uuid.uuid4()
     if limit <= 0:
         return DeliveryClaim(lease_id=lease_id, messages=[])
+    session.execute(CLAIM_LOCK)
     rows = session.execute(
         CLAIM_DUE_DELIVERIES,
         {

@@ -50,7 +50,10 @@ def retry_delay(
 # the streak; a failure starts one unless one is running — a success earlier in the same batch,
 # or a failure longer after the previous one than any retry waits, restarts it: an endpoint that
 # failed once a week ago and then got no event is not "failing for a week". An endpoint whose
-# attempts all succeeded and that had no streak is not written at all. Returns a row for each
+# attempts all succeeded and that had no streak is not written at all. The endpoints written are
+# locked first, in id order (`locked`: its rows are locked as they leave the sort), so two
+# processes' batches sharing endpoints never wait for each other's locks in opposite orders —
+# the update's own order would be the plan's (an aggregate's, a join's). Returns a row for each
 # delivery written (none for a lost lease), with whether its endpoint has been failing too long.
 _RECORD = text(
     """
@@ -85,6 +88,13 @@ _RECORD = text(
                (array_agg(delivered ORDER BY seq DESC))[1] AS delivered_last
           FROM finished
          GROUP BY endpoint_id
+    ), locked AS (
+        SELECT o.*
+          FROM outcomes AS o
+          JOIN webhook_endpoints AS w ON w.id = o.endpoint_id
+         WHERE o.any_failed OR w.failing_since IS NOT NULL
+         ORDER BY w.id
+           FOR NO KEY UPDATE OF w
     ), streak AS (
         UPDATE webhook_endpoints AS w
            SET failing_since = CASE
@@ -94,9 +104,8 @@ _RECORD = text(
                    THEN now()
                    ELSE w.failing_since END,
                last_failure_at = CASE WHEN o.any_failed THEN now() ELSE w.last_failure_at END
-          FROM outcomes AS o
+          FROM locked AS o
          WHERE w.id = o.endpoint_id
-           AND (o.any_failed OR w.failing_since IS NOT NULL)
         RETURNING w.id, w.failing_since
     )
     SELECT f.id,

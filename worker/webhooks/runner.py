@@ -2,9 +2,12 @@
 
 Claims hand due deliveries to WEBHOOK_CONCURRENCY delivery threads, each bounded by its
 attempt's hard limit. A finished attempt's result goes to the recorder thread, which writes every
-result waiting in one statement (`recording.record_attempts`) and then claims again: a burst is
-claimed and recorded in batches, and a burst to one endpoint drains at its concurrency limit,
-not once per tick. The listener claims when PostgreSQL says a transaction created deliveries.
+result waiting in one statement (`recording.record_attempts`) and then has the claimer thread
+claim again: a burst is claimed and recorded in batches, and a burst to one endpoint drains at
+its concurrency limit, not once per tick. The recorder never claims itself: a claim may wait
+(for another process's claim, a slow database), and a result waiting behind it could outlive
+its lease and be sent again. The listener claims when PostgreSQL says a transaction created
+deliveries.
 The process's claims and records use a database pool of their own, so delivery never takes a
 connection the verifications are waiting for.
 
@@ -78,10 +81,13 @@ class Runner:
         self._stopping = threading.Event()
         # Finished attempts waiting to be recorded; None tells the recorder to stop.
         self._finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        # Set by the recorder after each batch: claim again (one claim serves any number).
+        self._claim_wanted = threading.Event()
         self._recorder = threading.Thread(
             target=self._record_forever, name="webhook-recorder", daemon=True
         )
         self._recorder.start()
+        threading.Thread(target=self._claim_forever, name="webhook-claimer", daemon=True).start()
 
     def claim_and_submit(self) -> int:
         """Claim as many due deliveries as this process has free delivery threads; start them."""
@@ -135,15 +141,20 @@ class Runner:
             stop = item is None
             if batch:
                 self._record(batch)
-            # The recorded deliveries' slots are free: claim again at once rather than at the
-            # next notification or tick. One claim at a time; a running one serves as this one.
-            if not stop and self._claiming.acquire(blocking=False):
-                try:
-                    self._claim_locked()
-                except Exception:
-                    log.exception("webhook.claim_error")
-                finally:
-                    self._claiming.release()
+                # The recorded deliveries' slots are free: claim again at once rather than at
+                # the next notification or tick.
+                self._claim_wanted.set()
+
+    def _claim_forever(self) -> None:
+        while True:
+            self._claim_wanted.wait()
+            self._claim_wanted.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.claim_and_submit()
+            except Exception:
+                log.exception("webhook.claim_error")
 
     def _record(self, batch: list[Finished]) -> None:
         try:
@@ -158,6 +169,7 @@ class Runner:
         """Stop claiming; let the attempts in flight finish (each within its hard limit) and
         record them (a process leaving on a warm shutdown)."""
         self._stopping.set()
+        self._claim_wanted.set()  # the claimer thread leaves
         with self._claiming:  # a claim under way hands its deliveries over first
             pass
         with self._lock:

@@ -3,13 +3,13 @@
 Three things claim, all through `Runner.claim_and_submit`: beat's `verifier.deliver_webhooks`
 task on its own queue (the schedule's floor: retries falling due), a listener thread per worker
 process woken by PostgreSQL when a transaction that created deliveries commits (an event reaches
-its endpoint in well under a second even while verifications keep every process busy), and the
-recorder thread after each batch of results it writes. A claim takes milliseconds, so a slow or
-hanging endpoint never holds a worker process that verifications need; the HTTP attempts run on
-WEBHOOK_CONCURRENCY threads, each bounded by its timeouts, at most WEBHOOK_PER_ENDPOINT_LIMIT
-per endpoint at a time. A process that dies loses only leases, which expire: the deliveries are
-attempted again with the same `webhook-id`; one leaving on a warm shutdown finishes and records
-its attempts first.
+its endpoint in well under a second even while verifications keep every process busy), and a
+claimer thread after each batch of results the recorder writes. A claim takes milliseconds, so a
+slow or hanging endpoint never holds a worker process that verifications need; the HTTP attempts
+run on WEBHOOK_CONCURRENCY threads, each bounded by its timeouts, at most
+WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that dies loses only leases, which
+expire: the deliveries are attempted again with the same `webhook-id`; one leaving on a warm
+shutdown finishes and records its attempts first.
 """
 
 from __future__ import annotations
