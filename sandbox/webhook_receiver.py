@@ -46,8 +46,8 @@ class Behaviour(enum.StrEnum):
     ERROR = "error"  # 500
     GONE = "gone"  # 410
     THROTTLE = "throttle"  # 429 with Retry-After
-    HANG = "hang"  # answers nothing for `hang_seconds`
-    TRICKLE = "trickle"  # sends its headers a byte every 0.2 s for `hang_seconds`
+    HANG = "hang"  # answers nothing for `hang_seconds` (or until `stop`)
+    TRICKLE = "trickle"  # sends its headers a byte every 0.2 s for `hang_seconds` (or until `stop`)
     REDIRECT = "redirect"  # 302 to the cloud metadata service
 
 
@@ -90,6 +90,7 @@ class WebhookReceiver:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._server = _Server((self.host, self.port), _handler(self))
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -105,7 +106,9 @@ class WebhookReceiver:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving and close the socket; requests left hanging or trickling end at once,
+        unanswered (their connections are closed)."""
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -114,6 +117,10 @@ class WebhookReceiver:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    def stalls(self, seconds: float) -> bool:
+        """Wait `seconds` while serving; False at once when the receiver stops."""
+        return not self._stopped.wait(seconds)
 
     def record(self, item: Received) -> None:
         """Keep a request (thread-safe)."""
@@ -203,13 +210,14 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 receiver.record(
                     Received(webhook_id, payload is not None, payload, None, time.time())
                 )
-                time.sleep(receiver.hang_seconds)
+                receiver.stalls(receiver.hang_seconds)
+                self.close_connection = True  # unanswered: the client must not wait on
                 return
             if behaviour is Behaviour.TRICKLE:
                 receiver.record(
                     Received(webhook_id, payload is not None, payload, None, time.time())
                 )
-                self._trickle(receiver.hang_seconds)
+                self._trickle(receiver)
                 return
             status = {
                 Behaviour.OK: 204 if payload is not None else 401,
@@ -242,14 +250,15 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _trickle(self, seconds: float) -> None:
+        def _trickle(self, receiver: WebhookReceiver) -> None:
             self.wfile.write(b"HTTP/1.1 200 OK\r\nx-trickle: ")
-            ends = time.monotonic() + seconds
+            ends = time.monotonic() + receiver.hang_seconds
             try:
                 while time.monotonic() < ends:
                     self.wfile.write(b"a")
                     self.wfile.flush()
-                    time.sleep(0.2)
+                    if not receiver.stalls(0.2):
+                        return
             except OSError:
                 return  # the client hung up
 

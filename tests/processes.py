@@ -7,12 +7,14 @@ benchmarks'); the names tests import from here are re-exported below.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ __all__ = [
     "service_env",
     "start_beat",
     "start_worker",
+    "stop_all",
     "terminate",
     "wait_until",
 ]
@@ -137,11 +140,23 @@ def start_beat(env: Mapping[str, str], log_dir: Path, name: str = "beat") -> Ser
     return Service(name, [CELERY, "-A", "worker", "beat"], beat_env, log_dir)
 
 
+def stop_all(services: Sequence[Service], timeout: float = 15) -> None:
+    """`Service.stop` for each, their warm shutdowns overlapping: SIGTERM to all first, then
+    each is waited for (and SIGKILLed if it does not exit within `timeout`)."""
+    for service in services:
+        if service.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                service.process.send_signal(signal.SIGTERM)
+    for service in services:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.process.wait(timeout=timeout)
+        service.stop(timeout=0)  # SIGKILL if it is still running; closes its output files
+
+
 @contextmanager
 def running(*services: Service) -> Iterator[tuple[Service, ...]]:
-    """Stop every service at the end, whatever happened."""
+    """Stop every service at the end, whatever happened (all at once: `stop_all`)."""
     try:
         yield services
     finally:
-        for service in services:
-            service.stop()
+        stop_all(services)

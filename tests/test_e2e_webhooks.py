@@ -317,6 +317,9 @@ def test_a_hanging_endpoint_delays_neither_verifications_nor_other_endpoints(
                 what="the steady endpoint's six messages",
             )
             in_flight = len(hanging.snapshot())
+            # Its hanging requests end unanswered: the worker's warm shutdown has no attempt
+            # left to wait for (its read timeout is 50 s).
+            hanging.stop()
     finally:
         hanging.stop()
         steady.stop()

@@ -182,13 +182,17 @@ def ensure_database(admin_url: str, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def create_database(admin_url: str, name: str) -> str:
-    """Create the empty database `name` on `admin_url`'s server; returns its libpq URL."""
+def create_database(admin_url: str, name: str, *, template: str | None = None) -> str:
+    """Create the empty database `name` on `admin_url`'s server, or a copy of the database
+    `template` there (which nobody may be connected to); returns its libpq URL."""
     import psycopg  # noqa: PLC0415
     from psycopg import sql  # noqa: PLC0415
 
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     with psycopg.connect(libpq_url(admin_url), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(statement)
     return with_database(admin_url, name)
 
 
