@@ -122,6 +122,9 @@ class SignedCall:
         botocore's AWSResponse, or its exceptions for a connection that failed."""
         payload = None if body is None else hashlib.sha256(body).hexdigest()
         headers = self.signed_headers(credentials, datetime.datetime.now(datetime.UTC), payload)
+        if body is not None:
+            # A call built for other bodies keeps no Content-Length of its own (`parts`).
+            headers["Content-Length"] = str(len(body))
         request = botocore.awsrequest.AWSPreparedRequest(
             self.method,
             self.url,
@@ -176,8 +179,9 @@ def capture(
     return captured[0], http
 
 
-def parts(request: Any, service: str) -> dict[str, Any]:
-    """A captured request's parts, as `SignedCall`'s fields (but `http` and `max_attempts`).
+def parts(request: Any, service: str, *, any_body: bool = False) -> dict[str, Any]:
+    """A captured request's parts, as `SignedCall`'s fields (but `http` and `max_attempts`);
+    `any_body`: without its Content-Length (the call is sent with other bodies).
 
     Raises ValueError when botocore did not sign it with SigV4.
     """
@@ -192,7 +196,8 @@ def parts(request: Any, service: str) -> dict[str, Any]:
     signing_region, signing_name = scope[2], scope[3]
     # The headers botocore signed, as it chose them (Content-Length, added later, is not one).
     signed = authorization.partition("SignedHeaders=")[2].partition(",")[0]
-    headers = tuple((name, value) for name, value in headers if name.lower() not in _PER_CALL)
+    dropped = _PER_CALL | {"content-length"} if any_body else _PER_CALL
+    headers = tuple((name, value) for name, value in headers if name.lower() not in dropped)
     body = request.body or b""
     if isinstance(body, str):
         body = body.encode()
