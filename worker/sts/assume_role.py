@@ -38,6 +38,7 @@ from xml.etree import ElementTree
 
 import botocore.credentials
 import botocore.exceptions
+import botocore.session
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
 from botocore.retries import quota, standard
@@ -187,14 +188,20 @@ def read_answer(status: int, content: bytes) -> dict[str, Any]:
     return parsed
 
 
-def build_assume_role_call(region: str, config: Config, max_attempts: int) -> AssumeRoleCall:
-    """AssumeRole in `region`, built by botocore with the STS clients' configuration.
+def build_assume_role_call(
+    region: str,
+    config: Config,
+    max_attempts: int,
+    session: botocore.session.Session | None = None,
+) -> AssumeRoleCall:
+    """AssumeRole in `region`, built by botocore with the STS clients' configuration (and
+    `session`, whose loaded STS model is then not loaded again).
 
     Raises what botocore raises for a configuration it cannot build a client from (ValueError
     for a malformed AWS_ENDPOINT_URL_STS), and ValueError if the body or signature made here
     differ from botocore's for the same parameters.
     """
-    request, http_session = capture("sts", region, config, "assume_role", _SAMPLE)
+    request, http_session = capture("sts", region, config, "assume_role", _SAMPLE, session=session)
     found = parts(request, "sts", any_body=True)
     call = AssumeRoleCall(
         http=http_session, max_attempts=max_attempts, quota=quota.RetryQuota(), **found
@@ -238,6 +245,9 @@ class AssumeRoleCalls:
             with self._lock:
                 call = self._calls.get(region)
                 if call is None:
-                    call = build_assume_role_call(region, self._config, self._max_attempts)
+                    # The session of the STS clients: its loader has the model already.
+                    call = build_assume_role_call(
+                        region, self._config, self._max_attempts, self._session._session
+                    )
                     self._calls[region] = call
         return call

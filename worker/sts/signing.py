@@ -151,9 +151,12 @@ def capture(
     config: Config,
     operation: str,
     kwargs: Mapping[str, object],
+    *,
+    session: botocore.session.Session | None = None,
 ) -> tuple[Any, Any]:
-    """The call's request as botocore would send it, and botocore's HTTP session for it."""
-    session = botocore.session.Session()
+    """The call's request as botocore would send it, and botocore's HTTP session for it; built
+    with `session` (default: a new one, whose models are dropped with it)."""
+    session = session or botocore.session.Session()
     client = session.create_client(
         service,
         region_name=region,
