@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.ratelimit import KEY, REQUESTED_LANE, StsRateLimiter
+from worker.ratelimit import KEY, REQUESTED_LANE, STALE_SECONDS, StsRateLimiter
 
 
 @pytest.fixture
@@ -146,3 +146,83 @@ def test_the_requested_lane_is_bounded(client: redis.Redis) -> None:
     assert immediate <= 11  # the ten banked (one second of 10/s), one more if refilled meanwhile
     assert waits[-1] > 0.05  # beyond the bank, requested calls wait for the reserve's pace
     assert max(waits) < 1.0  # ...which is still far ahead of the sweep's three seconds
+
+
+def _reservations(client: redis.Redis) -> int:
+    """Reservations the limiter made so far (its script's calls; Redis counts them per server,
+    and each test session has a Redis of its own)."""
+    stats = client.info("commandstats")
+    return sum(
+        int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+def _sweep(limiter: StsRateLimiter, threads: int, calls: int) -> float:
+    """`threads` threads making `calls` scheduled acquisitions each; the seconds it took."""
+    started = time.monotonic()
+
+    def run() -> None:
+        for _ in range(calls):
+            limiter.acquire()
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.monotonic() - started
+
+
+def test_a_sweeps_slots_are_booked_a_few_at_a_time_within_the_budget(client: redis.Redis) -> None:
+    """Two processes' sweeps, 1,200 calls at 500/s: the budget holds as with a reservation per
+    call (the burst, then the rate), and each process asks Redis for a fraction of its calls."""
+    limiters = [StsRateLimiter(client, rate_per_second=500) for _ in range(2)]
+    before = _reservations(client)
+    done: list[float] = []
+    sweeps = [
+        threading.Thread(target=lambda limiter=limiter: done.append(_sweep(limiter, 8, 75)))
+        for limiter in limiters
+    ]
+    started = time.monotonic()
+    for sweep in sweeps:
+        sweep.start()
+    for sweep in sweeps:
+        sweep.join()
+    elapsed = time.monotonic() - started
+    # 500 from the burst, 700 more at 500/s: at least 1.4 s, whatever the batches.
+    assert elapsed >= 1.35, elapsed
+    assert _reservations(client) - before < 1200 / 4
+
+
+def test_a_booked_slot_nobody_took_in_time_is_dropped(client: redis.Redis) -> None:
+    """Slots are booked for the demand of the moment; one left when the demand stops is not
+    spent seconds later: the next call books afresh."""
+    limiter = StsRateLimiter(client, rate_per_second=1000)
+    _sweep(limiter, 4, 50)  # a demand high enough to book several at once
+    time.sleep(STALE_SECONDS + 0.05)
+    before = _reservations(client)
+    limiter.acquire()
+    assert _reservations(client) == before + 1
+
+
+def test_a_throttle_drops_the_slots_booked_at_the_old_rate(client: redis.Redis) -> None:
+    limiter = StsRateLimiter(client, rate_per_second=1000)
+    _sweep(limiter, 4, 50)
+    limiter.throttled()
+    before = _reservations(client)
+    limiter.acquire()
+    assert _reservations(client) == before + 1
+
+
+def test_requested_calls_reserve_their_own_slots(client: redis.Redis) -> None:
+    """A requested call takes the sooner of its turn and the reserve lane, never a booked slot
+    of the sweep (which may be due later)."""
+    limiter = StsRateLimiter(client, rate_per_second=1000)
+    _sweep(limiter, 4, 50)
+    before = _reservations(client)
+    lane = REQUESTED_LANE.set(True)
+    try:
+        limiter.acquire()
+    finally:
+        REQUESTED_LANE.reset(lane)
+    assert _reservations(client) == before + 1

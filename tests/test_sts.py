@@ -1,7 +1,8 @@
-"""One verification attempt against STS, classified, through real botocore responses.
+"""One verification attempt against STS, classified, through real STS answers.
 
 Failure paths go through the STS stand-in (AWS's real XML and HTTP statuses behind
-AWS_ENDPOINT_URL_STS) or botocore's Stubber; never through a mocked function of our own.
+AWS_ENDPOINT_URL_STS), or a server answering AssumeRole word for word as the test queues
+(tests/canned_sts.py); never through a mocked function of our own.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import boto3
 import botocore.credentials
 import botocore.exceptions
 import pytest
-from botocore.stub import Stubber
 from structlog.testing import capture_logs
 
 from models import OutcomeKind
 from sandbox.standin import StsStandIn
+from tests.canned_sts import CannedSts, assumed_answer, error_answer
 from worker.permissions import CATALOGUE, DEFAULT_PROBES, probe_session_policy
 from worker.settings import Settings
 from worker.sts.checks import check_role_details
@@ -55,6 +56,20 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, standin: StsStandIn) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
+@pytest.fixture
+def canned(monkeypatch: pytest.MonkeyPatch, standin: StsStandIn) -> Iterator[CannedSts]:
+    """STS answering AssumeRole as the test queues, the platform's keys, and the stand-in for
+    the permission probes' services."""
+    with CannedSts() as sts:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", standin.endpoint_url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", PLATFORM_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLATFORM_SECRET)
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        yield sts
+
+
 def verifier(**overrides: object) -> StsVerifier:
     """A verifier with short timeouts and one attempt, so failure paths are quick."""
     settings = Settings(
@@ -65,14 +80,6 @@ def verifier(**overrides: object) -> StsVerifier:
         **overrides,  # type: ignore[arg-type]
     )
     return StsVerifier(settings)
-
-
-def expect_platform_identity(stubber: Stubber) -> None:
-    """Queue the GetCallerIdentity a verifier asks once, to learn the platform's own account."""
-    stubber.add_response(
-        "get_caller_identity",
-        {"Account": "111122223333", "Arn": "arn:aws:iam::111122223333:user/verifier"},
-    )
 
 
 def role(name: str, *, account: str = ACCOUNT, external_id: str = EXTERNAL_ID) -> RoleDetails:
@@ -254,32 +261,24 @@ def test_without_the_enforcement_check_one_call_is_made(aws_env: None) -> None:
     assert outcome.sts_calls == 1
 
 
-def test_assume_role_request_is_minimal_and_traceable() -> None:
-    """900 seconds, a deny-all session policy, the external ID and a traceable session name."""
+def test_assume_role_request_is_minimal_and_traceable(canned: CannedSts) -> None:
+    """900 seconds, a deny-all session policy, the external ID and a traceable session name,
+    signed with the platform's key."""
     details = role("ok-Role")
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_response(
-        "assume_role",
-        {
-            "AssumedRoleUser": {
-                "AssumedRoleId": "AROAEXAMPLE:s",
-                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s",
-            },
-        },
-        expected_params={
-            "RoleArn": details.role_arn,
-            "RoleSessionName": session_name_for(details.account_id, "verifier"),
-            "ExternalId": EXTERNAL_ID,
-            "DurationSeconds": 900,
-            "Policy": DENY_ALL_POLICY,
-        },
-    )
-    with stubber:
-        outcome = sts.verify(details, check_external_id=False)
-    stubber.assert_no_pending_responses()
+    canned.queue(assumed_answer(f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s"))
+    outcome = verifier().verify(details, check_external_id=False)
     assert outcome.kind is OutcomeKind.VERIFIED
+    [(form, headers)] = canned.requests
+    assert form == {
+        "Action": "AssumeRole",
+        "Version": "2011-06-15",
+        "RoleArn": details.role_arn,
+        "RoleSessionName": session_name_for(details.account_id, "verifier"),
+        "ExternalId": EXTERNAL_ID,
+        "DurationSeconds": "900",
+        "Policy": DENY_ALL_POLICY,
+    }
+    assert headers["Authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={PLATFORM_KEY}/")
     assert '"Effect":"Deny"' in DENY_ALL_POLICY
 
 
@@ -333,39 +332,32 @@ def test_region_disabled_everywhere_must_be_fixed(aws_env: None) -> None:
     assert "eu-south-1 or eu-south-2" in outcome.message
 
 
-def test_validation_error_does_not_echo_the_external_id() -> None:
+def test_validation_error_does_not_echo_the_external_id(canned: CannedSts) -> None:
     """AWS's ValidationError quotes the bad value; the customer message names only the field."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_client_error(
-        "assume_role",
-        service_error_code="ValidationError",
-        service_message=f"1 validation error detected: Value '{EXTERNAL_ID}' at 'externalId' "
-        "failed to satisfy constraint: Member must satisfy regular expression pattern",
-        http_status_code=400,
+    canned.queue(
+        error_answer(
+            "ValidationError",
+            f"1 validation error detected: Value '{EXTERNAL_ID}' at 'externalId' "
+            "failed to satisfy constraint: Member must satisfy regular expression pattern",
+        )
     )
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    outcome = verifier().verify(role("ok-Role"), check_external_id=False)
     assert (outcome.kind, outcome.code) == (OutcomeKind.CUSTOMER_MUST_FIX, "ValidationError")
     assert EXTERNAL_ID not in outcome.message
     assert "externalId" in outcome.message
 
 
-def test_service_control_policy_denial_says_so() -> None:
+def test_service_control_policy_denial_says_so(canned: CannedSts) -> None:
     """An explicit SCP deny gets a message about the organization's policy."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_client_error(
-        "assume_role",
-        service_error_code="AccessDenied",
-        service_message="User: arn:aws:iam::111122223333:user/v is not authorized to perform: "
-        "sts:AssumeRole on resource: x with an explicit deny in a service control policy",
-        http_status_code=403,
+    canned.queue(
+        error_answer(
+            "AccessDenied",
+            "User: arn:aws:iam::111122223333:user/v is not authorized to perform: "
+            "sts:AssumeRole on resource: x with an explicit deny in a service control policy",
+            status=403,
+        )
     )
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    outcome = verifier().verify(role("ok-Role"), check_external_id=False)
     assert outcome.kind is OutcomeKind.CUSTOMER_MUST_FIX
     assert "service control policy" in outcome.message
 
@@ -399,55 +391,34 @@ def test_connection_refused_is_transient(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, "EndpointConnectionError")
 
 
-def test_an_unknown_error_code_is_transient() -> None:
+def test_an_unknown_error_code_is_transient(canned: CannedSts) -> None:
     """A code nobody has seen before changes no status: transient, with the code kept."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_client_error(
-        "assume_role", service_error_code="BrandNewError", http_status_code=400
-    )
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    canned.queue(error_answer("BrandNewError"))
+    outcome = verifier().verify(role("ok-Role"), check_external_id=False)
     assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, "BrandNewError")
     assert outcome.unclassified
 
 
-def test_an_overlong_error_code_is_cut_to_what_the_database_stores() -> None:
+def test_an_overlong_error_code_is_cut_to_what_the_database_stores(canned: CannedSts) -> None:
     """A code longer than the columns that keep it (128 characters) is cut, not a failed write."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_client_error("assume_role", service_error_code="X" * 300, http_status_code=400)
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=False)
+    canned.queue(error_answer("X" * 300))
+    outcome = verifier().verify(role("ok-Role"), check_external_id=False)
     assert outcome.code == "X" * 128
 
 
-def test_a_transient_error_in_the_enforcement_check_is_transient(
-    aws_env: None, standin: StsStandIn
-) -> None:
+def test_a_transient_error_in_the_enforcement_check_is_transient(canned: CannedSts) -> None:
     """If the call without external ID is throttled, nothing is concluded about enforcement."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_response(
-        "assume_role",
-        {
-            "AssumedRoleUser": {
-                "AssumedRoleId": "A:s",
-                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/r/s",
-            }
-        },
+    canned.queue(
+        assumed_answer(f"arn:aws:sts::{ACCOUNT}:assumed-role/r/s"),
+        error_answer("Throttling", "Rate exceeded"),
     )
-    stubber.add_client_error("assume_role", service_error_code="Throttling", http_status_code=400)
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=True)
+    outcome = verifier().verify(role("ok-Role"), check_external_id=True)
     assert (outcome.kind, outcome.code, outcome.sts_calls) == (
         OutcomeKind.TRANSIENT,
         "Throttling",
         2,
     )
+    assert "ExternalId" not in canned.requests[1][0]
 
 
 # --- platform faults --------------------------------------------------------------------------
@@ -499,20 +470,13 @@ def test_missing_credentials_is_a_platform_fault(
     assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, "NoCredentialsError")
 
 
-def test_root_credentials_are_a_platform_fault() -> None:
+def test_root_credentials_are_a_platform_fault(canned: CannedSts) -> None:
     """'Roles may not be assumed by root accounts' is our misconfiguration, not the customer's."""
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_client_error(
-        "assume_role",
-        service_error_code="AccessDenied",
-        service_message="Roles may not be assumed by root accounts",
-        http_status_code=403,
+    canned.queue(
+        error_answer("AccessDenied", "Roles may not be assumed by root accounts", status=403)
     )
-    with stubber:
-        outcome = sts.verify(role("ok-Role"), check_external_id=False)
-    assert outcome.kind is OutcomeKind.PLATFORM_FAULT
+    outcome = verifier().verify(role("ok-Role"), check_external_id=False)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PLATFORM_FAULT, "AccessDenied")
 
 
 # --- secrets ----------------------------------------------------------------------------------
@@ -768,41 +732,24 @@ def test_only_the_configured_probes_are_called(aws_env: None, standin: StsStandI
 
 
 def test_probing_assume_role_carries_a_policy_allowing_exactly_the_probes(
-    aws_env: None,
+    canned: CannedSts,
 ) -> None:
     """When probes are due the session policy allows the probed actions (and nothing else);
     the credentials AssumeRole returned are the ones the probes sign with."""
     details = role("ok-Role")
-    sts = verifier()
-    stubber = Stubber(sts.client())
-    expect_platform_identity(stubber)
-    stubber.add_response(
-        "assume_role",
-        {
-            "AssumedRoleUser": {
-                "AssumedRoleId": "AROAEXAMPLE:s",
-                "Arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s",
-            },
-            # What the stand-in would issue for a role allowed only ec2:DescribeRegions (mask 2):
-            # the probes reach the stand-in with exactly these credentials.
-            "Credentials": {
-                "AccessKeyId": "ASIAFAKE20" + "0" * 10,
-                "SecretAccessKey": "FAKEstandin-secret",
-                "SessionToken": "FAKE-token",
-                "Expiration": "2030-01-01T00:00:00Z",
-            },
-        },
-        expected_params={
-            "RoleArn": details.role_arn,
-            "RoleSessionName": session_name_for(details.account_id, "verifier"),
-            "ExternalId": EXTERNAL_ID,
-            "DurationSeconds": 900,
-            "Policy": probe_session_policy(DEFAULT_PROBES),
-        },
-    )
-    with stubber:
-        outcome = sts.verify(details, check_external_id=False, probe=DEFAULT_PROBES)
-    stubber.assert_no_pending_responses()
+    # What the stand-in would issue for a role allowed only ec2:DescribeRegions (mask 2): the
+    # probes reach the stand-in with exactly these credentials.
+    issued = {
+        "AccessKeyId": "ASIAFAKE20" + "0" * 10,
+        "SecretAccessKey": "FAKEstandin-secret",
+        "SessionToken": "FAKE-token",
+        "Expiration": "2030-01-01T00:00:00Z",
+    }
+    canned.queue(assumed_answer(f"arn:aws:sts::{ACCOUNT}:assumed-role/ok-Role/s", issued))
+    outcome = verifier().verify(details, check_external_id=False, probe=DEFAULT_PROBES)
+    [(form, _)] = canned.requests
+    assert form["Policy"] == probe_session_policy(DEFAULT_PROBES)
+    assert form["ExternalId"] == EXTERNAL_ID
     assert outcome.permissions is not None
     assert outcome.permissions.proven == ("ec2:DescribeRegions",)
 

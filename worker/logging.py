@@ -8,6 +8,7 @@ its records reach the root logger's single handler like any other library's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -32,13 +33,26 @@ _EXTERNAL_ID_KEY = re.compile(r"external_?id$", re.IGNORECASE)
 _MAX_DEPTH = 4
 
 
-def _redact_value(key: str, value: Any, depth: int) -> Any:
+_PLAIN, _SECRET, _EXTERNAL_ID = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_kind(key: str) -> int:
+    """What a key's name says about its value, decided once per name (every line of a kind
+    carries the same keys)."""
     if _SECRET_KEY.search(key):
+        return _SECRET
+    return _EXTERNAL_ID if _EXTERNAL_ID_KEY.search(key) else _PLAIN
+
+
+def _redact_value(key: str, value: Any, depth: int) -> Any:
+    kind = _key_kind(key)
+    if kind == _SECRET:
         return "***"
-    if _EXTERNAL_ID_KEY.search(key) and isinstance(value, str):
-        return mask_external_id(value)
     if isinstance(value, str):
-        return scrub_text(value)
+        return mask_external_id(value) if kind == _EXTERNAL_ID else scrub_text(value)
+    if value is None or isinstance(value, int | float):
+        return value
     if depth < _MAX_DEPTH and isinstance(value, Mapping):
         return {str(k): _redact_value(str(k), v, depth + 1) for k, v in value.items()}
     if depth < _MAX_DEPTH and isinstance(value, list | tuple):

@@ -255,6 +255,12 @@ def _result(response: Any, caught_exception: Any) -> str:
     http, parsed = response
     status = int(getattr(http, "status_code", 0) or 0)
     code = parsed.get("Error", {}).get("Code") if isinstance(parsed, dict) else None
+    return _answer_result(status, code)
+
+
+def _answer_result(status: int | None, code: object) -> str:
+    if status is None:
+        return "network_error"
     if code in _THROTTLING or status == 429:
         return "throttled"
     if status < 300:
@@ -262,6 +268,21 @@ def _result(response: Any, caught_exception: Any) -> str:
     if code == "AccessDenied":
         return "access_denied"
     return "server_error" if status >= 500 else "client_error"
+
+
+def record_sts_sent(operation: str) -> None:
+    """An STS request made without a botocore client (AssumeRole) is being sent."""
+    m = _worker
+    if m is not None:
+        m.child(m.sts_requests, "requests", operation).inc()
+
+
+def record_sts_answer(operation: str, status: int | None, code: object, seconds: float) -> None:
+    """Its answer: HTTP `status` (None: no answer, a network error) and error `code`."""
+    m = _worker
+    if m is not None:
+        result = _answer_result(status, code)
+        m.child(m.sts_duration, "sts", operation, result).observe(seconds)
 
 
 def _after_attempt(

@@ -49,7 +49,8 @@ _ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA|ANVA|AIPA)[A-Z0
 
 def scrub_text(text: str) -> str:
     """Mask URL passwords and AWS access key ids wherever they appear in free text."""
-    text = _URL_PASSWORD.sub(lambda m: m.group("prefix") + _MASK, text)
+    if "://" in text:  # every URL with a password has one; most text has none
+        text = _URL_PASSWORD.sub(lambda m: m.group("prefix") + _MASK, text)
     return _ACCESS_KEY_ID.sub(_MASK, text)
 
 

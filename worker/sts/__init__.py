@@ -1,7 +1,8 @@
 """The AWS side: one verification attempt against STS, returned as a typed outcome.
 
-This is the only package that imports boto3/botocore. It holds one STS client per region per
-process (botocore clients are thread-safe; sessions are not), built lazily on first use.
+This is the only package that imports boto3/botocore. It holds, per process and region, one STS
+client (GetCallerIdentity; botocore clients are thread-safe, sessions are not) and AssumeRole's
+request built once by botocore and then only re-signed (`assume_role`), both built on first use.
 
 An attempt never raises for anything AWS or the network does: every answer, error or silence is
 classified into one of four kinds (docs/design.md; each STS answer in docs/sts-errors.md):
@@ -21,10 +22,13 @@ The modules, each importing only those above it:
 - `outcome`     what an attempt returns (`Outcome`, `RoleDetails`, `PermissionReport`); no boto3
 - `checks`      the local checks of a connection's details, before any AWS call
 - `classify`    every botocore error and STS answer turned into an outcome (docs/sts-errors.md)
-- `probe_calls` the permission probes' requests, built once by botocore, then re-signed and sent
+- `signing`     a request built once by botocore, then only re-signed (SigV4) and sent
+- `assume_role` AssumeRole that way, read and retried as a botocore client would
+- `probe_calls` the permission probes' requests, built and sent that way
 - `probe_preload` those requests built by a short-lived child process, before the pool forks
 - `probes`      the permission probes' calls, signed with the customer's role
-- `client`      the process's STS clients, their hooks (rate limiter, throttle), the probes' preload
+- `client`      the process's STS clients and AssumeRole calls, their hooks (rate limiter,
+                throttle), the probes' preload
 - `platform`    the platform's own accounts (GetCallerIdentity), refused before any AssumeRole
 - `verifier`    one attempt: `StsVerifier.verify` (`worker.resources` builds the process's)
 """

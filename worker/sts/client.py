@@ -1,4 +1,5 @@
-"""The process's STS clients: one per region, shared by every thread, built on first use; their
+"""The process's STS clients: one per region, shared by every thread, built on first use, for
+GetCallerIdentity; AssumeRole's requests (`worker.sts.assume_role`), one per region too; their
 botocore configuration (also the probes'), and the probes' requests built before the pool forks."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from botocore.config import Config
 from worker import metrics
 from worker.permissions import CATALOGUE
 from worker.settings import Settings
+from worker.sts.assume_role import AssumeRoleCalls
 from worker.sts.classify import THROTTLING_CODES
 from worker.sts.probe_preload import preload
 from worker.sts.probes import PermissionProber
@@ -44,11 +46,12 @@ def preload_probe_calls(settings: Settings) -> None:
 
 
 class StsClients:
-    """One STS client per region (botocore clients are thread-safe; sessions are not).
+    """One STS client per region (botocore clients are thread-safe; sessions are not), and
+    AssumeRole's requests per region, signed with the same session's credentials.
 
-    `before_call` runs before every STS request; the worker passes its global rate limiter.
-    `on_throttled` runs for every answer that says Throttling, retried ones included (the
-    worker's limiter then slows every worker down).
+    `before_call` runs before every STS call (AssumeRole, GetCallerIdentity); the worker passes
+    its global rate limiter. `on_throttled` runs for every answer that says Throttling, retried
+    ones included (the worker's limiter then slows every worker down).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class StsClients:
         self._lock = threading.Lock()
         self._config = client_config(settings)
         self._prober: PermissionProber | None = None
+        self._assume_role = AssumeRoleCalls(self._config, settings.sts_max_attempts, self._session)
 
     def prober(self) -> PermissionProber:
         """The process's permission prober, built on first use (its threads start lazily)."""
@@ -105,7 +109,11 @@ class StsClients:
             self._on_throttled()
 
     def _call(self, region: str, **params: Any) -> dict[str, Any]:
+        """AssumeRole in `region` with these parameters: the answer's AssumedRoleUser and
+        Credentials; raises what a botocore client raises."""
         if self._before_call is not None:
             self._before_call()
-        response: dict[str, Any] = dict(self.client(region).assume_role(**params))
-        return response
+        calls = self._assume_role
+        return calls.region(region).call(
+            calls.credentials(), params, on_throttled=self._on_throttled
+        )
