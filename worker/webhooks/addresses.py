@@ -12,6 +12,7 @@ read two different hosts out of one string.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
@@ -53,6 +54,13 @@ def _system_resolver(host: str, port: int) -> list[str]:
 def check_url(url: str, *, allow_private: bool) -> httpx.URL:
     """Refuse URLs that are not https:// (http:// only with private networks allowed), have no
     host, or carry a user name or password; returns the URL as httpx parsed it."""
+    return _checked_url(url, allow_private)
+
+
+# Every attempt checks its endpoint's URL: the verdict (a pure function of the string) is kept
+# for the URLs used last rather than parsed again each time. A refused URL raises, and is not kept.
+@functools.lru_cache(maxsize=1024)
+def _checked_url(url: str, allow_private: bool) -> httpx.URL:
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         raise UnsafeUrlError("the URL contains spaces or control characters")
     try:
