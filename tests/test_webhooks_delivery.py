@@ -32,13 +32,13 @@ from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
 from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.connections import Connections
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished, Recorded
 from worker.webhooks.runner import Runner
 from worker.webhooks.sending import (
     AttemptKind,
     AttemptResult,
-    build_client,
     escape_snippet,
     parse_retry_after,
 )
@@ -67,15 +67,15 @@ def receiver() -> Iterator[WebhookReceiver]:
 @pytest.fixture
 def deliverer(scratch_sessions: sessionmaker[Session], settings: Settings) -> Iterator[Deliverer]:
     """The worker's delivery steps on the scratch database."""
-    client = build_client(settings)
+    connections = Connections(settings)
     yield Deliverer(
         sessions=scratch_sessions,
         settings=settings,
         box=SecretBox.from_settings(settings),
-        client=client,
+        connections=connections,
         rng=random.Random(0),
     )
-    client.close()
+    connections.close()
 
 
 def _subscribe(

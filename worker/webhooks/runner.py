@@ -29,9 +29,9 @@ from worker.db import KEEPALIVES, build_engine, with_database_retry
 from worker.logging import get_logger
 from worker.settings import Settings
 from worker.webhooks.claims import Message, lease_seconds
+from worker.webhooks.connections import Connections
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished
-from worker.webhooks.sending import build_client
 from worker.webhooks.signing import SecretBox
 
 log = get_logger("worker.webhooks")
@@ -57,7 +57,7 @@ def build_deliverer(settings: Settings) -> Deliverer:
         sessions=sessionmaker(engine, expire_on_commit=False),
         settings=settings,
         box=SecretBox.from_settings(settings),
-        client=build_client(settings),
+        connections=Connections(settings),
         rng=random.Random(),
     )
 
