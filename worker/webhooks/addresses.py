@@ -5,9 +5,9 @@ attempt on the addresses it resolves to at that moment; the request then goes to
 those addresses (the hostname only names the TLS server and the Host header), so a DNS answer
 that changes between the check and the connection (DNS rebinding) cannot reach inside.
 
-A URL is parsed once, by httpx (the parser that sends it): the stored URL is its normalized
-form and the host is always the ASCII (punycode) one, so the check and the request can never
-read two different hosts out of one string.
+A URL is parsed once, by httpx (the request is built from its parse): the stored URL is its
+normalized form and the host is always the ASCII (punycode) one, so the check and the request
+can never read two different hosts out of one string.
 """
 
 from __future__ import annotations

@@ -168,6 +168,7 @@ class Runner:
         self._finished.put(None)
         self._recorder.join(timeout=limit)
         self._pool.shutdown(wait=False)
+        self.deliverer.connections.close()
 
     def listen_forever(self) -> None:
         """LISTEN for new deliveries (notified when their transaction commits) and claim them
