@@ -1,10 +1,12 @@
-"""The HTTP connections of webhook attempts: kept alive per host name, cut at each attempt's limit.
+"""The HTTP connections of webhook attempts: kept alive per host name and address, and cut at
+each attempt's limit.
 
-A connection is kept for the next attempt to the same scheme, host name and port, and reused only
-by a request to the address checked for that attempt: each host name has its own small httpcore
-pool, whose connections are keyed by the IP address they were made to. So a connection whose TLS
-was verified for one host never carries a message for another host on the same address, and a
-changed DNS answer never reuses a connection to the old address.
+A connection is kept for the next attempt to the same scheme, host name, port and IP address:
+a connection whose TLS was verified for one host never carries a message for another host on
+the same address, and a request reuses a connection only if it goes to the address checked for
+its own attempt (a changed DNS answer gets a new connection). A kept connection belongs to
+nobody while idle and to one attempt while used: taken out of the idle ones and put back under
+one lock, never closed by anyone else meanwhile.
 
 Every attempt has a hard deadline (a server trickling its answer a byte at a time passes every
 read timeout). One thread per process keeps the deadlines; at an attempt's deadline its watchdog
@@ -22,9 +24,8 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -32,9 +33,9 @@ import httpx
 
 from worker.settings import Settings
 
-# Host names whose pools are kept (least recently used dropped first), and idle connections kept
-# per host name: at most 256 idle connections per process.
-MAX_HOSTS = 32
+# Idle connections kept per process, and per host name and address (the least recently used
+# are closed first).
+MAX_IDLE = 64
 MAX_IDLE_PER_HOST = 8
 # An idle connection is reused for at most this long: shorter than the keep-alive timeouts of
 # common servers (2 s and more), so the server rarely closes one just as it is reused.
@@ -61,8 +62,6 @@ class _WatchedStream(httpcore.NetworkStream):
         self._lock = threading.Lock()
         self._closed = False
         self.cut_off = False
-        # Attempts that used this connection: more than one when it was kept alive.
-        self.attempts = 0
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         _watch(self)
@@ -180,8 +179,8 @@ class Watchdog:
 
     While the attempt runs (between entering and `finish`), every connection its thread makes or
     reads from or writes to is watched; at the deadline each is cut. `finish` comes before the
-    answer is closed, which hands a kept connection back to its pool: a watchdog never cuts a
-    connection another attempt has taken since.
+    connection is put back with the idle ones: a watchdog never cuts a connection another
+    attempt has taken since.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -189,8 +188,6 @@ class Watchdog:
         self._streams: list[_WatchedStream] = []
         self._finished = False
         self.fired = False
-        # Whether a connection of this attempt was kept from an earlier one.
-        self.reused = False
         self._seconds = max(seconds, 0.0)
 
     def watch(self, stream: _WatchedStream) -> None:
@@ -199,8 +196,6 @@ class Watchdog:
             if self._finished or stream in self._streams:
                 return
             self._streams.append(stream)
-            self.reused = self.reused or stream.attempts > 0
-            stream.attempts += 1
             if self.fired:
                 stream.cut()
 
@@ -230,30 +225,30 @@ class Watchdog:
         self.finish()
 
 
-@dataclass(eq=False)
-class _HostPool:
-    pool: httpcore.ConnectionPool
-    users: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    dropped: bool = False
+Key = tuple[str, str, int, str]  # scheme, host name, port, IP address
+
+
+@dataclass(eq=False, slots=True)  # hashed by identity
+class _Idle:
+    key: Key
+    connection: httpcore.HTTPConnection
+    since: float
 
 
 class Connections:
-    """The webhook connections of a worker process: a small pool per (scheme, host name, port),
-    the `MAX_HOSTS` used last kept, each with at most `MAX_IDLE_PER_HOST` idle connections, none
-    kept idle longer than `IDLE_SECONDS`.
+    """The webhook connections of a worker process: new ones, and idle ones kept for the next
+    request to the same (scheme, host name, port, address) — at most `MAX_IDLE_PER_HOST` each,
+    `MAX_IDLE` in all, none idle longer than `IDLE_SECONDS`.
 
-    Its timeouts are the settings' (connect, read/write, and connect again for a free slot). TLS
-    verifies the certificate for the URL's host name (sent as SNI), whichever address. No
-    proxy from the environment (a proxy would connect to whatever the name resolves to there),
-    no redirects (httpcore follows none).
+    Its timeouts are the settings' (connect, read/write). TLS verifies the certificate for the
+    URL's host name (sent as SNI), whichever address. No proxy from the environment (a proxy
+    would connect to whatever the name resolves to there), no redirects (httpcore follows none).
     """
 
     def __init__(self, settings: Settings, *, ssl_context: ssl.SSLContext | None = None) -> None:
         # One TLS context for every host (loading the CA certificates costs tens of milliseconds):
         # httpx's, which verifies certificates against certifi's CAs (tests pass their own).
         self._ssl = ssl_context or httpx.create_ssl_context(trust_env=False)
-        self._max_connections = settings.webhook_concurrency
         self.connect_timeout = settings.webhook_connect_timeout_seconds
         self.timeouts = {
             "connect": settings.webhook_connect_timeout_seconds,
@@ -262,63 +257,83 @@ class Connections:
             "pool": settings.webhook_connect_timeout_seconds,
         }
         self._lock = threading.Lock()
-        self._pools: OrderedDict[tuple[str, str, int], _HostPool] = OrderedDict()
+        self._idle: dict[Key, list[_Idle]] = {}  # per key, the most recently used last
+        self._order: dict[_Idle, None] = {}  # every idle one, the least recently used first
         self._backend = _Backend()
 
-    @contextlib.contextmanager
-    def pool(self, scheme: str, host: str, port: int) -> Iterator[httpcore.ConnectionPool]:
-        """The pool of one host name, while a request uses it (not closed meanwhile)."""
-        key = (scheme, host, port)
-        now = time.monotonic()
-        dropped: list[_HostPool] = []
-        with self._lock:
-            entry = self._pools.pop(key, None)
-            if entry is None:
-                entry = _HostPool(
-                    httpcore.ConnectionPool(
-                        ssl_context=self._ssl,
-                        max_connections=self._max_connections,
-                        max_keepalive_connections=MAX_IDLE_PER_HOST,
-                        keepalive_expiry=IDLE_SECONDS,
-                        network_backend=self._backend,
-                    )
-                )
-            self._pools[key] = entry  # the most recently used, last
-            entry.users += 1
-            while self._pools:
-                oldest = next(iter(self._pools.values()))
-                stale = oldest.users == 0 and now - oldest.last_used > IDLE_SECONDS
-                if len(self._pools) <= MAX_HOSTS and not stale:
-                    break
-                self._pools.popitem(last=False)
-                oldest.dropped = True
-                if oldest.users == 0:
-                    dropped.append(oldest)
-        for old in dropped:
-            old.pool.close()
-        try:
-            yield entry.pool
-        finally:
+    def new(self, origin: httpcore.Origin) -> httpcore.HTTPConnection:
+        """A connection to `origin` (the IP address), made by its first request."""
+        return httpcore.HTTPConnection(
+            origin=origin, ssl_context=self._ssl, network_backend=self._backend
+        )
+
+    def take(self, key: Key) -> httpcore.HTTPConnection | None:
+        """The most recently used idle connection for `key`, now the caller's alone; None if
+        there is none (or none the server has not closed meanwhile)."""
+        while True:
+            closing: list[httpcore.HTTPConnection] = []
             with self._lock:
-                entry.users -= 1
-                entry.last_used = time.monotonic()
-                close = entry.dropped and entry.users == 0
-            if close:
-                entry.pool.close()
+                self._expire(time.monotonic(), closing)
+                stack = self._idle.get(key)
+                entry = stack[-1] if stack else None
+                if entry is not None:
+                    self._remove(entry)
+            _close(closing)
+            if entry is None:
+                return None
+            if not entry.connection.has_expired():  # not closed by the server, nor cut
+                return entry.connection
+            entry.connection.close()
+
+    def put_back(self, key: Key, connection: httpcore.HTTPConnection) -> None:
+        """Keep a connection whose request is over for the next one to `key`, if it can take
+        one (its answer was read to the end and the server keeps it open); else close it."""
+        if not connection.is_available():
+            connection.close()
+            return
+        now = time.monotonic()
+        closing: list[httpcore.HTTPConnection] = []
+        with self._lock:
+            entry = _Idle(key, connection, now)
+            stack = self._idle.setdefault(key, [])
+            stack.append(entry)
+            self._order[entry] = None
+            if len(stack) > MAX_IDLE_PER_HOST:
+                closing.append(self._remove(stack[0]))
+            while len(self._order) > MAX_IDLE:
+                closing.append(self._remove(next(iter(self._order))))
+            self._expire(now, closing)
+        _close(closing)
+
+    def _remove(self, entry: _Idle) -> httpcore.HTTPConnection:
+        del self._order[entry]
+        stack = self._idle[entry.key]
+        stack.remove(entry)
+        if not stack:
+            del self._idle[entry.key]
+        return entry.connection
+
+    def _expire(self, now: float, closing: list[httpcore.HTTPConnection]) -> None:
+        while self._order:
+            oldest = next(iter(self._order))
+            if now - oldest.since <= IDLE_SECONDS:
+                return
+            closing.append(self._remove(oldest))
 
     def idle_connections(self) -> int:
-        """Connections kept for a next attempt (tests, and a look at a live process)."""
+        """Connections kept for a next request (tests, and a look at a live process)."""
         with self._lock:
-            pools = [entry.pool for entry in self._pools.values()]
-        return sum(1 for pool in pools for c in pool.connections if c.is_idle())
+            return len(self._order)
 
     def close(self) -> None:
-        """Close every connection (those in use when their requests are done)."""
+        """Close every idle connection (those in use are closed or kept by their requests)."""
         with self._lock:
-            pools = list(self._pools.values())
-            self._pools.clear()
-            for entry in pools:
-                entry.dropped = True  # one in use is closed when its request is done
-            idle = [entry for entry in pools if entry.users == 0]
-        for entry in idle:
-            entry.pool.close()
+            closing = [entry.connection for entry in self._order]
+            self._idle.clear()
+            self._order.clear()
+        _close(closing)
+
+
+def _close(connections: list[httpcore.HTTPConnection]) -> None:
+    for connection in connections:
+        connection.close()

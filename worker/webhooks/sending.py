@@ -23,7 +23,7 @@ from worker.webhooks.addresses import (
     check_url,
     resolve_allowed,
 )
-from worker.webhooks.connections import Connections, Watchdog
+from worker.webhooks.connections import Connections, Key, Watchdog
 from worker.webhooks.signing import sign
 
 USER_AGENT = "account-verifier-webhooks/1"
@@ -124,13 +124,15 @@ def post_signed(
     except (httpx.InvalidURL, UnicodeError, ValueError):
         return AttemptResult(AttemptKind.REFUSED, error="not a valid URL")
     request = _request(target, addresses[0], body, headers, timeouts=connections.timeouts)
-    origin = request.url.origin
-    with (
-        connections.pool(target.scheme, target.raw_host.decode("ascii"), origin.port) as pool,
-        Watchdog(time_limit - (time.monotonic() - started)) as watchdog,
-    ):
+    key = (
+        target.scheme,
+        target.raw_host.decode("ascii"),
+        request.url.origin.port,
+        str(addresses[0]),
+    )
+    with Watchdog(time_limit - (time.monotonic() - started)) as watchdog:
         try:
-            status, answer_headers, snippet = _exchange(pool, request, watchdog)
+            status, answer_headers, snippet = _exchange(connections, key, request, watchdog)
         except _HTTP_ERRORS as error:
             if watchdog.fired:
                 return AttemptResult(
@@ -191,27 +193,37 @@ def _request(
 
 
 def _exchange(
-    pool: httpcore.ConnectionPool, request: httpcore.Request, watchdog: Watchdog
+    connections: Connections, key: Key, request: httpcore.Request, watchdog: Watchdog
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Send the request; the answer's status, headers and first bytes (at most 1 KiB)."""
+    """Send the request on a connection kept for `key` or a new one; the answer's status,
+    headers and first bytes (at most 1 KiB). The connection is kept again if it can be."""
+    kept = connections.take(key)
+    connection = kept or connections.new(request.url.origin)
     try:
-        response = pool.handle_request(request)
-    except _STALE_CONNECTION_ERRORS:
-        if not watchdog.reused or watchdog.fired:
-            raise
-        # No answer on a connection kept from an earlier attempt: the server closed it as it
-        # was reused (its keep-alive timeout ran out). Once more, within the same limit.
-        response = pool.handle_request(request)
-    try:
-        snippet = b""
-        for chunk in response.iter_stream():
-            snippet += chunk
-            if len(snippet) >= _READ_AT_MOST:
-                break
-    finally:
-        # Before closing the answer hands a kept connection back to the pool.
-        watchdog.finish()
-        response.close()
+        try:
+            response = connection.handle_request(request)
+        except _STALE_CONNECTION_ERRORS:
+            if kept is None or watchdog.fired:
+                raise
+            # No answer on a connection kept from an earlier attempt: the server closed it as
+            # it was reused (its keep-alive timeout ran out). Once more, on a new connection.
+            connection.close()
+            connection = connections.new(request.url.origin)
+            response = connection.handle_request(request)
+        try:
+            snippet = b""
+            for chunk in response.iter_stream():
+                snippet += chunk
+                if len(snippet) >= _READ_AT_MOST:
+                    break
+        finally:
+            # The attempt is over before its connection can be another's.
+            watchdog.finish()
+            response.close()
+    except BaseException:
+        connection.close()
+        raise
+    connections.put_back(key, connection)
     return response.status, response.headers, snippet
 
 
