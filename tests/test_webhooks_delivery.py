@@ -31,6 +31,7 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
+from worker.webhooks import runner as runner_module
 from worker.webhooks.claims import Message, claim_due_deliveries, lease_seconds
 from worker.webhooks.connections import Connections
 from worker.webhooks.delivery import Deliverer
@@ -779,6 +780,40 @@ def test_a_warm_shutdown_records_the_attempts_in_flight(
     delivery = _delivery(scratch_sessions, endpoint_id)
     assert (delivery.attempts, delivery.lease_id) == (1, None)
     assert delivery.last_error is not None
+
+
+@pytest.mark.parametrize(("wait", "batches"), [(2.0, [3]), (0.15, [2, 1])])
+def test_results_of_attempts_ending_together_are_recorded_together(
+    scratch_sessions: sessionmaker[Session],
+    deliverer: Deliverer,
+    receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    wait: float,
+    batches: list[int],
+) -> None:
+    """A finished attempt's result waits (up to _RECORD_WAIT_SECONDS) for those of the attempts
+    still running: a claim's attempts are recorded in one statement. Here two answer at once and
+    one after 0.3 s: one batch when the wait covers it, two when it does not."""
+    monkeypatch.setattr(runner_module, "_RECORD_WAIT_SECONDS", wait)
+    slow = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=0.3).start()
+    sizes: list[int] = []
+    record = deliverer.record
+
+    def counting(finished: list[Finished]) -> list[Recorded | None]:
+        sizes.append(len(finished))
+        return record(finished)
+
+    monkeypatch.setattr(deliverer, "record", counting)
+    try:
+        _subscribe(scratch_sessions, deliverer.settings, receiver.url, events=2)
+        _subscribe(scratch_sessions, deliverer.settings, slow.url)
+        runner = Runner(deliverer)
+        assert runner.claim_and_submit() == 3
+        runner.drain()
+    finally:
+        slow.stop()
+    assert sizes == batches
 
 
 def test_a_batch_written_while_the_database_is_away_is_written_again(

@@ -85,6 +85,7 @@ def normalized_url(url: str, *, allow_private: bool) -> str:
     return str(check_url(url, allow_private=allow_private))
 
 
+@functools.lru_cache(maxsize=1024)  # every recorded attempt logs its host
 def url_host(url: str) -> str:
     """The ASCII host of a stored URL for logs; never raises."""
     try:

@@ -254,7 +254,6 @@ class Connections:
             "connect": settings.webhook_connect_timeout_seconds,
             "read": settings.webhook_read_timeout_seconds,
             "write": settings.webhook_read_timeout_seconds,
-            "pool": settings.webhook_connect_timeout_seconds,
         }
         self._lock = threading.Lock()
         self._idle: dict[Key, list[_Idle]] = {}  # per key, the most recently used last

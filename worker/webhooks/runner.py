@@ -2,7 +2,8 @@
 
 Claims hand due deliveries to WEBHOOK_CONCURRENCY delivery threads, each bounded by its
 attempt's hard limit. A finished attempt's result goes to the recorder thread, which writes every
-result waiting in one statement (`recording.record_attempts`) and then claims again: a burst is
+result waiting — and those of attempts still running that end within 20 ms — in one statement
+(`recording.record_attempts`) and then claims again: a burst is
 claimed and recorded in batches, and a burst to one endpoint drains at its concurrency limit,
 not once per tick. The listener claims when PostgreSQL says a transaction created deliveries.
 The process's claims and records use a database pool of their own, so delivery never takes a
@@ -42,6 +43,9 @@ _COALESCE_SECONDS = 0.05
 # Without notifications, a claim this often anyway (retries falling due; a missed notification
 # while the listener reconnected). Beat's task does the same, through the queue.
 _IDLE_CLAIM_SECONDS = 5.0
+# A finished attempt's result waits at most this long for those of the attempts still running,
+# to be recorded with them.
+_RECORD_WAIT_SECONDS = 0.02
 # Connections of the delivery pool: the listener's or beat's claim, the recorder's write, and
 # one to spare (the listener has its own connection besides).
 _POOL_SIZE = 2
@@ -122,17 +126,7 @@ class Runner:
     def _record_forever(self) -> None:
         stop = False
         while not stop:
-            item = self._finished.get()
-            batch: list[Finished] = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= self._batch:
-                    break
-                try:
-                    item = self._finished.get_nowait()
-                except queue.Empty:
-                    break
-            stop = item is None
+            batch, stop = self._collect(self._finished.get())
             if batch:
                 self._record(batch)
             # The recorded deliveries' slots are free: claim again at once rather than at the
@@ -144,6 +138,30 @@ class Runner:
                     log.exception("webhook.claim_error")
                 finally:
                     self._claiming.release()
+
+    def _collect(self, item: Finished | None) -> tuple[list[Finished], bool]:
+        """The results waiting, up to a batch, and those of the attempts still running that end
+        within _RECORD_WAIT_SECONDS (a claim's attempts end within milliseconds of each other:
+        one statement records them all, and one claim follows). True when told to stop."""
+        batch: list[Finished] = []
+        until = time.monotonic() + _RECORD_WAIT_SECONDS
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self._batch:
+                break
+            try:
+                item = self._finished.get_nowait()
+            except queue.Empty:
+                with self._lock:
+                    running = self._in_flight
+                left = until - time.monotonic()
+                if running == 0 or left <= 0:
+                    break
+                try:
+                    item = self._finished.get(timeout=left)
+                except queue.Empty:
+                    break
+        return batch, item is None
 
     def _record(self, batch: list[Finished]) -> None:
         try:

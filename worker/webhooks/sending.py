@@ -198,7 +198,7 @@ def _exchange(
     """Send the request on a connection kept for `key` or a new one; the answer's status,
     headers and first bytes (at most 1 KiB). The connection is kept again if it can be."""
     kept = connections.take(key)
-    connection = kept or connections.new(request.url.origin)
+    connection = connections.new(request.url.origin) if kept is None else kept
     try:
         try:
             response = connection.handle_request(request)
