@@ -10,8 +10,8 @@ deliver to it, and the same WEBHOOK_SECRET_KEY as this command.
 
 In tests, `WebhookReceiver` runs in a thread; its `behaviour` makes it answer like a healthy
 receiver, a broken one (500), one that is gone (410), one that throttles (429 with Retry-After),
-one that hangs, or one that trickles its answer a byte at a time (every read is quick, the
-answer never ends).
+one that hangs, one that trickles its answer a byte at a time (every read is quick, the
+answer never ends), or one that closes a kept-alive connection when the next request comes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import enum
 import functools
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +50,10 @@ class Behaviour(enum.StrEnum):
     HANG = "hang"  # answers nothing for `hang_seconds` (or until `stop`)
     TRICKLE = "trickle"  # sends its headers a byte every 0.2 s for `hang_seconds` (or until `stop`)
     REDIRECT = "redirect"  # 302 to the cloud metadata service
+    # 204 to a connection's first request; a later one on the same (kept-alive) connection is
+    # read and the connection closed without an answer, as when a server's keep-alive timeout
+    # runs out just as the client reuses the connection.
+    CLOSE_KEPT = "close-kept"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +92,23 @@ class WebhookReceiver:
     error_body: bytes = b""
     error_encoding: str = ""
     on_receive: Any = None  # called with each Received (the command prints it)
+    # Serve HTTPS with this context (tests of the sender's TLS); plain HTTP when None.
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._server = _Server((self.host, self.port), _handler(self))
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
         """Where to send messages."""
-        return f"http://{self.host}:{self.port}/webhooks"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}/webhooks"
 
     def start(self) -> WebhookReceiver:
         """Start serving in a thread."""
@@ -199,28 +209,37 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
 
+        # Requests served on this handler's connection.
+        served = 0
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
             payload = receiver.verify(body, headers)
             webhook_id = headers.get("webhook-id", "")
             host = headers.get("host", "")
+            peer_port = int(self.client_address[1])
             behaviour = receiver.behaviour
+            self.served += 1
+            unanswered = Received(
+                webhook_id, payload is not None, payload, None, time.time(), host, peer_port
+            )
             if behaviour is Behaviour.HANG:
-                receiver.record(
-                    Received(webhook_id, payload is not None, payload, None, time.time())
-                )
+                receiver.record(unanswered)
                 receiver.stalls(receiver.hang_seconds)
                 self.close_connection = True  # unanswered: the client must not wait on
                 return
             if behaviour is Behaviour.TRICKLE:
-                receiver.record(
-                    Received(webhook_id, payload is not None, payload, None, time.time())
-                )
+                receiver.record(unanswered)
                 self._trickle(receiver)
+                return
+            if behaviour is Behaviour.CLOSE_KEPT and self.served > 1:
+                receiver.record(unanswered)
+                self.close_connection = True
                 return
             status = {
                 Behaviour.OK: 204 if payload is not None else 401,
+                Behaviour.CLOSE_KEPT: 204 if payload is not None else 401,
                 Behaviour.ERROR: 500,
                 Behaviour.GONE: 410,
                 Behaviour.THROTTLE: 429,
@@ -234,7 +253,7 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                     status,
                     time.time(),
                     host,
-                    int(self.client_address[1]),
+                    peer_port,
                     headers.get("accept-encoding", ""),
                 )
             )

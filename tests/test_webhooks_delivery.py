@@ -32,6 +32,7 @@ from sandbox.webhook_receiver import Behaviour, WebhookReceiver
 from tests.factories import make_account, make_organization
 from worker.settings import Settings
 from worker.webhooks import create_endpoint, replay_event, rotate_secret
+from worker.webhooks import runner as runner_module
 from worker.webhooks.claims import (
     CLAIM_LOCK,
     DeliveryClaim,
@@ -39,13 +40,13 @@ from worker.webhooks.claims import (
     claim_due_deliveries,
     lease_seconds,
 )
+from worker.webhooks.connections import Connections
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished, Recorded, record_attempts
 from worker.webhooks.runner import Runner
 from worker.webhooks.sending import (
     AttemptKind,
     AttemptResult,
-    build_client,
     escape_snippet,
     parse_retry_after,
 )
@@ -74,15 +75,15 @@ def receiver() -> Iterator[WebhookReceiver]:
 @pytest.fixture
 def deliverer(scratch_sessions: sessionmaker[Session], settings: Settings) -> Iterator[Deliverer]:
     """The worker's delivery steps on the scratch database."""
-    client = build_client(settings)
+    connections = Connections(settings)
     yield Deliverer(
         sessions=scratch_sessions,
         settings=settings,
         box=SecretBox.from_settings(settings),
-        client=client,
+        connections=connections,
         rng=random.Random(0),
     )
-    client.close()
+    connections.close()
 
 
 def _subscribe(
@@ -910,6 +911,40 @@ def test_results_are_recorded_while_a_claim_waits(
     finally:
         quick.stop()
         slow.stop()
+
+
+@pytest.mark.parametrize(("wait", "batches"), [(2.0, [3]), (0.15, [2, 1])])
+def test_results_of_attempts_ending_together_are_recorded_together(
+    scratch_sessions: sessionmaker[Session],
+    deliverer: Deliverer,
+    receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    wait: float,
+    batches: list[int],
+) -> None:
+    """A finished attempt's result waits (up to _RECORD_WAIT_SECONDS) for those of the attempts
+    still running: a claim's attempts are recorded in one statement. Here two answer at once and
+    one after 0.3 s: one batch when the wait covers it, two when it does not."""
+    monkeypatch.setattr(runner_module, "_RECORD_WAIT_SECONDS", wait)
+    slow = WebhookReceiver(behaviour=Behaviour.HANG, hang_seconds=0.3).start()
+    sizes: list[int] = []
+    record = deliverer.record
+
+    def counting(finished: list[Finished]) -> list[Recorded | None]:
+        sizes.append(len(finished))
+        return record(finished)
+
+    monkeypatch.setattr(deliverer, "record", counting)
+    try:
+        _subscribe(scratch_sessions, deliverer.settings, receiver.url, events=2)
+        _subscribe(scratch_sessions, deliverer.settings, slow.url)
+        runner = Runner(deliverer)
+        assert runner.claim_and_submit() == 3
+        runner.drain()
+    finally:
+        slow.stop()
+    assert sizes == batches
 
 
 def test_a_batch_written_while_the_database_is_away_is_written_again(

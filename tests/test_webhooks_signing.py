@@ -58,3 +58,29 @@ def test_the_box_needs_the_right_key() -> None:
     with pytest.raises(SecretKeyError) as raised:
         SecretBox("not-a-key-at-all")
     assert "not-a-key-at-all" not in str(raised.value)
+
+
+def test_a_stored_secret_is_decrypted_once_per_box(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempts reuse a secret decrypted before (by its stored form); a new stored form — a
+    rotation — is decrypted, and one that does not decrypt fails every time."""
+    key = generate_key()
+    box = SecretBox(key)
+    decrypted: list[bytes] = []
+    fernet = box._fernet  # counting the decryptions it does
+    real_decrypt = fernet.decrypt
+
+    def counting(token: bytes | str, ttl: int | None = None) -> bytes:
+        decrypted.append(bytes(token, "ascii") if isinstance(token, str) else token)
+        return real_decrypt(token, ttl)
+
+    monkeypatch.setattr(fernet, "decrypt", counting)
+    stored = box.encrypt("whsec_b25l")
+    rotated = box.encrypt("whsec_dHdv")
+    assert [box.decrypt(stored) for _ in range(3)] == ["whsec_b25l"] * 3
+    assert box.decrypt(rotated) == "whsec_dHdv"
+    assert decrypted == [stored, rotated]
+    unreadable = SecretBox(generate_key()).encrypt("whsec_dGhyZWU=")
+    for _ in range(2):
+        with pytest.raises(SecretKeyError):
+            box.decrypt(unreadable)
+    assert decrypted[2:] == [unreadable, unreadable]

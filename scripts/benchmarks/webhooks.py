@@ -26,7 +26,8 @@ class WebhookBench:
     def __init__(self) -> None:
         self.key = generate_key()
         self.secret = generate_secret()
-        self.receiver = WebhookReceiver(secrets=[self.secret])
+        # HTTP/1.1 keep-alive, as most real servers: the worker keeps its connection.
+        self.receiver = WebhookReceiver(secrets=[self.secret], keep_alive=True)
 
     def env(self) -> dict[str, str]:
         """For worker and beat: the key, and loopback allowed (the receiver's)."""

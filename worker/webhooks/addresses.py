@@ -5,13 +5,14 @@ attempt on the addresses it resolves to at that moment; the request then goes to
 those addresses (the hostname only names the TLS server and the Host header), so a DNS answer
 that changes between the check and the connection (DNS rebinding) cannot reach inside.
 
-A URL is parsed once, by httpx (the parser that sends it): the stored URL is its normalized
-form and the host is always the ASCII (punycode) one, so the check and the request can never
-read two different hosts out of one string.
+A URL is parsed once, by httpx (the request is built from its parse): the stored URL is its
+normalized form and the host is always the ASCII (punycode) one, so the check and the request
+can never read two different hosts out of one string.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
@@ -53,6 +54,13 @@ def _system_resolver(host: str, port: int) -> list[str]:
 def check_url(url: str, *, allow_private: bool) -> httpx.URL:
     """Refuse URLs that are not https:// (http:// only with private networks allowed), have no
     host, or carry a user name or password; returns the URL as httpx parsed it."""
+    return _checked_url(url, allow_private)
+
+
+# Every attempt checks its endpoint's URL: the verdict (a pure function of the string) is kept
+# for the URLs used last rather than parsed again each time. A refused URL raises, and is not kept.
+@functools.lru_cache(maxsize=1024)
+def _checked_url(url: str, allow_private: bool) -> httpx.URL:
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         raise UnsafeUrlError("the URL contains spaces or control characters")
     try:
@@ -77,6 +85,7 @@ def normalized_url(url: str, *, allow_private: bool) -> str:
     return str(check_url(url, allow_private=allow_private))
 
 
+@functools.lru_cache(maxsize=1024)  # every recorded attempt logs its host
 def url_host(url: str) -> str:
     """The ASCII host of a stored URL for logs; never raises."""
     try:

@@ -2,7 +2,7 @@
 
 The steps live in their own modules — claiming (`claims`), sending (`sending`), recording
 (`recording`) — and `Deliverer` holds what a worker process needs to run them: sessions, the
-secrets' key, the HTTP client. The HTTP request happens outside any transaction; results are
+secrets' key, the HTTP connections. The HTTP request happens outside any transaction; results are
 recorded in batches, each only if its lease is still the attempt's own.
 """
 
@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.logging import get_logger
 from worker.settings import Settings
 from worker.webhooks.addresses import Resolver
 from worker.webhooks.claims import DeliveryClaim, Message, claim_due_deliveries, lease_seconds
+from worker.webhooks.connections import Connections
 from worker.webhooks.recording import Finished, Recorded, record_attempts
 from worker.webhooks.sending import AttemptKind, AttemptResult, post_signed, signed_headers
 from worker.webhooks.signing import SecretBox, SecretKeyError
@@ -29,12 +29,12 @@ log = get_logger("worker.webhooks")
 
 @dataclass
 class Deliverer:
-    """Everything a worker process needs to deliver: sessions, key, HTTP client, settings."""
+    """Everything a worker process needs to deliver: sessions, key, connections, settings."""
 
     sessions: sessionmaker[Session]
     settings: Settings
     box: SecretBox
-    client: httpx.Client
+    connections: Connections
     rng: random.Random
     resolver: Resolver | None = None
 
@@ -70,11 +70,12 @@ class Deliverer:
         except SecretKeyError as error:
             return AttemptResult(AttemptKind.UNSIGNABLE, error=str(error))
         try:
+            body = message.body()
             return post_signed(
-                self.client,
+                self.connections,
                 message.url,
-                body=message.body(),
-                headers=signed_headers(message, secrets),
+                body=body,
+                headers=signed_headers(message.message_id, body, secrets),
                 allow_private=self.settings.webhook_allow_private_networks,
                 resolver=self.resolver,
                 time_limit=self.settings.webhook_attempt_timeout_seconds,

@@ -2,12 +2,12 @@
 
 Claims hand due deliveries to WEBHOOK_CONCURRENCY delivery threads, each bounded by its
 attempt's hard limit. A finished attempt's result goes to the recorder thread, which writes every
-result waiting in one statement (`recording.record_attempts`) and then has the claimer thread
-claim again: a burst is claimed and recorded in batches, and a burst to one endpoint drains at
-its concurrency limit, not once per tick. The recorder never claims itself: a claim may wait
-(for another process's claim, a slow database), and a result waiting behind it could outlive
-its lease and be sent again. The listener claims when PostgreSQL says a transaction created
-deliveries.
+result waiting — and those of attempts still running that end within 20 ms — in one statement
+(`recording.record_attempts`) and then has the claimer thread claim again: a burst is claimed
+and recorded in batches, and a burst to one endpoint drains at its concurrency limit, not once
+per tick. The recorder never claims itself: a claim may wait (for another process's claim, a
+slow database), and a result waiting behind it could outlive its lease and be sent again. The
+listener claims when PostgreSQL says a transaction created deliveries.
 The process's claims and records use a database pool of their own, so delivery never takes a
 connection the verifications are waiting for.
 
@@ -32,9 +32,9 @@ from worker.db import KEEPALIVES, build_engine, with_database_retry
 from worker.logging import get_logger
 from worker.settings import Settings
 from worker.webhooks.claims import Message, lease_seconds
+from worker.webhooks.connections import Connections
 from worker.webhooks.delivery import Deliverer
 from worker.webhooks.recording import Finished
-from worker.webhooks.sending import build_client
 from worker.webhooks.signing import SecretBox
 
 log = get_logger("worker.webhooks")
@@ -45,6 +45,9 @@ _COALESCE_SECONDS = 0.05
 # Without notifications, a claim this often anyway (retries falling due; a missed notification
 # while the listener reconnected). Beat's task does the same, through the queue.
 _IDLE_CLAIM_SECONDS = 5.0
+# A finished attempt's result waits at most this long for those of the attempts still running,
+# to be recorded with them.
+_RECORD_WAIT_SECONDS = 0.02
 # Connections of the delivery pool: the listener's or beat's claim, the recorder's write, and
 # one to spare (the listener has its own connection besides).
 _POOL_SIZE = 2
@@ -60,7 +63,7 @@ def build_deliverer(settings: Settings) -> Deliverer:
         sessions=sessionmaker(engine, expire_on_commit=False),
         settings=settings,
         box=SecretBox.from_settings(settings),
-        client=build_client(settings),
+        connections=Connections(settings),
         rng=random.Random(),
     )
 
@@ -128,17 +131,7 @@ class Runner:
     def _record_forever(self) -> None:
         stop = False
         while not stop:
-            item = self._finished.get()
-            batch: list[Finished] = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= self._batch:
-                    break
-                try:
-                    item = self._finished.get_nowait()
-                except queue.Empty:
-                    break
-            stop = item is None
+            batch, stop = self._collect(self._finished.get())
             if batch:
                 self._record(batch)
                 # The recorded deliveries' slots are free: claim again at once rather than at
@@ -155,6 +148,30 @@ class Runner:
                 self.claim_and_submit()
             except Exception:
                 log.exception("webhook.claim_error")
+
+    def _collect(self, item: Finished | None) -> tuple[list[Finished], bool]:
+        """The results waiting, up to a batch, and those of the attempts still running that end
+        within _RECORD_WAIT_SECONDS (a claim's attempts end within milliseconds of each other:
+        one statement records them all, and one claim follows). True when told to stop."""
+        batch: list[Finished] = []
+        until = time.monotonic() + _RECORD_WAIT_SECONDS
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self._batch:
+                break
+            try:
+                item = self._finished.get_nowait()
+            except queue.Empty:
+                with self._lock:
+                    running = self._in_flight
+                left = until - time.monotonic()
+                if running == 0 or left <= 0:
+                    break
+                try:
+                    item = self._finished.get(timeout=left)
+                except queue.Empty:
+                    break
+        return batch, item is None
 
     def _record(self, batch: list[Finished]) -> None:
         try:
@@ -180,6 +197,7 @@ class Runner:
         self._finished.put(None)
         self._recorder.join(timeout=limit)
         self._pool.shutdown(wait=False)
+        self.deliverer.connections.close()
 
     def listen_forever(self) -> None:
         """LISTEN for new deliveries (notified when their transaction commits) and claim them

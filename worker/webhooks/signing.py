@@ -7,6 +7,7 @@ and the sandbox receiver verify it with the independent `standardwebhooks` packa
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -19,6 +20,8 @@ from worker.settings import Settings
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the spec's prefix, not a secret
 # The spec asks for 24 to 64 random bytes.
 _SECRET_BYTES = 32
+# Secrets a box keeps decrypted (in memory only), by their stored form.
+_DECRYPTED_KEPT = 4096
 
 
 class SecretKeyError(RuntimeError):
@@ -51,6 +54,11 @@ class SecretBox:
 
     Decryption also tries WEBHOOK_PREVIOUS_SECRET_KEYS, so the key can be changed without
     losing the secrets stored under the old one (re-encrypted with the current key when rotated).
+
+    Every attempt needs its endpoint's secrets, and decrypting (an HMAC check and AES) costs more
+    than the rest of signing: the box keeps the `_DECRYPTED_KEPT` secrets it decrypted last, in
+    memory only, keyed by the stored form (which a rotation changes). A stored form that does not
+    decrypt is tried again each time.
     """
 
     def __init__(self, key: str, previous: Sequence[str] = ()) -> None:
@@ -60,6 +68,7 @@ class SecretBox:
                 *(_fernet(k, "WEBHOOK_PREVIOUS_SECRET_KEYS") for k in previous),
             ]
         )
+        self._decrypted = functools.lru_cache(maxsize=_DECRYPTED_KEPT)(self._decrypt)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
@@ -78,6 +87,9 @@ class SecretBox:
 
     def decrypt(self, stored: bytes) -> str:
         """The secret back from its stored form."""
+        return self._decrypted(bytes(stored))
+
+    def _decrypt(self, stored: bytes) -> str:
         try:
             return self._fernet.decrypt(stored).decode()
         except InvalidToken:

@@ -33,7 +33,7 @@ _runner: Runner | None = None
 
 
 def runner() -> Runner:
-    """The process's delivery machinery (threads, pool, key, HTTP client), built on first use."""
+    """The process's delivery machinery (threads, pool, key, connections), built on first use."""
     global _runner  # noqa: PLW0603 - one per process
     if _runner is None:
         with _lock:
