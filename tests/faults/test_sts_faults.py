@@ -25,7 +25,8 @@ pytestmark = pytest.mark.faults
 
 
 def _wait_ready(worker: Service) -> None:
-    wait_until(lambda: log_events(worker, "worker.ready"), timeout=30, what="worker.ready")
+    # As wait_started: start-up takes seconds, and far more on a loaded machine.
+    wait_until(lambda: log_events(worker, "worker.ready"), timeout=60, what="worker.ready")
 
 
 def _database_now(fleet: Fleet) -> datetime:
@@ -139,7 +140,7 @@ def test_platform_credentials_invalid_then_valid(
     env = services_env()
     worker, beat = start_worker(env, tmp_path), start_beat(env, tmp_path)
     with running(worker, beat):
-        wait_until(lambda: log_events(worker, "platform.fault"), timeout=30, what="platform.fault")
+        wait_until(lambda: log_events(worker, "platform.fault"), timeout=60, what="platform.fault")
         assert {r["level"] for r in log_events(worker, "platform.fault")} == {"critical"}
         time.sleep(4)  # several dispatch ticks and probes while the credentials stay bad
         rows = fleet.rows()
