@@ -6,6 +6,7 @@ No Celery here: `Deliverer` holds the plain functions the delivery task runs on 
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 import time
 import uuid
@@ -976,3 +977,37 @@ def test_a_batch_written_while_the_database_is_away_is_written_again(
     assert (delivery.attempts, delivery.lease_id) == (1, None)
     assert delivery.delivered_at is not None
     assert len(receiver.accepted_ids()) == 1
+
+
+def test_claims_are_paced_and_a_first_wish_is_served_at_once(
+    deliverer: Deliverer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimer claims at most once per CLAIM_INTERVAL_SECONDS however often it is asked
+    (each notification, each recorded batch): every wish made meanwhile is served by its next
+    claim. After a quiet spell, a wish is served at once."""
+    monkeypatch.setattr(runner_module, "CLAIM_INTERVAL_SECONDS", 0.2)
+    claims: list[float] = []
+
+    def counting() -> int:
+        claims.append(time.monotonic())
+        return 0
+
+    runner = Runner(deliverer)
+    monkeypatch.setattr(runner, "claim_and_submit", counting)
+    asked = time.monotonic()
+    runner.want_claim()
+    deadline = asked + 5
+    while not claims:
+        assert time.monotonic() < deadline, "the first wish was never served"
+        time.sleep(0.005)
+    assert claims[0] - asked < 0.1  # at once, not after an interval
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:  # a wish every 5 ms for a second
+        runner.want_claim()
+        time.sleep(0.005)
+    time.sleep(0.3)  # the last wish is served
+    runner.drain()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(claims)]
+    assert 5 <= len(claims) <= 8, claims  # about one per 0.2 s, not 200
+    assert min(gaps) >= 0.19
+    assert claims[-1] >= until - 0.05  # the wishes of the last interval were served too

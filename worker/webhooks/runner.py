@@ -7,7 +7,9 @@ result waiting — and those of attempts still running that end within 20 ms —
 and recorded in batches, and a burst to one endpoint drains at its concurrency limit, not once
 per tick. The recorder never claims itself: a claim may wait (for another process's claim, a
 slow database), and a result waiting behind it could outlive its lease and be sent again. The
-listener claims when PostgreSQL says a transaction created deliveries.
+listener has it claim when PostgreSQL says a transaction created deliveries. The claimer claims
+at most once per CLAIM_INTERVAL_SECONDS: every wish to claim made meanwhile is served by its next
+claim, so a steady stream of events is claimed in fewer, larger batches.
 The process's claims and records use a database pool of their own, so delivery never takes a
 connection the verifications are waiting for.
 
@@ -40,8 +42,12 @@ from worker.webhooks.signing import SecretBox
 log = get_logger("worker.webhooks")
 
 NOTIFY_CHANNEL = "webhook_deliveries"
-# Notifications arriving this close together are served by one claim.
-_COALESCE_SECONDS = 0.05
+# A process claims at most once per this interval: what falls due meanwhile (notifications,
+# recorded results freeing delivery threads) is served by the next claim. Each claim costs the
+# same whatever it leases (the database's search of the endpoints with pending deliveries, a
+# transaction, the claims' lock), so under a steady stream of events fewer, larger claims save
+# CPU on both sides; an event waits at most this long for its claim.
+CLAIM_INTERVAL_SECONDS = 0.1
 # Without notifications, a claim this often anyway (retries falling due; a missed notification
 # while the listener reconnected). Beat's task does the same, through the queue.
 _IDLE_CLAIM_SECONDS = 5.0
@@ -134,16 +140,26 @@ class Runner:
             batch, stop = self._collect(self._finished.get())
             if batch:
                 self._record(batch)
-                # The recorded deliveries' slots are free: claim again at once rather than at
-                # the next notification or tick.
-                self._claim_wanted.set()
+                # The recorded deliveries' slots are free: claim again soon rather than at the
+                # next notification or tick.
+                self.want_claim()
+
+    def want_claim(self) -> None:
+        """Have the claimer thread claim: at once, or CLAIM_INTERVAL_SECONDS after its last
+        claim if that was more recent (one claim serves every wish made meanwhile)."""
+        self._claim_wanted.set()
 
     def _claim_forever(self) -> None:
+        last = -CLAIM_INTERVAL_SECONDS
         while True:
             self._claim_wanted.wait()
-            self._claim_wanted.clear()
+            pause = last + CLAIM_INTERVAL_SECONDS - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)
             if self._stopping.is_set():
                 return
+            self._claim_wanted.clear()
+            last = time.monotonic()
             try:
                 self.claim_and_submit()
             except Exception:
@@ -216,16 +232,15 @@ class Runner:
                     **KEEPALIVES,
                 ) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self.claim_and_submit()
+                    self.want_claim()
                     while not self._stopping.is_set():
                         notified = any(
                             True for _ in conn.notifies(timeout=_IDLE_CLAIM_SECONDS, stop_after=1)
                         )
-                        if notified:
-                            time.sleep(_COALESCE_SECONDS)
+                        if notified:  # and those already here too
                             for _ in conn.notifies(timeout=0):
                                 pass
-                        self.claim_and_submit()
+                        self.want_claim()
             except Exception:  # the listener must outlive a database restart
                 log.warning("webhook.listener_reconnecting", retry_in_seconds=5, exc_info=True)
                 time.sleep(5)
