@@ -1,11 +1,12 @@
 """Delivering in the worker: the Celery surface of `worker.webhooks.runner`.
 
-Three things have deliveries claimed, all through `Runner.claim_and_submit`: beat's `verifier.deliver_webhooks`
-task on its own queue (the schedule's floor: retries falling due), a listener thread per worker
-process woken by PostgreSQL when a transaction that created deliveries commits (an event reaches
-its endpoint in well under a second even while verifications keep every process busy) and the
-recorder after each batch of results it writes, both through the process's claimer thread (at
-most one claim per CLAIM_INTERVAL_SECONDS). A claim takes milliseconds, so a
+Three things have deliveries claimed, all through `Runner.claim_and_submit`: beat's
+`verifier.deliver_webhooks` task on its own queue (the schedule's floor: retries falling due); a
+listener thread per worker process woken by PostgreSQL when a transaction that created
+deliveries commits (an event reaches its endpoint in well under a second even while
+verifications keep every process busy); and the recorder after each batch of results it writes.
+The last two go through the process's claimer thread, at most one claim per
+CLAIM_INTERVAL_SECONDS. A claim takes milliseconds, so a
 slow or hanging endpoint never holds a worker process that verifications need; the HTTP attempts
 run on WEBHOOK_CONCURRENCY threads, each bounded by its timeouts, at most
 WEBHOOK_PER_ENDPOINT_LIMIT per endpoint at a time. A process that dies loses only leases, which
