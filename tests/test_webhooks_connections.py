@@ -4,23 +4,18 @@ every attempt's limit, bounded; against a real HTTP server that verifies every s
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpcore
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sandbox.webhook_receiver import Behaviour, WebhookReceiver
+from tests.tls import tls_contexts
 from worker.settings import Settings
 from worker.webhooks import connections as connections_module
 from worker.webhooks.connections import Connections, Watchdog
@@ -101,43 +96,11 @@ def test_a_connection_never_carries_another_host_names_message(
     assert a_first != b_first
 
 
-def _tls_contexts(directory: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context with a self-signed certificate for `name` only, and a client context
-    that trusts it (and nothing else)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = certificate.public_bytes(serialization.Encoding.PEM)
-    (directory / "cert.pem").write_bytes(pem)
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(directory / "cert.pem", directory / "key.pem")
-    return server, ssl.create_default_context(cadata=pem.decode("ascii"))
-
-
 def test_tls_is_verified_for_each_host_name_on_a_shared_address(tmp_path: Path) -> None:
     """Over HTTPS the certificate is checked for the URL's host name (sent as SNI), not the
     address: a second host name on the same address and port, which the certificate does not
     name, fails its handshake instead of reusing the connection verified for the first."""
-    server, client = _tls_contexts(tmp_path, "hooks.invalid")
+    server, client = tls_contexts(tmp_path, "hooks.invalid")
     handshakes: list[str | None] = []
     server.sni_callback = lambda _sock, name, _ctx: handshakes.append(name)
     connections = Connections(

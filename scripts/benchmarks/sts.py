@@ -1,11 +1,13 @@
 """Client CPU per verification against a zero-latency local STS stand-in.
 
-    .venv/bin/python -m scripts.benchmarks.sts [--count 2000] [--warmup 200]
+    .venv/bin/python -m scripts.benchmarks.sts [--count 2000] [--warmup 200] [--transport T]
 
 The stand-in runs as a separate process, so the figures are the worker-side cost alone: our
 checks, botocore's signing, serialization, HTTP and XML parsing. Target: under 3 ms per
 verification. The last figure adds the four permission probes (the stand-in answers them too),
-so the difference is the CPU of one probe set.
+so the difference is the CPU of one probe set. `--transport botocore` sends the signed calls
+through botocore's own HTTP session (urllib3) instead of `worker.sts.transport`, the worker's
+http.client sender, for comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from scripts.benchmarks.common import BenchError
 from scripts.benchmarks.services import standin_aws_env, start_standin
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
+from worker.sts import signing
 from worker.sts.outcome import RoleDetails
 from worker.sts.verifier import StsVerifier
 
@@ -46,7 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000, help="verifications per figure")
     parser.add_argument("--warmup", type=int, default=200, help="untimed verifications first")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument(
+        "--transport",
+        choices=("http.client", "botocore"),
+        default="http.client",
+        help="the signed calls' HTTP client: the worker's (http.client) or botocore's (urllib3)",
+    )
     args = parser.parse_args(argv)
+    if args.transport == "botocore":
+        # The calls are built (and their sessions wrapped) on first use, below.
+        signing.fast_session = lambda http: http
     if args.count < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--count and --rounds must be positive, --warmup not negative")
     log_dir = tempfile.TemporaryDirectory(prefix="verifier-bench-sts-")

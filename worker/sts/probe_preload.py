@@ -27,6 +27,7 @@ from botocore.httpsession import URLLib3Session
 
 from worker.permissions import CATALOGUE, Probe
 from worker.sts.probe_calls import CONFIG_FIELDS, ProbeCall, build_probe_call, check_signature, keep
+from worker.sts.transport import botocore_session, fast_session
 
 # The parts of a ProbeCall that are plain data (the rest: the probe, the HTTP session, retries).
 _PLAIN = tuple(
@@ -66,7 +67,7 @@ def _plain(call: ProbeCall) -> dict[str, Any]:
     parts = {name: getattr(call, name) for name in _PLAIN}
     parts["body"] = base64.b64encode(call.body).decode()
     parts["headers"] = [list(pair) for pair in call.headers]
-    return {"parts": parts, "http": _http_arguments(call.http)}
+    return {"parts": parts, "http": _http_arguments(botocore_session(call.http))}
 
 
 def _from_plain(probe: Probe, built: dict[str, Any], max_attempts: int) -> ProbeCall:
@@ -74,7 +75,10 @@ def _from_plain(probe: Probe, built: dict[str, Any], max_attempts: int) -> Probe
     parts["body"] = base64.b64decode(parts["body"])
     parts["headers"] = tuple((str(name), str(value)) for name, value in parts["headers"])
     call = ProbeCall(
-        probe=probe, http=_http_session(built["http"]), max_attempts=max_attempts, **parts
+        probe=probe,
+        http=fast_session(_http_session(built["http"])),
+        max_attempts=max_attempts,
+        **parts,
     )
     check_signature(call)
     return call

@@ -32,6 +32,8 @@ import botocore.session
 from botocore.config import Config
 from botocore.utils import normalize_url_path
 
+from worker.sts.transport import fast_session
+
 __all__ = ["PLACEHOLDER", "SignedCall", "backoff_seconds", "capture", "check_signature", "parts"]
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
@@ -67,7 +69,7 @@ class SignedCall:
     headers: tuple[tuple[str, str], ...]  # the constant ones (no date, token or signature)
     region: str  # the signing region (IAM: us-east-1)
     signing_name: str
-    http: Any  # botocore.httpsession.URLLib3Session
+    http: Any  # worker.sts.transport.FastSession (or botocore's URLLib3Session)
     max_attempts: int
     # The canonical request up to its headers, the signed header names and the payload hash of
     # `body`: everything but the date, the token (and, for another body, its hash).
@@ -177,9 +179,10 @@ def capture(
     if not captured:
         raise ValueError(f"botocore sent no {service} request to capture")
     # The HTTP session botocore configured for this client (pool, proxies, CA bundle,
-    # timeouts) is kept; the client and its service model are not.
+    # timeouts) is kept, to send with http.client (worker.sts.transport); the client and its
+    # service model are not.
     http = client._endpoint.http_session  # type: ignore[attr-defined]
-    return captured[0], http
+    return captured[0], fast_session(http)
 
 
 def parts(request: Any, service: str, *, any_body: bool = False) -> dict[str, Any]:

@@ -1,0 +1,271 @@
+"""worker.sts.transport: the signed calls' HTTP client answers and fails exactly as botocore's.
+
+Each test runs the same request through `FastSession` and through the botocore session it was
+made from, against a real socket server whose every connection does one scripted thing.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import botocore.awsrequest
+import botocore.exceptions
+import pytest
+from botocore.config import Config
+from botocore.httpsession import URLLib3Session
+
+from tests.tls import tls_contexts
+from worker.permissions import CATALOGUE
+from worker.sts.assume_role import build_assume_role_call
+from worker.sts.probe_calls import build_probe_call
+from worker.sts.transport import FastSession, botocore_session, fast_session
+
+Behaviour = Callable[[socket.socket], None]
+ANSWER = b"<Response><Errors><Error><Code>Nope</Code></Error></Errors></Response>"
+
+
+def _read_request(sock: socket.socket) -> bool:
+    """Read one request (headers and its Content-Length body); False at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += sock.recv(65536)
+    return True
+
+
+def _answer(status: str = "403 Forbidden", *, chunked: bool = False) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: text/xml\r\nx-amzn-RequestId: r-1\r\n"
+    if chunked:
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (ANSWER[:10], ANSWER[10:]))
+        return head.encode() + b"Transfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    return head.encode() + f"Content-Length: {len(ANSWER)}\r\n\r\n".encode() + ANSWER
+
+
+def keep_alive(sock: socket.socket) -> None:
+    while _read_request(sock):
+        sock.sendall(_answer())
+
+
+def chunked(sock: socket.socket) -> None:
+    while _read_request(sock):
+        sock.sendall(_answer(chunked=True))
+
+
+def answer_then_close(sock: socket.socket) -> None:
+    """Answer without saying the connection closes, then close it (a keep-alive timeout)."""
+    if _read_request(sock):
+        sock.sendall(_answer())
+
+
+def silent(sock: socket.socket) -> None:
+    _read_request(sock)
+    time.sleep(3)
+
+
+def reset(sock: socket.socket) -> None:
+    _read_request(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def not_http(sock: socket.socket) -> None:
+    if _read_request(sock):
+        sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+
+class Server:
+    """127.0.0.1 on a free port; each connection runs `behaviour`, then is closed."""
+
+    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
+        self.behaviour = behaviour
+        self.tls = tls
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{host}:{self.port}/?Action=Probe"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            self.behaviour(sock)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> Server:
+        servers.append(Server(behaviour, tls))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _request(url: str) -> botocore.awsrequest.AWSPreparedRequest:
+    return botocore.awsrequest.AWSPreparedRequest(
+        "POST",
+        url,
+        {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "test"},  # type: ignore[arg-type]
+        b"Action=Probe&Version=2011-06-15",
+        stream_output=False,
+    )
+
+
+def _sessions(**arguments: object) -> tuple[FastSession, URLLib3Session]:
+    options = {"timeout": (1.0, 0.5), **arguments}
+    fast = FastSession(URLLib3Session(**options))  # type: ignore[arg-type]
+    return fast, URLLib3Session(**options)  # type: ignore[arg-type]
+
+
+def _failure(session: object, url: str) -> Exception:
+    with pytest.raises(botocore.exceptions.BotoCoreError) as caught:
+        session.send(_request(url))  # type: ignore[attr-defined]
+    return caught.value
+
+
+@pytest.mark.parametrize("behaviour", [keep_alive, chunked], ids=["length", "chunked"])
+def test_an_answer_reads_as_botocore_reads_it(
+    serve: Callable[..., Server], behaviour: Behaviour
+) -> None:
+    server = serve(behaviour)
+    fast, botocore_http = _sessions()
+    ours = fast.send(_request(server.url()))
+    theirs = botocore_http.send(_request(server.url()))
+    assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content) == (403, ANSWER)
+    assert ours.headers["x-amzn-requestid"] == theirs.headers["X-Amzn-RequestId"] == "r-1"
+    assert ours.headers.get("Content-Type") == "text/xml"
+
+
+def test_a_connection_is_kept_for_the_next_call(serve: Callable[..., Server]) -> None:
+    server = serve(keep_alive)
+    fast, _ = _sessions()
+    for _ in range(3):
+        assert fast.send(_request(server.url())).status_code == 403
+    assert server.connections == 1
+
+
+def test_a_kept_connection_the_server_closed_is_not_reused(serve: Callable[..., Server]) -> None:
+    """The server closed it while idle (its keep-alive timeout): checked before reuse, as urllib3
+    does, so the next call opens a new one instead of failing with ConnectionClosedError."""
+    server = serve(answer_then_close)
+    fast, _ = _sessions()
+    for _ in range(3):
+        assert fast.send(_request(server.url())).status_code == 403
+        time.sleep(0.1)  # the server's close arrives
+    assert server.connections == 3
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        (silent, botocore.exceptions.ReadTimeoutError),
+        (reset, botocore.exceptions.ConnectionClosedError),
+        (not_http, botocore.exceptions.ConnectionClosedError),
+    ],
+    ids=["no answer", "reset", "not http"],
+)
+def test_a_failure_raises_what_botocore_raises(
+    serve: Callable[..., Server], behaviour: Behaviour, expected: type[Exception]
+) -> None:
+    server = serve(behaviour)
+    fast, botocore_http = _sessions()
+    started = time.monotonic()
+    ours = _failure(fast, server.url())
+    took = time.monotonic() - started
+    assert type(ours) is type(_failure(botocore_http, server.url())) is expected
+    assert took < 2.5  # the read timeout (0.5 s), not the server's 3 s
+
+
+def test_a_refused_connection_raises_what_botocore_raises() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    fast, botocore_http = _sessions()
+    ours = _failure(fast, url)
+    assert (
+        type(ours)
+        is type(_failure(botocore_http, url))
+        is (botocore.exceptions.EndpointConnectionError)
+    )
+
+
+def test_tls_is_checked_with_botocores_ca_bundle(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    """verify=<a CA bundle>: trusted, with the certificate checked for the URL's host name;
+    the default bundle does not know the test's authority: SSLError, as botocore."""
+    server_context, _ = tls_contexts(tmp_path, "localhost")
+    server = serve(keep_alive, server_context)
+    trusted, _ = _sessions(verify=str(tmp_path / "cert.pem"))
+    assert trusted.send(_request(server.url("localhost"))).status_code == 403
+    wrong_name = _failure(trusted, server.url("127.0.0.1"))
+    assert isinstance(wrong_name, botocore.exceptions.SSLError)
+    fast, botocore_http = _sessions()
+    ours = _failure(fast, server.url("localhost"))
+    assert (
+        type(ours)
+        is type(_failure(botocore_http, server.url("localhost")))
+        is (botocore.exceptions.SSLError)
+    )
+
+
+def test_a_proxied_request_is_sent_by_botocore() -> None:
+    """Proxies (their tunnels, TLS and headers) stay botocore's: with one set, FastSession hands
+    the request over; the proxy here refuses, so botocore's own ProxyConnectionError comes back."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    fast, _ = _sessions(proxies={"http": f"http://127.0.0.1:{port}"})
+    failure = _failure(fast, "http://sts.invalid/")
+    assert isinstance(failure, botocore.exceptions.ProxyConnectionError)
+
+
+def test_the_signed_calls_send_with_fast_session() -> None:
+    config = Config(connect_timeout=1, read_timeout=2, max_pool_connections=12)
+    probe = build_probe_call(CATALOGUE["ec2:DescribeRegions"], "eu-west-1", config, 1)
+    assume = build_assume_role_call("eu-west-1", config, 1)
+    for call in (probe, assume):
+        assert isinstance(call.http, FastSession)
+        built = botocore_session(call.http)
+        assert isinstance(built, URLLib3Session)
+        assert fast_session(call.http) is call.http  # never wrapped twice
+        assert call.http._connect_timeout == 1
+        assert call.http._read_timeout == 2
+        assert call.http._max_idle == 12
