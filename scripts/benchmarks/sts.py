@@ -24,7 +24,7 @@ from scripts.benchmarks.common import BenchError
 from scripts.benchmarks.services import standin_aws_env, start_standin
 from worker.permissions import DEFAULT_PROBES
 from worker.settings import Settings
-from worker.sts import signing
+from worker.sts import transport
 from worker.sts.outcome import RoleDetails
 from worker.sts.verifier import StsVerifier
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.transport == "botocore":
-        # The calls are built (and their sessions wrapped) on first use, below.
-        signing.fast_session = lambda http: http
+        # The calls are built (and their sessions wrapped, or not) on first use, below.
+        transport.ENABLED = False
     if args.count < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--count and --rounds must be positive, --warmup not negative")
     log_dir = tempfile.TemporaryDirectory(prefix="verifier-bench-sts-")

@@ -218,10 +218,15 @@ class FastSession:
             return self._tls_context
 
 
+# False: the signed calls built from now on send through botocore's session itself (for
+# `python -m scripts.benchmarks.sts --transport botocore`).
+ENABLED = True
+
+
 def fast_session(http: Any) -> Any:
     """`http` (botocore's session for a client) wrapped in a `FastSession`; anything else (a
     test's stand-in session, one already wrapped) as it is."""
-    return FastSession(http) if type(http) is URLLib3Session else http
+    return FastSession(http) if ENABLED and type(http) is URLLib3Session else http
 
 
 def botocore_session(http: Any) -> Any:
