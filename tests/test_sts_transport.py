@@ -6,11 +6,13 @@ made from, against a real socket server whose every connection does one scripted
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -269,3 +271,34 @@ def test_the_signed_calls_send_with_fast_session() -> None:
         assert call.http._connect_timeout == 1
         assert call.http._read_timeout == 2
         assert call.http._max_idle == 12
+
+
+def test_a_forked_process_never_uses_its_parents_kept_connections(
+    serve: Callable[..., Server],
+) -> None:
+    """The worker's main process keeps the calls (and their sessions) and forks its pool: a
+    connection kept before the fork is the parent's socket too, and is never sent on by the
+    child."""
+    server = serve(keep_alive)
+    fast, _ = _sessions()
+    assert fast.send(_request(server.url())).status_code == 403
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12 warns of fork() in a process with threads (the server's): the child
+        # here only sends one request and leaves.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its own connection, the parent's left alone
+        try:
+            status = fast.send(_request(server.url())).status_code
+            os.write(write, str(status).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 16)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert answer == b"403"
+    assert server.connections == 2
+    assert fast.send(_request(server.url())).status_code == 403  # the parent's, still kept
+    assert server.connections == 2

@@ -29,6 +29,7 @@ not retried here: the caller's standard retries decide.
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import socket
 import ssl
@@ -116,6 +117,7 @@ class FastSession:
         self._lock = threading.Lock()
         self._tls_context: ssl.SSLContext | None = None
         self._routes: dict[str, tuple[Key, str]] = {}
+        self._pid = os.getpid()
         # As urllib3's pools: a session dropped closes its idle connections.
         weakref.finalize(self, _close_idle, self._idle)
 
@@ -171,6 +173,11 @@ class FastSession:
     def _take(self, key: Key) -> _Connection | None:
         while True:
             with self._lock:
+                if self._pid != os.getpid():
+                    # A process forked with kept connections: they are the parent's sockets
+                    # too, never to be shared. Forgotten, not closed (the parent's stay open).
+                    self._idle.clear()
+                    self._pid = os.getpid()
                 kept = self._idle.get(key)
                 if not kept:
                     return None
@@ -298,10 +305,11 @@ def _dropped(connection: _Connection) -> bool:
     if sock is None:
         return True
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()  # not select(): no limit on the descriptor's number
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def _lower_names(headers: Any) -> set[str]:
