@@ -6,6 +6,7 @@ made from, against a real socket server whose every connection does one scripted
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import ssl
@@ -19,26 +20,29 @@ from pathlib import Path
 import botocore.awsrequest
 import botocore.exceptions
 import pytest
+import urllib3.util.connection
 from botocore.config import Config
 from botocore.httpsession import URLLib3Session
 
 from tests.tls import tls_contexts
 from worker.permissions import CATALOGUE
+from worker.sts import transport
 from worker.sts.assume_role import build_assume_role_call
 from worker.sts.probe_calls import build_probe_call
+from worker.sts.signing import _host as signing_host
 from worker.sts.transport import FastSession, botocore_session, fast_session
 
 Behaviour = Callable[[socket.socket], None]
 ANSWER = b"<Response><Errors><Error><Code>Nope</Code></Error></Errors></Response>"
 
 
-def _read_request(sock: socket.socket) -> bool:
-    """Read one request (headers and its Content-Length body); False at EOF."""
+def _read_request(sock: socket.socket) -> bytes | None:
+    """Read one request (headers and its Content-Length body): its head; None at EOF."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
-            return False
+            return None
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = 0
@@ -48,7 +52,7 @@ def _read_request(sock: socket.socket) -> bool:
             length = int(value)
     while len(body) < length:
         body += sock.recv(65536)
-    return True
+    return head
 
 
 def _answer(status: str = "403 Forbidden", *, chunked: bool = False) -> bytes:
@@ -59,19 +63,23 @@ def _answer(status: str = "403 Forbidden", *, chunked: bool = False) -> bytes:
     return head.encode() + f"Content-Length: {len(ANSWER)}\r\n\r\n".encode() + ANSWER
 
 
+HEADS: list[bytes] = []  # the request heads keep_alive read (tests that read them clear it)
+
+
 def keep_alive(sock: socket.socket) -> None:
-    while _read_request(sock):
+    while (head := _read_request(sock)) is not None:
+        HEADS.append(head)
         sock.sendall(_answer())
 
 
 def chunked(sock: socket.socket) -> None:
-    while _read_request(sock):
+    while _read_request(sock) is not None:
         sock.sendall(_answer(chunked=True))
 
 
 def answer_then_close(sock: socket.socket) -> None:
     """Answer without saying the connection closes, then close it (a keep-alive timeout)."""
-    if _read_request(sock):
+    if _read_request(sock) is not None:
         sock.sendall(_answer())
 
 
@@ -85,24 +93,49 @@ def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def short_body(sock: socket.socket) -> None:
+    """An answer that says 500 bytes and sends 20, then closes."""
+    if _read_request(sock) is not None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + ANSWER[:20])
+
+
+def silent_from_the_start(sock: socket.socket) -> None:
+    """Accepts, reads nothing, says nothing (a TLS handshake never answered)."""
+    time.sleep(3)
+
+
+def reset_at_once(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def garbage_at_once(sock: socket.socket) -> None:
+    """Speaks first, and not TLS (a TLS client gets a record it cannot read)."""
+    sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    time.sleep(1)
+
+
 def not_http(sock: socket.socket) -> None:
-    if _read_request(sock):
+    if _read_request(sock) is not None:
         sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
 
 
 class Server:
     """127.0.0.1 on a free port; each connection runs `behaviour`, then is closed."""
 
-    def __init__(self, behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, behaviour: Behaviour, tls: ssl.SSLContext | None = None, *, raw_tls: bool = False
+    ) -> None:
+        """`raw_tls`: URLs say https, but the behaviour gets the TCP socket (no handshake)."""
         self.behaviour = behaviour
         self.tls = tls
+        self.raw_tls = raw_tls
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, host: str = "127.0.0.1") -> str:
-        scheme = "http" if self.tls is None else "https"
+        scheme = "http" if self.tls is None and not self.raw_tls else "https"
         return f"{scheme}://{host}:{self.port}/?Action=Probe"
 
     def _accept(self) -> None:
@@ -132,8 +165,10 @@ class Server:
 def serve() -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> Server:
-        servers.append(Server(behaviour, tls))
+    def start(
+        behaviour: Behaviour, tls: ssl.SSLContext | None = None, *, raw_tls: bool = False
+    ) -> Server:
+        servers.append(Server(behaviour, tls, raw_tls=raw_tls))
         return servers[-1]
 
     yield start
@@ -302,3 +337,95 @@ def test_a_forked_process_never_uses_its_parents_kept_connections(
     assert server.connections == 2
     assert fast.send(_request(server.url())).status_code == 403  # the parent's, still kept
     assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        (silent_from_the_start, botocore.exceptions.ReadTimeoutError),
+        (reset_at_once, botocore.exceptions.ConnectionClosedError),
+        (garbage_at_once, botocore.exceptions.SSLError),
+    ],
+    ids=["no handshake", "reset in the handshake", "not tls"],
+)
+def test_a_tls_handshake_failure_raises_what_botocore_raises(
+    serve: Callable[..., Server], behaviour: Behaviour, expected: type[Exception]
+) -> None:
+    server = serve(behaviour, raw_tls=True)
+    fast, botocore_http = _sessions()
+    ours = type(_failure(fast, server.url()))
+    theirs = type(_failure(botocore_http, server.url()))
+    with warnings.catch_warnings():
+        # urllib3 leaves the socket of a handshake the server reset unclosed: collected here,
+        # not in whichever test runs next. (FastSession closes its own.)
+        warnings.simplefilter("ignore", ResourceWarning)
+        del botocore_http
+        gc.collect()
+    assert ours is theirs is expected
+
+
+def test_a_bad_ca_bundle_raises_what_botocore_raises(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    server_context, _ = tls_contexts(tmp_path, "localhost")
+    server = serve(keep_alive, server_context)
+    missing = str(tmp_path / "no-such-bundle.pem")
+    fast, botocore_http = _sessions(verify=missing)
+    ours = _failure(fast, server.url("localhost"))
+    assert (
+        type(ours)
+        is type(_failure(botocore_http, server.url("localhost")))
+        is (botocore.exceptions.SSLError)
+    )
+
+
+def test_a_short_answer_is_returned_as_it_came(serve: Callable[..., Server]) -> None:
+    """A body shorter than its Content-Length: botocore has urllib3 return it as it came (the
+    parser judges it), and so does FastSession; that connection is not kept."""
+    server = serve(short_body)
+    fast, botocore_http = _sessions()
+    ours = fast.send(_request(server.url()))
+    theirs = botocore_http.send(_request(server.url()))
+    assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content)
+    assert ours.content == ANSWER[:20]
+    assert fast._idle == {} or all(not kept for kept in fast._idle.values())
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://sts.example.test/", "sts.example.test"),
+        ("http://sts.example.test:80/", "sts.example.test"),
+        ("http://sts.example.test:8080/", "sts.example.test:8080"),
+        ("https://localhost/", "localhost"),
+        ("https://localhost:443/", "localhost"),
+    ],
+)
+def test_the_host_header_is_the_one_botocore_signed(
+    serve: Callable[..., Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    host: str,
+) -> None:
+    """The signature covers `host` as `signing._host` writes it: the port only when it is not
+    the scheme's. Sent to AWS's default ports, any other Host header fails every signature.
+    (The connection is redirected to the test's server, which records what it got.)"""
+    server_context, _ = tls_contexts(tmp_path, "localhost")
+    server = serve(keep_alive, server_context if url.startswith("https") else None)
+    connect = urllib3.util.connection.create_connection
+    monkeypatch.setattr(
+        transport,
+        "create_connection",
+        lambda _address, *args, **kwargs: connect(("127.0.0.1", server.port), *args, **kwargs),
+    )
+    fast, _ = _sessions(verify=str(tmp_path / "cert.pem"))
+    HEADS.clear()
+    assert fast.send(_request(url)).status_code == 403
+    (head,) = HEADS
+    sent = [
+        line.partition(b":")[2].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"host:")
+    ]
+    assert sent == [host] == [signing_host(url)]
