@@ -59,7 +59,7 @@ _MAX_ROUTES = 256
 
 # The connection failed while the request was sent or its answer read (reset, aborted, broken
 # pipe, closed by the server: http.client.RemoteDisconnected), or the answer was not HTTP (a bad
-# status line, an incomplete read): the connection is of no further use.
+# status line): the connection is of no further use.
 _CLOSED = (OSError, http.client.HTTPException)
 # Errors while sending after which urllib3 still reads the answer (with BrokenPipeError).
 _ANSWER_MAY_FOLLOW = (errno.ECONNRESET, errno.EPROTOTYPE)
@@ -195,11 +195,6 @@ class FastSession:
                 self._routes.clear()
             self._routes[url] = route
         return route
-
-    def close(self) -> None:
-        """Close the idle connections."""
-        with self._lock:
-            _close_idle(self._idle)
 
     def _take(self, key: Key) -> _Connection | None:
         while True:
