@@ -104,7 +104,10 @@ def silent_from_the_start(sock: socket.socket) -> None:
     time.sleep(3)
 
 
-def reset_at_once(sock: socket.socket) -> None:
+def reset_in_the_handshake(sock: socket.socket) -> None:
+    """Reads the client's first bytes (its TLS ClientHello), then resets the connection: the
+    client is in its handshake, whatever the timing."""
+    sock.recv(1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
@@ -130,6 +133,7 @@ class Server:
         self.tls = tls
         self.raw_tls = raw_tls
         self.connections = 0
+        self.closed = 0  # connections this server has closed
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -156,6 +160,7 @@ class Server:
             pass
         finally:
             sock.close()
+            self.closed += 1
 
     def close(self) -> None:
         self._listener.close()
@@ -224,9 +229,13 @@ def test_a_kept_connection_the_server_closed_is_not_reused(serve: Callable[..., 
     does, so the next call opens a new one instead of failing with ConnectionClosedError."""
     server = serve(answer_then_close)
     fast, _ = _sessions()
-    for _ in range(3):
+    for sent in range(1, 4):
         assert fast.send(_request(server.url())).status_code == 403
-        time.sleep(0.1)  # the server's close arrives
+        deadline = time.monotonic() + 5
+        while server.closed < sent:  # the server has closed it before the next call
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.05)  # and its FIN has reached the client's socket
     assert server.connections == 3
 
 
@@ -308,6 +317,15 @@ def test_the_signed_calls_send_with_fast_session() -> None:
         assert call.http._max_idle == 12
 
 
+def test_with_the_transport_off_botocores_session_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m scripts.benchmarks.sts --transport botocore` compares against this."""
+    monkeypatch.setattr(transport, "ENABLED", False)
+    config = Config(connect_timeout=1, read_timeout=2)
+    probe = build_probe_call(CATALOGUE["ec2:DescribeRegions"], "eu-west-1", config, 1)
+    assume = build_assume_role_call("eu-west-1", config, 1)
+    assert type(probe.http) is type(assume.http) is URLLib3Session
+
+
 def test_a_forked_process_never_uses_its_parents_kept_connections(
     serve: Callable[..., Server],
 ) -> None:
@@ -343,7 +361,7 @@ def test_a_forked_process_never_uses_its_parents_kept_connections(
     ("behaviour", "expected"),
     [
         (silent_from_the_start, botocore.exceptions.ReadTimeoutError),
-        (reset_at_once, botocore.exceptions.ConnectionClosedError),
+        (reset_in_the_handshake, botocore.exceptions.ConnectionClosedError),
         (garbage_at_once, botocore.exceptions.SSLError),
     ],
     ids=["no handshake", "reset in the handshake", "not tls"],
