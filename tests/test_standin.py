@@ -446,11 +446,15 @@ def test_rate_limit_throttles_above_the_rate(standin: StsStandIn, client: STSCli
 
 def test_forced_error_lasts_for_its_window(standin: StsStandIn, client: STSClient) -> None:
     """force_error answers its code to every request until force_seconds have passed."""
-    standin.configure(force_error="ServiceUnavailable", force_seconds=0.4)
+    # The window is wide enough that two calls land inside it even on a loaded CI machine
+    # (0.4 s was not: one run's second call came after it had closed).
+    window = 3.0
+    configured = time.monotonic()
+    standin.configure(force_error="ServiceUnavailable", force_seconds=window)
     assert refusal(client, "okRole")[:2] == ("ServiceUnavailable", 503)
     with pytest.raises(ClientError):
         client.get_caller_identity()
-    time.sleep(0.45)
+    time.sleep(max(0.0, configured + window + 0.05 - time.monotonic()))
     assert assume(client, "okRole")
 
 
