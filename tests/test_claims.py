@@ -45,11 +45,16 @@ def test_a_leased_account_is_not_due_until_the_lease_expires(
 ) -> None:
     """A claim holds the account; when the lease runs out (its worker died) it is due again."""
     ids = _seed(scratch_sessions, 3)
+    # A 3 s lease: the second claim must come within it even on a loaded machine (1 s did not
+    # leave enough), and the third after it (the lease runs from the first claim's transaction
+    # start, which is before `claimed`).
+    lease = 3
     with scratch_sessions.begin() as session:
-        first = claim_due_accounts(session, limit=10, lease_seconds=1)
+        first = claim_due_accounts(session, limit=10, lease_seconds=lease)
+    claimed = time.monotonic()
     with scratch_sessions.begin() as session:
         assert claim_due_accounts(session, limit=10, lease_seconds=60).account_ids == []
-    time.sleep(1.2)
+    time.sleep(max(0.0, claimed + lease + 0.2 - time.monotonic()))
     with scratch_sessions.begin() as session:
         again = claim_due_accounts(session, limit=10, lease_seconds=60)
     assert sorted(first.account_ids) == sorted(ids) == sorted(again.account_ids)

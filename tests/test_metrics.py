@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
 from tests.processes import ROOT
+from worker import cached_value as cached_value_module
 from worker.cached_value import CachedValue
 from worker.fleet import BrokerState, FleetSummary, read_broker_state
 from worker.metric_definitions import MAX_ERROR_CODES, OTHER, BeatMetrics, WorkerMetrics
@@ -34,86 +34,111 @@ def test_error_codes_are_bounded() -> None:
     assert metrics.error_code("AccessDenied", unclassified=False) == "AccessDenied"
 
 
-def test_cached_value_is_computed_at_most_once_per_period() -> None:
+class FakeClock:
+    """worker.cached_value's clock, moved by the test: the cache's periods and limits are
+    checked exactly, however slowly a loaded machine runs the test's threads."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(cached_value_module, "time", fake)
+    return fake
+
+
+def test_cached_value_is_computed_at_most_once_per_period(clock: FakeClock) -> None:
     """Scrapes within the period reuse the value; a failure is remembered, not raised."""
     calls: list[float] = []
 
     def compute() -> int:
-        calls.append(time.monotonic())
+        calls.append(clock.monotonic())
         if len(calls) == 2:
             raise RuntimeError("database away\nsecond line")
         return len(calls)
 
     cached = CachedValue(compute, max_age=0.2)
-    assert [cached.get() for _ in range(5)] == [1] * 5
-    time.sleep(0.25)
+    results = []
+    for _ in range(5):
+        results.append(cached.get())
+        clock.advance(0.039)
+    assert results == [1] * 5  # 0.156 s: still within the period
+    clock.advance(0.05)
     assert cached.get() is None
     assert cached.error == "RuntimeError: database away"
-    time.sleep(0.25)
+    assert cached.get() is None  # the failure is kept for the period too
+    clock.advance(0.25)
     assert cached.get() == 3
     assert len(calls) == 3
 
 
-def test_cached_value_serves_the_previous_value_while_one_caller_recomputes() -> None:
-    """A slow read (a large table) holds up one scrape, not every one."""
-    release = threading.Event()
+def _blocking(release: threading.Event, started: threading.Event, **limits: float) -> CachedValue:
+    """A CachedValue whose first read gives 1 and whose next read says it has started, then
+    hangs until `release`."""
     values = iter([1, 2])
 
     def compute() -> int:
         value = next(values)
         if value == 2:
-            release.wait(5)
-        return value
-
-    cached = CachedValue(compute, max_age=0.05, stale_after=10)
-    assert cached.get() == 1
-    time.sleep(0.1)
-    slow = threading.Thread(target=cached.get)
-    slow.start()
-    time.sleep(0.05)
-    assert cached.get() == 1  # not blocked behind the slow read
-    release.set()
-    slow.join(5)
-    assert cached.get() == 2
-
-
-def _hanging(release: threading.Event, **limits: float) -> CachedValue:
-    """A CachedValue whose first read gives 1 and whose next read hangs until `release`."""
-    values = iter([1, 2])
-
-    def compute() -> int:
-        value = next(values)
-        if value == 2:
+            started.set()
             release.wait(30)
         return value
 
     return CachedValue(compute, max_age=0.05, **limits)
 
 
+def test_cached_value_serves_the_previous_value_while_one_caller_recomputes(
+    clock: FakeClock,
+) -> None:
+    """A slow read (a large table) holds up one scrape, not every one."""
+    release, started = threading.Event(), threading.Event()
+    cached = _blocking(release, started, stale_after=10)
+    assert cached.get() == 1
+    clock.advance(0.1)
+    slow = threading.Thread(target=cached.get)
+    slow.start()
+    try:
+        assert started.wait(10), "the second read never started"
+        assert cached.get() == 1  # not blocked behind the slow read
+    finally:
+        release.set()
+        slow.join(10)
+    assert cached.get() == 2
+
+
 @pytest.mark.parametrize(
     ("limits", "wait"),
     [
-        pytest.param({"stale_after": 60, "timeout": 2.0}, 2.2, id="timeout"),
-        pytest.param({"stale_after": 2.0}, 2.1, id="stale_after"),
+        pytest.param({"stale_after": 60, "timeout": 2.0}, 2.01, id="timeout"),
+        pytest.param({"stale_after": 2.0}, 1.91, id="stale_after"),
     ],
 )
 def test_cached_value_read_that_hangs_is_served_only_so_long(
-    limits: dict[str, float], wait: float
+    clock: FakeClock, limits: dict[str, float], wait: float
 ) -> None:
     """While a read hangs (a database that stopped answering), the others get the last value
     only until the read has run for `timeout` (or, without one, until the value is older than
     `stale_after`: the fleet gauges vanish and verifier_fleet_query_up says 0); then None,
     "check timed out"."""
-    release = threading.Event()
-    cached = _hanging(release, **limits)
+    release, started = threading.Event(), threading.Event()
+    cached = _blocking(release, started, **limits)
     assert cached.get() == 1
-    time.sleep(0.1)
+    clock.advance(0.1)
     slow = threading.Thread(target=cached.get)
     slow.start()
     try:
-        time.sleep(0.05)
-        assert cached.get() == 1
-        time.sleep(wait)
+        assert started.wait(10), "the second read never started"
+        clock.advance(wait - 0.02)
+        assert cached.get() == 1  # just within the limit
+        clock.advance(0.02)
         assert cached.get() is None
         assert (cached.error or "").startswith("check timed out")
     finally:

@@ -157,6 +157,7 @@ def test_assume_role_answer_is_parsed_into_every_field(client: STSClient) -> Non
         Policy=DENY_ALL,
         SourceIdentity="account-verifier",
     )
+    after = datetime.now(UTC)
     credentials = answer["Credentials"]
     assert credentials["AccessKeyId"].startswith("ASIAFAKE")
     assert len(credentials["AccessKeyId"]) == 20
@@ -165,7 +166,8 @@ def test_assume_role_answer_is_parsed_into_every_field(client: STSClient) -> Non
     assert credentials["SessionToken"].startswith("FAKE//sts-standin//")
     expiration = credentials["Expiration"]
     assert expiration.tzinfo is not None
-    assert before + timedelta(seconds=898) <= expiration <= before + timedelta(seconds=902)
+    # 900 s from when the stand-in answered (whole seconds), however long the call took.
+    assert before + timedelta(seconds=899) <= expiration <= after + timedelta(seconds=901)
     user = answer["AssumedRoleUser"]
     assert user["Arn"] == f"arn:aws:sts::{ACCOUNT}:assumed-role/okReader/verifier-abc"
     assert user["AssumedRoleId"].startswith("AROA")
@@ -338,7 +340,7 @@ def test_slow_role_outlasts_the_read_timeout(
     started = time.monotonic()
     with pytest.raises(ReadTimeoutError):
         assume(client, "slowRole")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # the read timeout, not the role's 30 s
     assert standin.stats()["slow"] == 1
 
 

@@ -784,5 +784,6 @@ def test_the_probes_of_one_account_run_at_once_beside_the_enforcement_check(
         outcome = sts.verify(role("ok-Role"), check_external_id=True, probe=DEFAULT_PROBES)
         took = time.perf_counter() - started
     assert (outcome.verified, outcome.probe_calls) == (True, 4)
-    # Sequential probes would take at least 6 s; concurrent ones 2 s and some overhead.
-    assert took < 4.5, took
+    # Sequential probes would take at least 6 s; concurrent ones 2 s and some overhead (a
+    # loaded machine's included).
+    assert took < 5.8, took

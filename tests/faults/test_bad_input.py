@@ -182,11 +182,13 @@ def _discarded(worker: Service) -> set[str]:
     return {str(r.get("account_id")) for r in log_events(worker, "verification.discarded")}
 
 
-# `slow…` roles answer (successfully) after 3.5 s: long enough to change a row meanwhile.
+# `slow…` roles answer (successfully) after SLOW_SECONDS: long enough to change rows meanwhile,
+# even on a loaded machine (the edits must land before the answers do).
+SLOW_SECONDS = 6.0
 IN_FLIGHT = {
-    "STS_READ_TIMEOUT_SECONDS": "6",
-    "VERIFY_TIME_LIMIT_SECONDS": "14",
-    "LEASE_SECONDS": "30",
+    "STS_READ_TIMEOUT_SECONDS": "10",
+    "VERIFY_TIME_LIMIT_SECONDS": "20",
+    "LEASE_SECONDS": "40",
     "WORKER_CONCURRENCY": "8",
 }
 
@@ -200,7 +202,7 @@ def test_account_deleted_while_its_verification_is_in_flight(
 ) -> None:
     """The result about a deleted account is discarded: no row comes back, no audit event is
     written, the task does not fail, and the others are verified as usual."""
-    standin.configure(slow_seconds=3.5)
+    standin.configure(slow_seconds=SLOW_SECONDS)
     doomed = [
         fleet.add(f"slow-doomed-{n}", expected=CONNECTED, reason="verified") for n in range(3)
     ]
@@ -232,7 +234,7 @@ def test_account_edited_while_its_verification_is_in_flight(
 ) -> None:
     """A result about role details that changed meanwhile is discarded and the new details are
     verified at once; an edit of the alias alone does not discard anything."""
-    standin.configure(slow_seconds=3.5)
+    standin.configure(slow_seconds=SLOW_SECONDS)
     to_deny = fleet.add("slow-then-deny", expected=FAILED, reason="AccessDenied")
     to_new_external_id = fleet.add("slow-new-external-id", expected=CONNECTED, reason="verified")
     to_noext = fleet.add(

@@ -150,14 +150,16 @@ def test_warm_shutdown_writes_the_accounts_in_flight(
 ) -> None:
     """SIGTERM while STS answers are outstanding: the worker writes every result it accepted
     before it exits, so no account is left to wait for its lease."""
-    # Answers slower than the worker's own shutdown takes, so only a drain can wait for them.
-    standin.configure(median_ms=2500, latency_sigma=0)
+    # Answers slower than the worker's own shutdown takes, so only a drain can wait for them;
+    # and slow enough that stopping beat and checking the database fit before they arrive on a
+    # loaded machine.
+    standin.configure(median_ms=5000, latency_sigma=0)
     planned = [fleet.add(f"ok-Drain{n}") for n in range(6)]
     env = services_env(
         WORKER_PROCESSES="1",
         WORKER_CONCURRENCY="8",
         DISPATCH_CHUNK_SIZE="8",
-        STS_READ_TIMEOUT_SECONDS="10",
+        STS_READ_TIMEOUT_SECONDS="15",
         VERIFY_TIME_LIMIT_SECONDS="30",
         LEASE_SECONDS="600",
     )
@@ -239,7 +241,19 @@ def test_beat_killed_mid_sweep_then_restarted(
             kill_group(beat)
         # What was claimed before the kill drains; then nothing more may happen.
         wait_until(lambda: _live_leases(fleet) == 0, timeout=30, what="in-flight work to drain")
-        time.sleep(1.5)  # dispatches sent just before the kill expire after 1 s
+        # Dispatches sent just before the kill expire after 1 s; on a loaded machine the last
+        # ones may still be taken a little later. Wait for a quiet second, then check that
+        # nothing more happens for two.
+        last_seen = [_attempted(fleet)]
+        changed_at = [time.monotonic()]
+
+        def quiet_for_a_second() -> bool:
+            now = _attempted(fleet)
+            if now != last_seen[0]:
+                last_seen[0], changed_at[0] = now, time.monotonic()
+            return time.monotonic() - changed_at[0] >= 1.0
+
+        wait_until(quiet_for_a_second, timeout=30, interval=0.1, what="the last dispatches")
         before = _attempted(fleet)
         time.sleep(2)
         assert _attempted(fleet) == before, "verifications went on with no beat running"
